@@ -1,0 +1,328 @@
+"""Streaming second-moment accumulators and spectrum summaries shared by the geometry analyses.
+
+Every accumulator consumes rows batch by batch (memory O(d²), never O(n·d)) and accumulates in float64 with the
+pairwise update of Chan, Golub & LeVeque ("Updating formulae and a pairwise algorithm for computing sample
+variances", 1979): each batch is centred on its own mean before it is merged, so a large common offset (e.g. a
+LayerNorm β) does not cancel catastrophically the way ``Σxxᵀ − n·μμᵀ`` would.
+
+State lives in float64 torch tensors on the device of the first batch (device-agnostic; call ``.to("cpu")`` style
+conversions yourself if you need numpy). All accumulators support ``merge`` so per-worker partial results can be
+combined, and the result is independent of how the rows were split into batches (up to float64 rounding).
+
+Spectrum helpers (:func:`eigvals_desc`, :func:`variance_rank`, :func:`entropy_rank`) implement the two
+effective-rank definitions of the ``mask_rank.md`` reference note (§2):
+
+* 0.9-variance rank (Meng et al., "Representation Deficiency in Masked Language Modeling", arXiv 2302.02060):
+  smallest k whose top-k eigenvalues (= squared singular values) reach ``tau`` of the total.
+* entropy effective rank (Roy & Vetterli, "The effective rank", EUSIPCO 2007): exp of the Shannon entropy of the
+  normalised singular values σ_i / Σσ_j (σ, not σ²).
+
+Both return 0 (not NaN) for a spectrum that is numerically zero (e.g. all-identical vectors after centring).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "StreamingMean",
+    "StreamingCovariance",
+    "StreamingCrossCovariance",
+    "as_rows",
+    "eigvals_desc",
+    "numerical_tolerance",
+    "variance_rank",
+    "entropy_rank",
+    "correlation_from_covariance",
+]
+
+_F64 = torch.float64
+
+
+def as_rows(x: Any, d: int | None = None) -> torch.Tensor:
+    """Convert an array-like of shape (N, d) to a float64 torch tensor, checking the width.
+
+    Args:
+        x: torch tensor or numpy array (any float dtype), shape (N, d). A 1-D input is treated as one row.
+        d: Expected number of columns, or None to skip the check.
+
+    Returns:
+        (N, d) float64 tensor on the input's device.
+
+    Raises:
+        ValueError: if the input is not 2-D or has the wrong width.
+    """
+    t = torch.as_tensor(x)
+    if t.ndim == 1:
+        t = t.unsqueeze(0)
+    if t.ndim != 2:
+        raise ValueError(f"expected rows of shape (N, d), got shape {tuple(t.shape)}")
+    if d is not None and t.shape[1] != d:
+        raise ValueError(f"expected rows of width {d}, got shape {tuple(t.shape)}")
+    return t.to(_F64)
+
+
+class StreamingMean:
+    """Running mean of d-dimensional rows (float64).
+
+    Attributes:
+        d: Row width.
+        n: Number of rows seen.
+    """
+
+    def __init__(self, d: int) -> None:
+        self.d = d
+        self.n = 0
+        self._sum: torch.Tensor | None = None
+
+    def update(self, x: Any) -> None:
+        """Add rows ``x`` of shape (N, d)."""
+        t = as_rows(x, self.d)
+        if t.shape[0] == 0:
+            return
+        s = t.sum(0)
+        self._sum = s if self._sum is None else self._sum + s.to(self._sum.device)
+        self.n += t.shape[0]
+
+    def merge(self, other: "StreamingMean") -> None:
+        """Fold another accumulator of the same width into this one."""
+        if other.n == 0:
+            return
+        self._sum = other._sum.clone() if self._sum is None else self._sum + other._sum.to(self._sum.device)
+        self.n += other.n
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """(d,) mean row; zeros when nothing was seen."""
+        if self._sum is None:
+            return torch.zeros(self.d, dtype=_F64)
+        return self._sum / self.n
+
+
+class StreamingCrossCovariance:
+    """Running means and cross-scatter of paired rows (x_t ∈ ℝ^dx, y_t ∈ ℝ^dy), float64, Chan-merged.
+
+    Keeps ``mean_x``, ``mean_y`` and the centred cross-scatter ``S_xy = Σ (x_t − μx)(y_t − μy)ᵀ``. Use it for
+    linear CKA between two layers (with :class:`StreamingCovariance` for each side).
+
+    Attributes:
+        dx: Width of x rows.
+        dy: Width of y rows.
+        n: Number of row pairs seen.
+    """
+
+    def __init__(self, dx: int, dy: int) -> None:
+        self.dx = dx
+        self.dy = dy
+        self.n = 0
+        self._mx: torch.Tensor | None = None
+        self._my: torch.Tensor | None = None
+        self._sxy: torch.Tensor | None = None
+
+    def _merge_moments(self, n_b: int, mx_b: torch.Tensor, my_b: torch.Tensor, sxy_b: torch.Tensor) -> None:
+        if n_b == 0:
+            return
+        if self.n == 0:
+            self.n, self._mx, self._my, self._sxy = n_b, mx_b, my_b, sxy_b
+            return
+        dev = self._mx.device
+        mx_b, my_b, sxy_b = mx_b.to(dev), my_b.to(dev), sxy_b.to(dev)
+        n_a, n = self.n, self.n + n_b
+        dx = mx_b - self._mx
+        dy = my_b - self._my
+        self._sxy = self._sxy + sxy_b + torch.outer(dx, dy) * (n_a * n_b / n)
+        self._mx = self._mx + dx * (n_b / n)
+        self._my = self._my + dy * (n_b / n)
+        self.n = n
+
+    def update(self, x: Any, y: Any) -> None:
+        """Add paired rows: ``x`` (N, dx) and ``y`` (N, dy)."""
+        tx, ty = as_rows(x, self.dx), as_rows(y, self.dy)
+        if tx.shape[0] != ty.shape[0]:
+            raise ValueError(f"x and y must have the same number of rows, got {tx.shape[0]} and {ty.shape[0]}")
+        if tx.shape[0] == 0:
+            return
+        mx, my = tx.mean(0), ty.mean(0)
+        self._merge_moments(tx.shape[0], mx, my, (tx - mx).T @ (ty - my))
+
+    def merge(self, other: "StreamingCrossCovariance") -> None:
+        """Fold another accumulator with the same widths into this one."""
+        if other.n:
+            self._merge_moments(other.n, other._mx.clone(), other._my.clone(), other._sxy.clone())
+
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=_F64)
+
+    @property
+    def mean_x(self) -> torch.Tensor:
+        """(dx,) mean of x."""
+        return self._mx if self.n else self._zeros(self.dx)
+
+    @property
+    def mean_y(self) -> torch.Tensor:
+        """(dy,) mean of y."""
+        return self._my if self.n else self._zeros(self.dy)
+
+    @property
+    def scatter(self) -> torch.Tensor:
+        """(dx, dy) centred cross-scatter Σ (x − μx)(y − μy)ᵀ (a sum, not divided by n)."""
+        return self._sxy if self.n else self._zeros(self.dx, self.dy)
+
+    @property
+    def cov(self) -> torch.Tensor:
+        """(dx, dy) population cross-covariance (scatter / n); zeros when nothing was seen."""
+        return self.scatter / max(self.n, 1)
+
+
+class StreamingCovariance:
+    """Running mean, covariance and Gram matrix of d-dimensional rows (float64, Chan-merged).
+
+    Example::
+
+        acc = StreamingCovariance(384)
+        for batch in batches:
+            acc.update(batch_rows)          # (N, 384)
+        eig = eigvals_desc(acc.scatter, tol=numerical_tolerance(acc))
+        variance_rank(eig, 0.9), entropy_rank(eig)
+
+    Attributes:
+        d: Row width.
+        n: Number of rows seen.
+    """
+
+    def __init__(self, d: int) -> None:
+        self.d = d
+        self._xx = StreamingCrossCovariance(d, d)
+
+    @property
+    def n(self) -> int:
+        """Number of rows seen."""
+        return self._xx.n
+
+    def update(self, x: Any) -> None:
+        """Add rows ``x`` of shape (N, d) (torch or numpy, any float dtype; accumulated in float64)."""
+        t = as_rows(x, self.d)
+        if t.shape[0] == 0:
+            return
+        m = t.mean(0)
+        c = t - m
+        self._xx._merge_moments(t.shape[0], m, m, c.T @ c)
+
+    def merge(self, other: "StreamingCovariance") -> None:
+        """Fold another accumulator of the same width into this one."""
+        self._xx.merge(other._xx)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """(d,) mean row."""
+        return self._xx.mean_x
+
+    @property
+    def scatter(self) -> torch.Tensor:
+        """(d, d) centred scatter Σ (x − μ)(x − μ)ᵀ (eigenvalues = squared singular values of the centred rows)."""
+        s = self._xx.scatter
+        return 0.5 * (s + s.T)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """(d, d) uncentred Gram Σ x xᵀ (eigenvalues = squared singular values of the raw rows)."""
+        mu = self.mean
+        return self.scatter + self.n * torch.outer(mu, mu)
+
+    @property
+    def cov(self) -> torch.Tensor:
+        """(d, d) population covariance (scatter / n); zeros when nothing was seen."""
+        return self.scatter / max(self.n, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """(d,) per-dimension population variance."""
+        return torch.diagonal(self.cov).clone()
+
+    @property
+    def energy(self) -> float:
+        """Σ‖x‖² over all rows (trace of the uncentred Gram): the scale for the numerical-zero tolerance."""
+        return float(torch.trace(self.gram))
+
+    def second_moment(self, centre: bool = True) -> torch.Tensor:
+        """The scatter (``centre=True``) or the uncentred Gram (``centre=False``)."""
+        return self.scatter if centre else self.gram
+
+
+def numerical_tolerance(acc: StreamingCovariance) -> float:
+    """Eigenvalues at or below this are numerically zero for a matrix built by ``acc``.
+
+    Follows numpy's ``matrix_rank`` default (``max(M, N) · eps · ‖A‖``, after Golub & Van Loan, "Matrix
+    Computations", §2.6 / 5.4) applied to the d×d second-moment matrix, with ‖A‖ replaced by the uncentred energy
+    Σ‖x‖²: centring subtracts the mean from rows whose size is set by the uncentred energy, so rounding errors scale
+    with it — this is what makes all-identical vectors come out as rank 0 instead of rank d of rounding noise.
+    """
+    return acc.d * float(np.finfo(np.float64).eps) * acc.energy
+
+
+def eigvals_desc(mat: Any, tol: float = 0.0) -> np.ndarray:
+    """Eigenvalues of a symmetric PSD matrix, descending, float64, with values ≤ ``tol`` set to exactly 0.
+
+    Args:
+        mat: (d, d) symmetric matrix (torch or numpy).
+        tol: Numerical-zero threshold (see :func:`numerical_tolerance`); negative rounding noise is always clipped.
+    """
+    m = torch.as_tensor(mat, dtype=_F64).cpu()
+    ev = torch.linalg.eigvalsh(0.5 * (m + m.T)).numpy()[::-1].copy()
+    ev[ev <= max(tol, 0.0)] = 0.0
+    return ev
+
+
+def variance_rank(eigvals: Any, tau: float = 0.9) -> int:
+    """Smallest k whose top-k eigenvalues reach ``tau`` of their sum (0 for an all-zero spectrum).
+
+    Args:
+        eigvals: Eigenvalues of a second-moment matrix (= σ²), any order; negatives are treated as 0.
+        tau: Variance fraction in (0, 1].
+    """
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    lam = np.sort(np.clip(np.asarray(eigvals, dtype=np.float64), 0.0, None))[::-1]
+    total = lam.sum()
+    if total <= 0.0:
+        return 0
+    frac = np.cumsum(lam) / total
+    # tolerate rounding in the cumulative sum so that exactly-tau splits count (e.g. 9 equal of 10 at tau=0.9)
+    return int(np.searchsorted(frac, tau - 1e-12 * tau, side="left") + 1)
+
+
+def entropy_rank(eigvals: Any) -> float:
+    """Roy & Vetterli entropy effective rank exp(−Σ p ln p), p = σ/Σσ, σ = √λ (0.0 for an all-zero spectrum).
+
+    Args:
+        eigvals: Eigenvalues of a second-moment matrix (= σ²); negatives are treated as 0.
+    """
+    sigma = np.sqrt(np.clip(np.asarray(eigvals, dtype=np.float64), 0.0, None))
+    total = sigma.sum()
+    if total <= 0.0:
+        return 0.0
+    p = sigma[sigma > 0] / total
+    return float(math.exp(-(p * np.log(p)).sum()))
+
+
+def correlation_from_covariance(cov: Any, var_tol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardise a covariance into a correlation matrix, dropping dimensions with (numerically) zero variance.
+
+    Args:
+        cov: (d, d) covariance.
+        var_tol: Variances at or below this count as zero and their dimensions are dropped.
+
+    Returns:
+        (correlation over the kept dims, boolean (d,) mask of kept dims).
+    """
+    c = torch.as_tensor(cov, dtype=_F64)
+    v = torch.diagonal(c)
+    keep = v > var_tol
+    if not bool(keep.any()):
+        return torch.zeros(0, 0, dtype=_F64), keep
+    s = v[keep].rsqrt()
+    return c[keep][:, keep] * s[:, None] * s[None, :], keep
