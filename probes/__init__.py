@@ -1,1 +1,24 @@
-"""mlmscope: probes."""
+"""mlmscope probes: model loading, probe sets, word<->piece alignment and one-pass activation capture.
+
+Notebook use::
+
+    from probes import load_model, load_probe_set, capture
+    lm = load_model("runs/demo/checkpoints/step_004000")
+    ps = load_probe_set("probesets/default")
+    for batch in capture(lm, ps, names=["blocks.0.attn.hook_pattern"]):
+        print(batch.sentence_ids, batch["blocks.0.attn.hook_pattern"].shape)
+"""
+
+from probes.align import (EncodedProbes, encode_words, first_piece_positions, piece_to_word_matrix, word_ids_tensor,
+                          words_to_pieces)
+from probes.batch import CaptureBatch
+from probes.capture import ACTIVATION_NAMES, activation_names, capture, prepare
+from probes.masking import VARIANTS, apply_mask, mask_positions
+from probes.model import ArchAdapter, LoadedModel, ModelLoadError, ProbeError, load_model, tokenizer_hash
+
+__all__ = [
+    "ACTIVATION_NAMES", "VARIANTS", "ArchAdapter", "CaptureBatch", "EncodedProbes", "LoadedModel", "ModelLoadError",
+    "ProbeError", "activation_names", "apply_mask", "capture", "encode_words", "first_piece_positions",
+    "load_model", "mask_positions", "piece_to_word_matrix", "prepare", "tokenizer_hash", "word_ids_tensor",
+    "words_to_pieces",
+]

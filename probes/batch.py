@@ -13,6 +13,7 @@ Names (``l`` is the 0-based layer index):
 * ``blocks.{l}.hook_attn_out``      (B, T, D)  attention sub-layer output (after the output dense, before residual + LN)
 * ``blocks.{l}.ln1.hook_in``        (B, T, D)  resid_pre + attn_out: the input of the attention LayerNorm (post-LN)
 * ``blocks.{l}.hook_resid_mid``     (B, T, D)  output of the attention LayerNorm = FFN input
+* ``blocks.{l}.mlp.hook_post``      (B, T, F)  FFN hidden activation after GELU (F = intermediate size)
 * ``blocks.{l}.hook_mlp_out``       (B, T, D)  FFN output (after the output dense, before residual + LN)
 * ``blocks.{l}.ln2.hook_in``        (B, T, D)  resid_mid + mlp_out: the input of the output LayerNorm
 * ``blocks.{l}.hook_resid_post``    (B, T, D)  output of layer l (= HF hidden_states[l + 1])

