@@ -38,6 +38,8 @@ __all__ = [
     "variance_rank",
     "entropy_rank",
     "correlation_from_covariance",
+    "residual_stream_names",
+    "hash_uniform",
 ]
 
 _F64 = torch.float64
@@ -326,3 +328,38 @@ def correlation_from_covariance(cov: Any, var_tol: float = 0.0) -> tuple[torch.T
         return torch.zeros(0, 0, dtype=_F64), keep
     s = v[keep].rsqrt()
     return c[keep][:, keep] * s[:, None] * s[None, :], keep
+
+
+def residual_stream_names(n_layers: int) -> list[str]:
+    """Residual-stream activation names indexed like HF ``hidden_states``: index 0 = ``embed.hook_out``
+    (embedding output), index l + 1 = ``blocks.{l}.hook_resid_post`` (output of block l)."""
+    return ["embed.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(n_layers)]
+
+
+def hash_uniform(*keys: Any, seed: int = 0) -> np.ndarray:
+    """Deterministic pseudo-random numbers in [0, 1) from integer keys (vectorised, order- and batch-independent).
+
+    Uses the SplitMix64 finaliser (Steele, Lea & Flood, "Fast splittable pseudorandom number generators",
+    OOPSLA 2014) on a combination of the keys, so a token's draw depends only on e.g. (sentence id, position, seed)
+    and every checkpoint of a trajectory sees the same subsample.
+
+    Args:
+        *keys: Integer arrays/tensors broadcastable to one shape.
+        seed: Extra key.
+    """
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        h = _splitmix64(np.array(seed, dtype=np.uint64) + golden)
+        for k in keys:
+            k = np.asarray(torch.as_tensor(k).cpu().numpy() if isinstance(k, torch.Tensor) else k).astype(np.uint64)
+            h = _splitmix64(h ^ k) + golden
+        h = _splitmix64(h)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
