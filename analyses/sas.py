@@ -1,0 +1,539 @@
+"""Syntactic attention structure (SAS): per-head UAS of attention against dependency parses.
+
+Method (Clark et al. 2019, "What Does BERT Look At?", §4.1; Chen et al. 2024, "Sudden Drops in the Loss"; exact
+reference and pitfalls in ``shared/reference/sas.md``):
+
+1. **Word-level attention.** With S_i the word pieces of word i, ``A_w[i, j] = mean_{a in S_i} sum_{b in S_j} A[a, b]``
+   (attention FROM a word = mean over its pieces' rows, TO a word = sum over its pieces' columns). [CLS]/[SEP] (and
+   padding) are not words and are dropped. Computed for a whole batch and all heads at once as
+   ``P @ A @ S^T`` with ``P`` the (B, W, T) piece->word averaging matrix and ``S`` the 0/1 membership matrix.
+2. **Prediction.** ``dep->head``: the predicted head of word i is ``argmax_j A_w[i, j]`` (the word i attends to most);
+   ``head<-dep``: ``argmax_j A_w[j, i]`` (the word that attends most to i). The candidate set excludes i itself
+   (a word never predicts itself; Clark zeroes the diagonal, which is the same for attention probabilities) and
+   non-words. Ties go to the leftmost word (``torch.argmax``).
+3. **Scoring.** A hit is ``prediction == gold head``. ROOT (head 0) can never be hit. Counts are kept per
+   (layer, head, direction, relation, probe-set half). The row ``relation == "all"`` pools every relation
+   **except the root word and ``punct``** (Clark/Chen's ``all`` includes both; the MiniLM number in sas.md §2
+   excludes them, as here). The root word's relation is reported as ``"root"`` whatever the parser calls it.
+4. **Fixed-offset baselines** ``head = word i + k`` for k in -3..+3, k != 0 (k = 0 is the word itself and always
+   wrong). Unlike Clark's ``clip(i + k, 0, n)`` an offset that falls outside the sentence predicts nothing (a miss),
+   so a baseline hit is exactly "the gold head is at offset k".
+5. **Positional vs syntactic.** For each (head, direction, relation) with the relation's best offset k*: the share of
+   the head's predictions that fall at offset k* (``offset_share``) and its UAS on the words whose gold head is *not*
+   at k* (``uas_nonoffset``). A previous/next-token head has ``offset_share`` near 1 and ``uas_nonoffset`` near 0.
+6. **Held-out selection** (sas.md §7): the best (layer, head, direction) and the best offset are chosen on one half
+   of the probe set and scored on the other, both ways; the pooled held-out UAS of relation ``all`` is the
+   checkpoint's **SAS score**. The in-sample maximum (Clark's way; optimistic, biased by head count) is reported
+   beside it, with the number of candidate predictors.
+
+Tables returned by the accumulator (all tidy):
+
+* ``heads``    layer, head, direction, relation, n, hits, uas, uas_half0, uas_half1, best_offset, offset_share,
+  uas_nonoffset — the full layer x head matrix (relations with >= ``min_count`` words, plus ``all``).
+* ``offsets``  relation, offset, n, hits, uas, uas_half0, uas_half1.
+* ``best``     per relation: in-sample best head and offset, held-out head and offset UAS, the positional measures
+  of the in-sample best head and its classification (``syntactic`` / ``positional`` / ``neither``).
+* ``summary``  one row: sas_score (held-out), sas_in_sample, offset baselines, counts and conventions.
+
+Notebook use::
+
+    from analyses.sas import sas_frames
+    frames = sas_frames("runs/demo/step_001200", probe_set)       # or a loaded model + tokenizer
+    frames["best"]
+
+Trajectory use: :func:`sas_curve` (per-step SAS score + validation loss) and :func:`sas_onsets` (structure onset,
+loss-drop onset, classification and coincidence; see ``analyses.onset``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analyses.base import Analysis, AnalysisContext, SkipAnalysis, register
+from probes.batch import CaptureBatch
+
+#: Prediction directions, in Clark et al.'s naming.
+DIRECTIONS: tuple[str, ...] = ("dep->head", "head<-dep")
+#: Fixed-offset baselines (sas.md §1.8; the issue asks for -3..+3; 0 = the word itself is never a candidate).
+OFFSETS: tuple[int, ...] = (-3, -2, -1, 1, 2, 3)
+#: Name given to the root word's relation (head 0), whatever label the parser used (spaCy "ROOT", UD "root").
+ROOT = "root"
+#: Relations left out of ``all`` besides the root word.
+DEFAULT_EXCLUDE: tuple[str, ...] = ("punct",)
+#: Minimum occurrences for a per-relation best head (Clark et al. drop relations with < 100 occurrences).
+MIN_COUNT = 100
+ALL = "all"
+
+
+class SASInputError(SkipAnalysis):
+    """The probe set or capture cannot be scored (no parses, inconsistent alignment, ...); the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gold parses, padded once per probe set
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GoldTable:
+    """The probe set's parses as padded tensors (built once, indexed by ``CaptureBatch.sentence_ids``).
+
+    Attributes:
+        gold: (N, W) 0-based word index of each word's head; -1 for the root word, -2 for padding.
+        rel: (N, W) relation id into ``relations``; -1 for padding.
+        half: (N,) probe-set half (0 or 1) for held-out selection.
+        n_words: (N,) words per sentence.
+        relations: Relation names (``"root"`` for the root word).
+        excluded: Relation ids left out of ``all`` (root + ``exclude``).
+    """
+
+    gold: torch.Tensor
+    rel: torch.Tensor
+    half: torch.Tensor
+    n_words: torch.Tensor
+    relations: list[str]
+    excluded: list[int]
+
+
+def _sentences(probe_set: Any) -> Sequence[Any]:
+    return probe_set.sentences if hasattr(probe_set, "sentences") else probe_set
+
+
+def _field(sent: Any, *names: str) -> Any:
+    for name in names:
+        value = sent.get(name) if isinstance(sent, dict) else getattr(sent, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def gold_table(probe_set: Any, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> GoldTable:
+    """Pad the probe set's heads, relations and halves into tensors.
+
+    A sentence is anything with ``words``, ``heads`` (1-based, 0 = ROOT, CoNLL-U style) and ``relations`` (or
+    ``deprels``/``deprel``), and optionally ``half`` (0/1); a missing half falls back to the sentence index parity.
+
+    Raises:
+        SASInputError: The probe set is empty or carries no dependency parses.
+    """
+    sents = _sentences(probe_set)
+    if len(sents) == 0:
+        raise SASInputError("the probe set is empty: nothing to score")
+    heads_l, rels_l, halves = [], [], []
+    for i, s in enumerate(sents):
+        words, heads = _field(s, "words", "tokens"), _field(s, "heads", "head")
+        rels = _field(s, "relations", "deprels", "deprel", "rels")
+        if heads is None or rels is None or any(h is None for h in heads) or len(heads) != len(words):
+            raise SASInputError(
+                f"the probe set has no dependency parse for sentence {i} ({' '.join(map(str, words or []))[:60]!r}): "
+                "the SAS analysis needs heads and relations; build the probe set with a parser "
+                "(`mlmscope probes build`) or give a CoNLL-U file with HEAD and DEPREL columns")
+        heads_l.append([int(h) for h in heads])
+        rels_l.append([ROOT if int(h) == 0 else str(r) for h, r in zip(heads, rels)])
+        half = _field(s, "half")
+        halves.append(int(half) % 2 if half is not None else i % 2)
+    relations = sorted({r for rs in rels_l for r in rs})
+    rel_id = {r: k for k, r in enumerate(relations)}
+    n = len(sents)
+    w_max = max(max(len(h) for h in heads_l), 1)
+    gold = torch.full((n, w_max), -2, dtype=torch.long)
+    rel = torch.full((n, w_max), -1, dtype=torch.long)
+    for i, (hs, rs) in enumerate(zip(heads_l, rels_l)):
+        gold[i, : len(hs)] = torch.tensor(hs) - 1
+        rel[i, : len(rs)] = torch.tensor([rel_id[r] for r in rs])
+    excluded = [rel_id[r] for r in (ROOT, *exclude) if r in rel_id]
+    return GoldTable(gold=gold, rel=rel, half=torch.tensor(halves), n_words=torch.tensor([len(h) for h in heads_l]),
+                     relations=relations, excluded=excluded)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Word-level attention and predictions (vectorised over batch and heads)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def word_index_tensor(word_ids: Sequence[Sequence[int | None]], seq_len: int) -> torch.Tensor:
+    """(B, T) word index of every piece, -1 for [CLS]/[SEP]/padding (from ``CaptureBatch.word_ids``)."""
+    out = torch.full((len(word_ids), seq_len), -1, dtype=torch.long)
+    for b, ids in enumerate(word_ids):
+        row = [-1 if w is None else int(w) for w in ids[:seq_len]]
+        out[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def piece_word_matrices(word_index: torch.Tensor, n_words: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Membership ``S`` (B, W, T) (1 if piece t belongs to word w) and the averaging matrix ``P = S / |S_w|``."""
+    onehot = torch.nn.functional.one_hot((word_index + 1).clamp(min=0), n_words + 1)[..., 1:]  # (B, T, W)
+    member = onehot.transpose(1, 2).to(torch.float32)
+    return member, member / member.sum(-1, keepdim=True).clamp(min=1)
+
+
+def word_attention(pattern: torch.Tensor, word_index: torch.Tensor, n_words: int) -> torch.Tensor:
+    """Word-to-word attention ``A_w = P @ A @ S^T`` of shape (B, H, W, W) (Clark et al. §4.1 merge).
+
+    Args:
+        pattern: (B, H, T, T) attention probabilities (rows = queries).
+        word_index: (B, T) word index per piece, -1 for non-words.
+        n_words: W, the number of word slots.
+    """
+    member, avg = piece_word_matrices(word_index, n_words)
+    pattern = pattern.to(torch.float32)
+    return avg[:, None] @ pattern @ member.transpose(1, 2)[:, None]
+
+
+def predict_heads(a_w: torch.Tensor, candidate: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Argmax head predictions (B, H, W) for both directions.
+
+    Args:
+        a_w: (B, H, W, W) word-level attention.
+        candidate: (B, W) bool, words that may be predicted (real words with at least one piece).
+    """
+    w = a_w.shape[-1]
+    allowed = candidate[:, None, None, :] & ~torch.eye(w, dtype=torch.bool, device=a_w.device)
+    neg = torch.finfo(a_w.dtype).min
+    return {
+        "dep->head": a_w.masked_fill(~allowed, neg).argmax(-1),
+        "head<-dep": a_w.transpose(-1, -2).masked_fill(~allowed, neg).argmax(-1),
+    }
+
+
+def offset_bucket(offset: torch.Tensor, offsets: Sequence[int] = OFFSETS) -> torch.Tensor:
+    """Index of ``offset`` in ``offsets``, or ``len(offsets)`` ("other")."""
+    table = torch.tensor(offsets, device=offset.device)
+    match = offset.unsqueeze(-1) == table
+    return torch.where(match.any(-1), match.to(torch.long).argmax(-1), torch.full_like(offset, len(offsets)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming counts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SASCounts:
+    """Hit counts of every predictor, streamed batch by batch (memory independent of the probe-set size).
+
+    Cells are (relation, half, gold-offset bucket); buckets are ``offsets`` + "other" (also used for the root word).
+
+    Attributes:
+        n: (R, 2, K+1) scored words.
+        hits: per layer, (H_l, D, R, 2, K+1) attention-argmax hits (a layer list, so layers may differ in heads).
+        pred_off: per layer, (H_l, D, R, K+1) predictions falling at each offset (bucket K = elsewhere).
+        n_sentences / n_skipped: sentences scored / skipped (word without pieces, alignment mismatch, < 2 words).
+    """
+
+    n_rel: int
+    n_layers: int
+    offsets: tuple[int, ...] = OFFSETS
+    n: torch.Tensor = field(init=False)
+    hits: list[torch.Tensor | None] = field(init=False)
+    pred_off: list[torch.Tensor | None] = field(init=False)
+    n_sentences: int = 0
+    n_skipped: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        k = len(self.offsets) + 1
+        self.n = torch.zeros(self.n_rel, 2, k, dtype=torch.float64)
+        self.hits = [None] * self.n_layers
+        self.pred_off = [None] * self.n_layers
+
+    @property
+    def n_buckets(self) -> int:
+        return len(self.offsets) + 1
+
+    def add_words(self, cell: torch.Tensor) -> None:
+        self.n.view(-1).index_add_(0, cell, torch.ones_like(cell, dtype=torch.float64))
+
+    def add_layer(self, layer: int, hits: torch.Tensor, cell: torch.Tensor, pred_cell: torch.Tensor) -> None:
+        """Add one layer's hits (H, D, N) bool at word cells (N,), and prediction cells (H, D, N)."""
+        h, d = hits.shape[:2]
+        if self.hits[layer] is None:
+            self.hits[layer] = torch.zeros(h, d, self.n_rel, 2, self.n_buckets, dtype=torch.float64)
+            self.pred_off[layer] = torch.zeros(h, d, self.n_rel, self.n_buckets, dtype=torch.float64)
+        elif self.hits[layer].shape[0] != h:
+            raise SASInputError(f"layer {layer} had {self.hits[layer].shape[0]} heads in an earlier batch and {h} now")
+        self.hits[layer].view(h * d, -1).index_add_(1, cell, hits.reshape(h * d, -1).to(torch.float64))
+        self.pred_off[layer].view(h * d, -1).scatter_add_(
+            1, pred_cell.reshape(h * d, -1), torch.ones(pred_cell.shape, dtype=torch.float64).view(h * d, -1))
+
+
+class SASAccumulator:
+    """Consumes ``clean`` capture batches and produces the SAS tables (see the module docstring)."""
+
+    def __init__(self, gold: GoldTable, n_layers: int, params: "SAS.Params") -> None:
+        self.gold = gold
+        self.params = params
+        self.counts = SASCounts(n_rel=len(gold.relations), n_layers=n_layers, offsets=tuple(params.offsets))
+
+    def update(self, batch: CaptureBatch) -> None:
+        if batch.variant != "clean":
+            return
+        ids = batch.sentence_ids.to(torch.long).cpu()
+        if len(ids) and int(ids.max()) >= len(self.gold.n_words):
+            raise SASInputError(f"capture batch refers to sentence {int(ids.max())} but the probe set has "
+                                f"{len(self.gold.n_words)}: was it captured with another probe set?")
+        n_words = self.gold.n_words[ids]
+        w = int(n_words.max()) if len(ids) else 0
+        seq_len = batch.input_ids.shape[1]
+        widx = word_index_tensor(batch.word_ids, seq_len)
+        scored = self._scored_sentences(widx, n_words, w)
+        gold = self.gold.gold[ids, :w]
+        rel = self.gold.rel[ids, :w]
+        half = self.gold.half[ids]
+        pos = torch.arange(w)
+        word_ok = scored[:, None] & (pos[None, :] < n_words[:, None])            # (B, W) words to score
+        gold_bucket = torch.where(gold >= 0, offset_bucket(gold - pos, self.counts.offsets),
+                                  torch.full_like(gold, len(self.counts.offsets)))
+        nb = self.counts.n_buckets
+        cell_bw = (rel.clamp(min=0) * 2 + half[:, None]) * nb + gold_bucket          # (B, W) -> flat (R, 2, K+1)
+        cell = cell_bw[word_ok]
+        self.counts.add_words(cell)
+        candidate = word_ok.clone()
+        for layer in range(self.counts.n_layers):
+            pattern = batch[f"blocks.{layer}.attn.hook_pattern"].cpu()
+            a_w = word_attention(pattern, widx, w)
+            preds = torch.stack([predict_heads(a_w, candidate)[d] for d in DIRECTIONS], 1)   # (B, D, H, W)
+            preds = preds.permute(2, 1, 0, 3)                                              # (H, D, B, W)
+            hits = (preds == gold) & (gold >= 0)
+            pred_bucket = offset_bucket(preds - pos, self.counts.offsets)
+            pred_cell = rel.clamp(min=0) * nb + pred_bucket
+            self.counts.add_layer(layer, hits[:, :, word_ok], cell, pred_cell[:, :, word_ok])
+
+    def _scored_sentences(self, widx: torch.Tensor, n_words: torch.Tensor, w: int) -> torch.Tensor:
+        """(B,) bool: sentences with >= 2 words whose pieces cover exactly words 0..n-1; others counted as skipped."""
+        member, _ = piece_word_matrices(widx, max(w, 1))
+        pieces = member.sum(-1)[:, :w]                                                       # (B, W)
+        in_range = torch.arange(w)[None, :] < n_words[:, None]
+        covered = ((pieces > 0) | ~in_range).all(-1)
+        beyond = (widx >= n_words[:, None]).any(-1)
+        reasons = {"a word has no word piece or the sentence was truncated": ~covered,
+                   "word_ids point past the sentence's words": beyond & covered,
+                   "fewer than 2 words": (n_words < 2) & covered & ~beyond}
+        for reason, mask in reasons.items():
+            if int(mask.sum()):
+                self.counts.skip_reasons[reason] = self.counts.skip_reasons.get(reason, 0) + int(mask.sum())
+        ok = covered & ~beyond & (n_words >= 2)
+        self.counts.n_sentences += int(ok.sum())
+        self.counts.n_skipped += int((~ok).sum())
+        return ok
+
+    def result(self) -> dict[str, pd.DataFrame]:
+        return sas_tables(self.counts, self.gold.relations, self.gold.excluded, self.params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Counts -> tidy tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+@dataclass
+class _Pooled:
+    """Counts with an ``all`` relation appended: n (R', 2, K+1); hits (C, R', 2, K+1); pred_off (C, R', K+1)."""
+
+    relations: list[str]
+    n: np.ndarray
+    hits: np.ndarray
+    pred_off: np.ndarray
+    layer: np.ndarray
+    head: np.ndarray
+    direction: np.ndarray
+
+
+def _pool(counts: SASCounts, relations: list[str], excluded: list[int]) -> _Pooled:
+    keep = np.ones(len(relations), bool)
+    keep[excluded] = False
+
+    def with_all(x: np.ndarray, axis: int) -> np.ndarray:
+        pooled = np.take(x, np.flatnonzero(keep), axis=axis).sum(axis=axis, keepdims=True)
+        return np.concatenate([x, pooled], axis=axis)
+
+    layers = [(l, h) for l, h in enumerate(counts.hits) if h is not None]
+    hits = np.concatenate([h.numpy().reshape(-1, *h.shape[2:]) for _, h in layers]) if layers else \
+        np.zeros((0, len(relations), 2, counts.n_buckets))
+    pred_off = np.concatenate([counts.pred_off[l].numpy().reshape(-1, len(relations), counts.n_buckets)
+                               for l, _ in layers]) if layers else np.zeros((0, len(relations), counts.n_buckets))
+    lab = [(l, hh, d) for l, h in layers for hh in range(h.shape[0]) for d in range(h.shape[1])]
+    lab_arr = np.array(lab, dtype=int).reshape(-1, 3)
+    return _Pooled(relations=[*relations, ALL], n=with_all(counts.n.numpy(), 0), hits=with_all(hits, 1),
+                   pred_off=with_all(pred_off, 1), layer=lab_arr[:, 0], head=lab_arr[:, 1],
+                   direction=np.array(DIRECTIONS, dtype=object)[lab_arr[:, 2]])
+
+
+def _held_out(hits_h: np.ndarray, n_h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """2-fold held-out selection over candidates.
+
+    Args:
+        hits_h: (C, R, 2) hits per candidate, relation and half.
+        n_h: (R, 2) words per relation and half.
+
+    Returns:
+        held-out UAS (R,) pooled over both folds, and the chosen candidate (R,) on half 0 and on half 1.
+    """
+    uas_h = _ratio(hits_h, n_h[None])                                            # (C, R, 2)
+    pick = np.nan_to_num(uas_h, nan=-1.0).argmax(0)                              # (R, 2): selected on half h
+    r = np.arange(hits_h.shape[1])
+    held_hits = hits_h[pick[:, 0], r, 1] + hits_h[pick[:, 1], r, 0]
+    both = (n_h > 0).all(-1)
+    uas = np.where(both, _ratio(held_hits, n_h.sum(-1)), np.nan)
+    return uas, pick[:, 0], pick[:, 1]
+
+
+def _classify(uas_ho: np.ndarray, base_ho: np.ndarray, n: np.ndarray, share: np.ndarray, margin_se: float,
+              positional_share: float) -> np.ndarray:
+    se = np.sqrt(np.clip(uas_ho * (1 - uas_ho), 0, None) / np.maximum(n, 1))
+    syn = (uas_ho - base_ho) > margin_se * se
+    pos = ~syn & (share >= positional_share)
+    out = np.where(syn, "syntactic", np.where(pos, "positional", "neither"))
+    return np.where(np.isnan(uas_ho) | np.isnan(base_ho), "unknown", out)
+
+
+def sas_tables(counts: SASCounts, relations: list[str], excluded: list[int], params: "SAS.Params"
+               ) -> dict[str, pd.DataFrame]:
+    """Turn streamed counts into the ``heads``, ``offsets``, ``best`` and ``summary`` tables."""
+    p = _pool(counts, relations, excluded)
+    offsets = np.array(counts.offsets)
+    n_rk = p.n.sum(1)                                                            # (R', K+1)
+    n_r = n_rk.sum(-1)                                                           # (R',)
+    # offset baselines: a hit is "gold head at offset k", so hits = n in bucket k
+    off_hits_h = p.n[:, :, :-1]                                                  # (R', 2, K)
+    off_uas = _ratio(n_rk[:, :-1], n_r[:, None])                                 # (R', K)
+    best_k = np.nan_to_num(off_uas, nan=-1).argmax(-1)                           # (R',) index into offsets
+    r_idx = np.arange(len(p.relations))
+    off_ho, _, _ = _held_out(off_hits_h.transpose(2, 0, 1), p.n.sum(-1))
+
+    # heads: in-sample UAS, per half, positional measures at the relation's best offset
+    hits_rh = p.hits.sum(-1)                                                     # (C, R', 2)
+    hits_r = hits_rh.sum(-1)                                                     # (C, R')
+    uas = _ratio(hits_r, n_r[None])
+    hits_at_k = p.hits.sum(2)[:, r_idx, best_k]                                  # (C, R') hits where gold at k*
+    uas_nonoff = _ratio(hits_r - hits_at_k, (n_r - n_rk[r_idx, best_k])[None])
+    share = _ratio(p.pred_off[:, r_idx, best_k], n_r[None])
+    uas_half = _ratio(hits_rh, p.n.sum(-1)[None])                                # (C, R', 2)
+
+    report = (n_r >= params.min_count) | (np.array(p.relations) == ALL) | np.isin(p.relations, params.relations)
+    c, r = np.meshgrid(np.arange(len(p.layer)), np.flatnonzero(report), indexing="ij")
+    c, r = c.ravel(), r.ravel()
+    heads = pd.DataFrame({
+        "layer": p.layer[c], "head": p.head[c], "direction": p.direction[c],
+        "relation": np.array(p.relations, dtype=object)[r], "n": n_r[r].astype(int), "hits": hits_r[c, r].astype(int),
+        "uas": uas[c, r], "uas_half0": uas_half[c, r, 0], "uas_half1": uas_half[c, r, 1],
+        "best_offset": offsets[best_k[r]], "offset_share": share[c, r], "uas_nonoffset": uas_nonoff[c, r]})
+
+    rk = np.flatnonzero(report)
+    ro, ko = np.meshgrid(rk, np.arange(len(offsets)), indexing="ij")
+    ro, ko = ro.ravel(), ko.ravel()
+    off_half = _ratio(off_hits_h, p.n.sum(-1)[:, :, None])                       # (R', 2, K)
+    offsets_df = pd.DataFrame({
+        "relation": np.array(p.relations, dtype=object)[ro], "offset": offsets[ko], "n": n_r[ro].astype(int),
+        "hits": n_rk[ro, ko].astype(int), "uas": off_uas[ro, ko], "uas_half0": off_half[ro, 0, ko],
+        "uas_half1": off_half[ro, 1, ko]})
+
+    best = _best_table(p, params, n_r, uas, hits_rh, share, uas_nonoff, off_uas, best_k, off_ho, offsets, excluded)
+    summary = _summary(best, counts, params, len(p.layer))
+    return {"heads": heads, "offsets": offsets_df, "best": best, "summary": summary}
+
+
+def _best_table(p: _Pooled, params: "SAS.Params", n_r: np.ndarray, uas: np.ndarray, hits_rh: np.ndarray,
+                share: np.ndarray, uas_nonoff: np.ndarray, off_uas: np.ndarray, best_k: np.ndarray,
+                off_ho: np.ndarray, offsets: np.ndarray, excluded: list[int]) -> pd.DataFrame:
+    """Per relation (>= min_count, never root/excluded; ``all`` always): best head vs best offset."""
+    names = np.array(p.relations, dtype=object)
+    eligible = (n_r >= params.min_count) | np.isin(names, params.relations)
+    eligible[excluded] = False
+    eligible[-1] = True
+    rows = np.flatnonzero(eligible)
+    n_cand = len(p.layer)
+    absent = [r for r in params.relations if r not in set(p.relations)]
+    if n_cand == 0:  # nothing was captured
+        return pd.DataFrame({"relation": [*names[rows], *absent], "n": [*n_r[rows].astype(int), *[0] * len(absent)],
+                             "n_candidates": 0, "uas_held_out": np.nan, "kind": "unknown"})
+    pick = np.nan_to_num(uas, nan=-1).argmax(0)                                  # (R',) in-sample best candidate
+    head_ho, pick0, pick1 = _held_out(hits_rh, p.n.sum(-1))
+    r = np.arange(len(names))
+    kind = _classify(head_ho, off_ho, n_r, share[pick, r], params.margin_se, params.positional_share)
+
+    def label(i: np.ndarray) -> np.ndarray:
+        return np.array([f"L{p.layer[j]}H{p.head[j]} {p.direction[j]}" for j in i], dtype=object)
+
+    df = pd.DataFrame({
+        "relation": names, "n": n_r.astype(int), "n_candidates": n_cand,
+        "layer": p.layer[pick], "head": p.head[pick], "direction": p.direction[pick],
+        "uas_in_sample": uas[pick, r], "uas_held_out": head_ho,
+        "held_out_heads": label(pick0) + " | " + label(pick1),
+        "best_offset": offsets[best_k], "offset_uas_in_sample": off_uas[r, best_k], "offset_uas_held_out": off_ho,
+        "delta_held_out": head_ho - off_ho, "offset_share": share[pick, r], "uas_nonoffset": uas_nonoff[pick, r],
+        "kind": kind}).iloc[rows]
+    if absent:  # asked for but not in the probe set: reported as empty rows, not an error
+        df = pd.concat([df, pd.DataFrame({"relation": absent, "n": 0, "n_candidates": n_cand, "kind": "absent"})])
+    return df.reset_index(drop=True)
+
+
+def _summary(best: pd.DataFrame, counts: SASCounts, params: "SAS.Params", n_cand: int) -> pd.DataFrame:
+    row = best[best["relation"] == ALL].iloc[0] if "relation" in best and (best["relation"] == ALL).any() else None
+    get = (lambda k: row.get(k, np.nan)) if row is not None else (lambda k: np.nan)
+    return pd.DataFrame([{
+        "sas_score": get("uas_held_out"), "sas_in_sample": get("uas_in_sample"),
+        "best_offset": get("best_offset"), "offset_uas_held_out": get("offset_uas_held_out"),
+        "offset_uas_in_sample": get("offset_uas_in_sample"), "delta_held_out": get("delta_held_out"),
+        "layer": get("layer"), "head": get("head"), "direction": get("direction"),
+        "offset_share": get("offset_share"), "uas_nonoffset": get("uas_nonoffset"), "kind": get("kind"),
+        "n_words": int(get("n")) if row is not None and not pd.isna(get("n")) else 0, "n_candidates": n_cand,
+        "n_sentences": counts.n_sentences, "n_skipped": counts.n_skipped,
+        "skip_reasons": "; ".join(f"{k}: {v}" for k, v in sorted(counts.skip_reasons.items())),
+        "convention": f"all = every word except root and {'/'.join(params.exclude) or 'nothing'}; "
+                      "word-level merge mean-from/sum-to; held-out = 2-fold over probe-set halves"}])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The registered analysis
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@register
+class SAS(Analysis):
+    """Per-head UAS of attention against the probe set's dependency parses (Clark et al. 2019; Chen et al. 2024)."""
+
+    name = "sas"
+    version = "1"
+    description = "syntactic attention structure: per-head UAS vs dependency parses, offset baselines, held-out SAS"
+    variants = ("clean",)
+
+    @dataclass
+    class Params:
+        """Attributes:
+            min_count: Relations with fewer words get no per-relation best head (Clark et al.: 100).
+            exclude: Relations left out of ``all`` besides the root word.
+            relations: Relations always reported (n = 0 / NaN if absent from the probe set).
+            offsets: Fixed-offset baselines.
+            margin_se: A head is ``syntactic`` if its held-out UAS beats the held-out best offset by this many
+                binomial standard errors.
+            positional_share: Otherwise ``positional`` if at least this share of its predictions fall at the best
+                offset.
+        """
+
+        min_count: int = MIN_COUNT
+        exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+        relations: tuple[str, ...] = ()
+        offsets: tuple[int, ...] = OFFSETS
+        margin_se: float = 2.0
+        positional_share: float = 0.5
+
+    def names(self, ctx: AnalysisContext) -> list[str]:
+        return [f"blocks.{l}.attn.hook_pattern" for l in range(ctx.n_layers)]
+
+    def accumulator(self, ctx: AnalysisContext) -> SASAccumulator:
+        if ctx.probe_set is None:
+            raise SASInputError("the SAS analysis needs a parsed probe set")
+        return SASAccumulator(gold_table(ctx.probe_set, self.params.exclude), ctx.n_layers, self.params)
