@@ -1,0 +1,232 @@
+"""The ``mlmscope`` command line (typer).
+
+Every command turns a user error into one clear message and exit code 1 (set ``MLMSCOPE_DEBUG=1`` for the
+traceback). Sub-command groups live beside the code they drive (``probes/cli.py``, ``analyses/cli.py``) and are
+mounted here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="mlmscope: train small MLMs with dense checkpoint trajectories and study how they learn.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+bench_app = typer.Typer(help="Benchmarks (print measured ratios; not timed tests).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+
+DEFAULT_RUN = Path("runs/demo")
+
+
+def _int_list(text: Optional[str]) -> Optional[list[int]]:
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _parse_set(pairs: list[str]) -> dict:
+    """``--set key=value`` overrides for any config field (value parsed as int, float, bool or string)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise typer.BadParameter(f"--set expects key=value, got {pair!r}")
+        k, v = pair.split("=", 1)
+        for cast in (int, float):
+            try:
+                out[k] = cast(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = {"true": True, "false": False}.get(v.lower(), v)
+    return out
+
+
+@app.command()
+def train(
+    run: Path = typer.Argument(DEFAULT_RUN, help="Run folder (created under runs/ by convention)."),
+    preset: str = typer.Option("demo", help="Model/training preset: micro, demo, tiny, small, base."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run exactly from its latest checkpoint."),
+    force: bool = typer.Option(False, help="Overwrite an existing run folder."),
+    seeds: Optional[str] = typer.Option(None, help="Train several seeds (init and data) into RUN/seed_<s>/."),
+    corpus: Optional[str] = typer.Option(None, help="'wiki' (default), a .txt/.jsonl file or folder, or a datasets dir."),
+    text_field: Optional[str] = typer.Option(None, help="Text field for JSONL / datasets corpora."),
+    vocab_size: Optional[int] = typer.Option(None),
+    max_steps: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    grad_accum: Optional[int] = typer.Option(None),
+    seq_len: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    warmup_steps: Optional[int] = typer.Option(None),
+    mask_rate: Optional[float] = typer.Option(None),
+    mask_replace: Optional[str] = typer.Option(None, help="'80/10/10' (BERT) or 'mask' (100 % [MASK])."),
+    precision: Optional[str] = typer.Option(None, help="'bf16' (autocast) or 'fp32'."),
+    init_seed: Optional[int] = typer.Option(None),
+    data_seed: Optional[int] = typer.Option(None),
+    steps: Optional[str] = typer.Option(None, help="Explicit checkpoint steps, e.g. '0,10,100,1000'."),
+    linear_every: Optional[int] = typer.Option(None, help="Linear checkpoint spacing after the log-spaced start."),
+    set_: list[str] = typer.Option([], "--set", help="Any other config field: --set n_layers=4 --set dropout=0.1"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train a BERT MLM into RUN with a dense, verifiable checkpoint trajectory (works under torchrun)."""
+    from checkpoints.config import make_config
+    from checkpoints.train import train as run_train
+
+    overrides = dict(corpus=corpus, text_field=text_field, vocab_size=vocab_size, max_steps=max_steps,
+                     batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
+                     mask_rate=mask_rate, mask_replace=mask_replace, precision=precision, init_seed=init_seed,
+                     data_seed=data_seed, steps=_int_list(steps), linear_every=linear_every, **_parse_set(set_))
+    seed_list = _int_list(seeds)
+    targets = [(run / f"seed_{s}", dict(init_seed=s, data_seed=s)) for s in seed_list] if seed_list else [(run, {})]
+    for run_dir, seed_over in targets:
+        try:
+            cfg = make_config(preset, **{**overrides, **seed_over})
+        except KeyError as e:
+            raise UserError(str(e.args[0])) from None
+        m = run_train(run_dir, cfg, resume=resume, force=force, device=device, progress=progress)
+        last = m.checkpoints[-1]
+        console.print(f"[green]done[/] {run_dir}: {len(m.checkpoints)} checkpoints, final val loss "
+                      f"{last.val_loss:.3f} (unigram entropy {m.run.get('val_unigram_entropy', float('nan')):.3f})")
+
+
+@app.command()
+def verify(run: Path = typer.Argument(..., help="Run folder or folder of checkpoint folders.")) -> None:
+    """Re-hash every checkpoint and report mismatches, corrupted files and duplicates (exit 1 if any)."""
+    from checkpoints.verify import verify_run
+
+    results = verify_run(run)
+    table = Table("step", "folder", "status", "detail")
+    for r in results:
+        color = "green" if r.status == "ok" else "red"
+        table.add_row(str(r.step), r.path, f"[{color}]{r.status}[/]", r.detail)
+    Console().print(table)
+    bad = [r for r in results if r.status != "ok"]
+    if bad:
+        raise UserError(f"{len(bad)} of {len(results)} checkpoints failed verification")
+    console.print(f"[green]all {len(results)} checkpoints verified[/]")
+
+
+@bench_app.command("train")
+def bench_train(
+    preset: str = typer.Option("tiny", help="Shape to benchmark."),
+    steps: int = typer.Option(8, help="Timed optimiser steps per round and trainer."),
+    rounds: int = typer.Option(2, help="Interleaved rounds (HF, ours, HF, ours, …)."),
+) -> None:
+    """Tokens/s of HF Trainer + DataCollatorForLanguageModeling vs our loop on the same data, and their ratio."""
+    from checkpoints.bench import bench_train as run_bench
+
+    run_bench(preset=preset, steps=steps, rounds=rounds)
+
+
+@app.command()
+def demo(
+    run: Path = typer.Option(DEFAULT_RUN, help="Run folder for the demo trajectory."),
+    serve: bool = typer.Option(True, help="Start the dashboard at the end."),
+    port: int = typer.Option(8501),
+) -> None:
+    """The main job on the embedded default: corpus, tokenizer, demo trajectory, analyses, then the dashboard."""
+    from checkpoints.config import make_config
+    from checkpoints.manifest import Manifest
+    from checkpoints.train import train as run_train
+
+    status = Manifest.load(run).run.get("status") if (run / "manifest.json").exists() else None
+    if status == "finished":
+        console.print(f"[green]{run} is already trained[/] (delete it or use `mlmscope train --force` to retrain)")
+    else:
+        run_train(run, make_config("demo"), resume=status is not None and (run / "resume" / "state.pt").exists())
+    for hook in _DEMO_STEPS:
+        hook(run)
+    if serve:
+        _serve([run], host="127.0.0.1", port=port)
+
+
+def _demo_analyses(run: Path) -> None:
+    try:
+        from analyses.runner import analyze_run
+    except ImportError:
+        console.print("[yellow]analyses runner not installed; skipping analyses[/]")
+        return
+    analyze_run(run)
+
+
+_DEMO_STEPS = [_demo_analyses]
+
+
+def _serve(runs: list[Path], host: str, port: int) -> None:
+    try:
+        from app.serve import serve
+    except ImportError:
+        console.print("[yellow]dashboard not available yet[/]")
+        return
+    serve(runs, host=host, port=port)
+
+
+# Sub-command groups owned by their packages.
+try:
+    from probes.cli import app as probes_app
+
+    app.add_typer(probes_app, name="probes", help="Build probe sets; benchmark capture.")
+except ImportError:  # pragma: no cover - during development only
+    pass
+try:
+    from analyses.cli import analyze_command, app as analyses_app
+
+    app.add_typer(analyses_app, name="analyses", help="List the registered analyses.")
+    app.command("analyze")(analyze_command)
+except ImportError:  # pragma: no cover
+    pass
+try:
+    from app.serve import app_command
+
+    app.command("app")(app_command)
+except ImportError:  # pragma: no cover
+    pass
+
+
+class UserError(Exception):
+    """A problem the user must fix; printed as one line, exit code 1."""
+
+
+def main() -> None:
+    """Console entry point: run the typer app, turning any error into one clear message and exit code 1."""
+    try:
+        app(standalone_mode=False)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/] (finished checkpoints and results are kept; resume with --resume)")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the CLI boundary: no tracebacks for users
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            console.print("[red]aborted[/]")
+            sys.exit(1)
+        if os.environ.get("MLMSCOPE_DEBUG"):
+            raise
+        msg = str(e) or type(e).__name__
+        console.print(f"[bold red]error:[/] {msg}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,436 @@
+"""The lean MLM training loop: corpus → WordPiece → ``BertForMaskedLM`` → a dense trajectory of checkpoints.
+
+Read top to bottom: ``train()`` prepares the run folder, data and model, then loops over optimiser steps, saving a
+checkpoint (plus a rolling resumable state) at every step of the schedule. Speed levers on CPU (see README
+"Benchmark"): packed sequences with no padding mask, sparse prediction (the MLM head only at masked positions),
+SDPA attention, bf16 autocast, batches built by pure functions of the step (no data-loader workers).
+
+Exact resume: each step's batch and masks are functions of (data_seed, step) (``checkpoints.data``); the optimiser,
+scheduler, RNG and loss-EMA states are saved with the latest checkpoint, so a run killed at any moment and resumed
+from it reproduces the uninterrupted per-step losses and final weights bit for bit (CPU, same machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import BertForMaskedLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from checkpoints import distributed
+from checkpoints.config import RunConfig, TrainConfig
+from checkpoints.corpus import load_corpus, source_description
+from checkpoints.data import Masker, StepBatches, pack, unigram_entropy
+from checkpoints.manifest import (TRAIN_LOG, CheckpointEntry, Manifest, atomic_write_text, step_dirname,
+                                  weights_sha256)
+from checkpoints.tokenizer import tokenizer_hash, train_wordpiece
+
+RESUME_DIR = "resume"
+TOKENIZER_DIR = "tokenizer"
+VAL_MASK_SEED = 1234  # fixed masking of the validation sequences: every checkpoint is scored on the same masks
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on (message is user-facing)."""
+
+
+def checkpoint_steps(cfg: TrainConfig) -> list[int]:
+    """The checkpoint schedule: 0, 1, 2, 4, … (powers of two below ``linear_every``), then every ``linear_every``
+    steps, always ending at ``max_steps``; or the explicit ``cfg.steps`` (validated: strictly increasing, ≥ 0).
+
+    Pythia-style log+linear (training.md §5): dense where the model changes fastest, linear where it is slow.
+    """
+    if cfg.steps:
+        steps = [int(s) for s in cfg.steps]
+        if any(b <= a for a, b in zip(steps, steps[1:])) or steps[0] < 0:
+            raise TrainingError(f"checkpoint steps must be strictly increasing and >= 0, got {steps}")
+        if steps[-1] > cfg.max_steps:
+            raise TrainingError(f"checkpoint step {steps[-1]} is beyond max_steps={cfg.max_steps}")
+        return steps
+    if cfg.linear_every <= 0:
+        raise TrainingError("linear_every must be positive")
+    log = [0] + [2**k for k in range(0, 64) if 2**k < min(cfg.linear_every, cfg.max_steps)]
+    lin = list(range(cfg.linear_every, cfg.max_steps + 1, cfg.linear_every))
+    return sorted(set(log + lin + [cfg.max_steps]))
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to 1 over ``warmup_steps``, then linear decay to 0 at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    return max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
+
+
+class SparseMLM(torch.nn.Module):
+    """``BertForMaskedLM`` objective with sparse prediction: the MLM head runs only at masked positions."""
+
+    def __init__(self, model: BertForMaskedLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (mean cross-entropy over masked positions, number of correct top-1 predictions)."""
+        hidden = self.model.bert(input_ids=input_ids).last_hidden_state
+        sel = labels != -100
+        logits = self.model.cls(hidden[sel]).float()
+        target = labels[sel]
+        return F.cross_entropy(logits, target), (logits.argmax(-1) == target).sum()
+
+
+@dataclass
+class TrainState:
+    """Everything besides the weights that an exact resume needs."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    wall_clock_s: float = 0.0
+    loss_ema: float | None = None
+
+
+def _autocast(precision: str, device: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise TrainingError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
+    return nullcontext()
+
+
+def _versions() -> dict[str, str]:
+    import datasets
+    import tokenizers
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__, "datasets": datasets.__version__}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, force: bool) -> Manifest | None:
+    """Refuse to clobber a run with another config; return the existing manifest when resuming."""
+    manifest_path = run_dir / "manifest.json"
+    if resume:
+        if not manifest_path.exists() or not (run_dir / RESUME_DIR / "state.pt").exists():
+            raise TrainingError(f"cannot resume {run_dir}: no manifest or resumable state there")
+        return Manifest.load(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            if manifest_path.exists():
+                old = Manifest.load(run_dir).run.get("config")
+                new = json.loads(json.dumps(cfg.to_dict()))
+                if old != new:
+                    diff = _config_diff(old or {}, new)
+                    raise TrainingError(f"run folder {run_dir} already holds a run with a different config "
+                                        f"({diff}); use --resume to continue it or --force to overwrite it")
+            raise TrainingError(f"run folder {run_dir} already exists; use --resume to continue it or --force to "
+                                f"overwrite it")
+        shutil.rmtree(run_dir)
+    return None
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> str:
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _config_diff(va, vb, f"{prefix}{k}.")
+            if d:
+                diffs.append(d)
+        elif va != vb:
+            diffs.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return ", ".join(diffs)
+
+
+def _build_tokenizer(run_dir: Path, cfg: RunConfig, train_texts, resume: bool) -> PreTrainedTokenizerFast:
+    tok_dir = run_dir / TOKENIZER_DIR
+    if resume and tok_dir.exists():
+        return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    tok = train_wordpiece(train_texts, vocab_size=cfg.data.vocab_size, lowercase=cfg.data.lowercase)
+    tok.save_pretrained(str(tok_dir))
+    return tok
+
+
+def _build_model(cfg: RunConfig, vocab_size: int) -> BertForMaskedLM:
+    torch.manual_seed(cfg.train.init_seed)
+    bert_cfg = cfg.model.to_bert_config(vocab_size=vocab_size)
+    bert_cfg._attn_implementation = cfg.train.attn
+    return BertForMaskedLM(bert_cfg)
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and LayerNorm weights (BERT convention)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
+
+
+@torch.no_grad()
+def evaluate(model: BertForMaskedLM, val_inputs: torch.Tensor, val_labels: torch.Tensor, batch_size: int,
+             device: str) -> tuple[float, float]:
+    """Validation MLM loss (nats per masked token) and top-1 accuracy on fixed masks, fp32."""
+    was_training = model.training
+    model.eval()
+    objective = SparseMLM(model)
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y in zip(val_inputs.split(batch_size), val_labels.split(batch_size)):
+        m = int((y != -100).sum())
+        if m == 0:
+            continue
+        loss, c = objective(x.to(device), y.to(device))
+        loss_sum += float(loss) * m
+        correct += int(c)
+        n += m
+    model.train(was_training)
+    return (loss_sum / n, correct / n) if n else (float("nan"), float("nan"))
+
+
+def _save_checkpoint(run_dir: Path, model: BertForMaskedLM, tok: PreTrainedTokenizerFast, state: TrainState,
+                     last_good: int | None) -> tuple[str, str]:
+    """Write ``step_XXXXXX/`` atomically (temp folder + rename); return (folder name, weights sha256)."""
+    name = step_dirname(state.step)
+    final, tmp = run_dir / name, run_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "mlmscope.json").write_text(json.dumps(
+            {"step": state.step, "tokens_seen": state.tokens_seen}, indent=1))
+        digest = weights_sha256(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"could not write checkpoint step {state.step} ({e}); nothing half-written was kept, "
+                            f"the last complete checkpoint is step {last_good}; free space and run with --resume") \
+            from None
+    return name, digest
+
+
+def _save_resume(run_dir: Path, optimizer, scheduler, state: TrainState) -> None:
+    """Rolling resumable state for the latest checkpoint (replaced atomically, never one per step)."""
+    d = run_dir / RESUME_DIR
+    d.mkdir(exist_ok=True)
+    tmp = d / "state.pt.tmp"
+    torch.save({"train_state": vars(state), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, d / "state.pt")
+
+
+def _load_resume(run_dir: Path, manifest: Manifest, model, optimizer, scheduler) -> TrainState:
+    blob = torch.load(run_dir / RESUME_DIR / "state.pt", weights_only=False)
+    state = TrainState(**blob["train_state"])
+    entry = next((c for c in manifest.checkpoints if c.step == state.step), None)
+    if entry is None:
+        raise TrainingError(f"resumable state is for step {state.step}, which the manifest does not list")
+    ckpt = run_dir / entry.path
+    try:
+        digest = weights_sha256(ckpt)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"cannot resume from step {state.step}: {e}") from None
+    if digest != entry.sha256:
+        raise TrainingError(f"cannot resume: weights of step {state.step} ({ckpt}) do not match the manifest hash "
+                            f"(corrupted file); run `mlmscope verify {run_dir}`")
+    from safetensors.torch import load_file
+
+    missing, unexpected = model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+    if unexpected or [m for m in missing if "decoder" not in m]:
+        raise TrainingError(f"checkpoint step {state.step} does not match the run's model shape")
+    model.tie_weights()
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    # Drop anything written after the resumable checkpoint (a kill between checkpoint and manifest update).
+    manifest.checkpoints = [c for c in manifest.checkpoints if c.step <= state.step]
+    log = run_dir / TRAIN_LOG
+    if log.exists():
+        keep = [ln for ln in log.read_text().splitlines() if _log_step(ln) is not None
+                and _log_step(ln) <= state.step]
+        atomic_write_text(log, "".join(ln + "\n" for ln in keep))
+    return state
+
+
+def _log_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, force: bool = False,
+          device: str | None = None, progress: bool = True,
+          on_checkpoint: Callable[[CheckpointEntry], None] | None = None) -> Manifest:
+    """Train one run into ``run_dir`` and return its manifest.
+
+    Args:
+        run_dir: Run folder (created). With ``resume`` the saved config is used and ``cfg`` is ignored.
+        cfg: Full run configuration.
+        resume: Continue an interrupted run exactly from its latest checkpoint.
+        force: Overwrite an existing run folder.
+        device: ``"cpu"``, ``"cuda"``…; default: CUDA if available.
+        progress: Show a progress bar.
+        on_checkpoint: Called with each new manifest entry (tests, live analysis).
+
+    Raises:
+        TrainingError / CorpusError / DataError / TokenizerError with a user-facing message.
+    """
+    run_dir = Path(run_dir)
+    hf_logging.disable_progress_bar()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dist = distributed.init(device)
+    if dist.enabled and device.startswith("cuda"):
+        device = f"cuda:{dist.local_rank}"
+        torch.cuda.set_device(device)
+    manifest = _prepare_run_dir(run_dir, cfg, resume, force) if dist.is_main else None
+    distributed.barrier(dist)
+    if resume:
+        manifest = manifest or Manifest.load(run_dir)
+        cfg = RunConfig.from_dict(manifest.run["config"])
+    tc = cfg.train
+    schedule = checkpoint_steps(tc)
+    if tc.max_steps < 1:
+        raise TrainingError("max_steps must be >= 1")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    corpus, fingerprint = load_corpus(cfg.data)
+    train_texts, val_texts = list(corpus["train"]["text"]), list(corpus["validation"]["text"])
+    if dist.is_main:
+        tok = _build_tokenizer(run_dir, cfg, train_texts, resume)
+    distributed.barrier(dist)
+    if not dist.is_main:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(run_dir / TOKENIZER_DIR))
+    special = tuple(tok.all_special_ids)
+    masker = Masker(tok.mask_token_id, len(tok), special, tc.mask_rate, tc.mask_replace)
+    train_data = pack(tok, train_texts, tc.seq_len)
+    batches = StepBatches(train_data, masker, tc.batch_size, tc.grad_accum, tc.data_seed, dist.rank, dist.world_size)
+    val_all = pack(tok, val_texts, tc.seq_len)
+    val_data = val_all[: tc.val_batches * tc.batch_size]
+    val_inputs, val_labels = masker(val_data, torch.Generator().manual_seed(VAL_MASK_SEED))
+
+    model = _build_model(cfg, len(tok)).to(device)
+    model.train()
+    objective = distributed.wrap(SparseMLM(model), dist, device)
+    if tc.compile and device.startswith("cuda"):
+        objective = torch.compile(objective)
+    optimizer = _optimizer(model, tc)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
+
+    if resume:
+        state = _load_resume(run_dir, manifest, model, optimizer, scheduler)
+    else:
+        state = TrainState()
+        manifest = Manifest(run={
+            "config": cfg.to_dict(), "corpus": source_description(cfg.data), "corpus_fingerprint": fingerprint,
+            "tokenizer_sha256": tokenizer_hash(tok), "n_train_sequences": len(train_data),
+            "n_val_sequences": len(val_data), "val_unigram_entropy": unigram_entropy(val_all, special),
+            "n_params": sum(p.numel() for p in model.parameters()), "schedule": schedule,
+            "versions": _versions(), "git_commit": _git_commit(), "world_size": dist.world_size,
+            "device": device, "status": "training"})
+    manifest.run["status"] = "training"
+    manifest.run.pop("error", None)
+    last_good = manifest.checkpoints[-1].step if manifest.checkpoints else None
+    log_f = open(run_dir / TRAIN_LOG, "a") if dist.is_main else None
+    bar = None
+    if progress and dist.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {run_dir.name}", unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter() - state.wall_clock_s
+
+    def checkpoint() -> None:
+        nonlocal last_good
+        if dist.is_main:
+            state.wall_clock_s = time.perf_counter() - t0
+            val_loss, val_acc = evaluate(model, val_inputs, val_labels, tc.batch_size, device)
+            name, digest = _save_checkpoint(run_dir, model, tok, state, last_good)
+            _save_resume(run_dir, optimizer, scheduler, state)
+            entry = manifest.add(CheckpointEntry(
+                step=state.step, path=name, tokens_seen=state.tokens_seen, wall_clock_s=round(state.wall_clock_s, 3),
+                train_loss=state.loss_ema, val_loss=val_loss, val_acc=val_acc, sha256=digest))
+            manifest.save(run_dir)
+            last_good = state.step
+            if bar is not None:
+                bar.set_postfix(val_loss=f"{val_loss:.3f}")
+            if on_checkpoint:
+                on_checkpoint(entry)
+        distributed.barrier(dist)
+
+    try:
+        while True:
+            if state.step in schedule and not any(c.step == state.step for c in manifest.checkpoints):
+                checkpoint()
+            if state.step >= tc.max_steps:
+                break
+            loss = _train_step(objective, optimizer, scheduler, batches, state.step, tc, device)
+            loss = distributed.mean(loss, dist)
+            if distributed.any_flag(not math.isfinite(loss), dist):
+                raise TrainingError(f"loss became {loss} at step {state.step + 1}; training stopped, the last good "
+                                    f"checkpoint is step {last_good} (lower --lr or use --precision fp32)")
+            state.step += 1
+            state.tokens_seen += batches.tokens_per_step()
+            state.loss_ema = loss if state.loss_ema is None else 0.98 * state.loss_ema + 0.02 * loss
+            if log_f is not None and state.step % tc.log_every == 0:
+                log_f.write(json.dumps({"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                                        "tokens": state.tokens_seen}) + "\n")
+                log_f.flush()
+            if bar is not None:
+                bar.update(1)
+                if state.step % 20 == 0:
+                    bar.set_postfix(loss=f"{state.loss_ema:.3f}", val_loss=bar.postfix.split("=")[-1] if bar.postfix else "")
+    except BaseException as e:
+        if dist.is_main and manifest is not None:
+            manifest.run["status"] = "failed" if isinstance(e, TrainingError) else "interrupted"
+            manifest.run["error"] = str(e)
+            manifest.save(run_dir)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_f is not None:
+            log_f.close()
+    if dist.is_main:
+        manifest.run["status"] = "finished"
+        manifest.save(run_dir)
+    distributed.barrier(dist)
+    distributed.shutdown(dist)
+    return manifest
+
+
+def _train_step(objective, optimizer, scheduler, batches: StepBatches, step: int, tc: TrainConfig,
+                device: str) -> float:
+    """One optimiser step over ``grad_accum`` micro-batches; returns the mean loss (NaN skips the update)."""
+    total = 0.0
+    micro = batches.micro_batches(step)
+    for x, y in micro:
+        with _autocast(tc.precision, device):
+            loss, _ = objective(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        (loss / len(micro)).backward()
+        total += float(loss) / len(micro)
+    if not math.isfinite(total):
+        optimizer.zero_grad(set_to_none=True)
+        return total
+    torch.nn.utils.clip_grad_norm_(objective.parameters(), tc.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
