@@ -68,6 +68,10 @@ METRICS = ("variance_rank", "entropy_rank")
 CLEAN, MASKED = "clean", "mask15"
 
 
+class MaskRankParamsError(ValueError):
+    """Invalid mask_rank parameters (user-facing message)."""
+
+
 class MaskRankWarning(UserWarning):
     """Too few tokens for the hidden size, or a mask pattern that does not match the capture."""
 
@@ -308,5 +312,5 @@ class MaskRank(Analysis):
 
     def accumulator(self, ctx: AnalysisContext) -> MaskRankAccumulator:
         if not 0.0 < self.params.tau <= 1.0:
-            raise ValueError(f"mask_rank: tau must be in (0, 1], got {self.params.tau}")
+            raise MaskRankParamsError(f"mask_rank: tau must be in (0, 1], got {self.params.tau}")
         return MaskRankAccumulator(self.names(ctx), ctx.d_model, self.params)
