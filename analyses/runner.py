@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 import traceback as tb
 from collections import Counter, deque
@@ -43,8 +44,10 @@ from checkpoints.manifest import MANIFEST, CheckpointEntry, Manifest, list_check
 
 #: Order in which capture variants are run (the probes package's variant names).
 VARIANT_ORDER = ("clean", "mask15", "mask1")
+#: Where the run's default probe set is cached.
+DEFAULT_PROBES = Path("probes") / "default"
 #: Manifest ``run.status`` values after which ``--follow`` stops polling (written by the trainer).
-TERMINAL_STATUSES = ("finished", "failed")
+TERMINAL_STATUSES = ("finished", "failed", "interrupted")
 
 
 class RunnerError(Exception):
@@ -815,15 +818,58 @@ def _with(job: Job, analyses: list[Analysis]) -> Job:
 
 
 def resolve_probe_set(run_dir: Path, probes: str | None, model_dir: Path | None) -> Any:
-    """Load ``probes`` (a probe-set folder), or the run's default probe set, built once under ``RUN/probes``.
+    """Load ``probes`` (a probe-set folder or CoNLL-U file), or the run's default probe set.
+
+    The default is built once from the run corpus' validation split (``probes.probeset.build_default``, filtered for
+    the run's tokenizer and position limit) and cached in ``RUN/probes/default`` (written to a temporary folder and
+    renamed, so a killed build leaves nothing half-written).
 
     Raises:
-        RunnerError: the probes package cannot build/load a probe set.
+        RunnerError: no checkpoint to take the tokenizer from.
     """
-    try:
-        from probes import probeset
-    except ImportError:
-        raise RunnerError("the probe-set builder (probes.probeset) is not available; pass a probe set") from None
+    from probes.probeset import BuildConfig, build_default, load_probe_set
+
     if probes is not None:
-        return probeset.load_probe_set(probes)
-    return probeset.default_probe_set(run_dir, model_dir)
+        return load_probe_set(probes)
+    cached = run_dir / DEFAULT_PROBES
+    if (cached / "probeset.json").exists():
+        return load_probe_set(cached)
+    if model_dir is None:
+        raise RunnerError(f"{str(run_dir)!r} has no checkpoints to build the default probe set for; pass --probes")
+    from checkpoints.config import DataConfig
+
+    lm = default_load(str(model_dir))
+    data = (Manifest.load(run_dir).run.get("config", {}).get("data")
+            if (run_dir / MANIFEST).exists() else None)
+    ps = build_default(BuildConfig(), tokenizer=lm.tokenizer, max_length=lm.arch.max_length,
+                       data_cfg=DataConfig(**data) if data else DataConfig())
+    tmp = cached.parent / f".tmp-default-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ps.save(tmp)
+    shutil.rmtree(cached, ignore_errors=True)
+    os.replace(tmp, cached)
+    return ps
+
+
+def analyze_run(run_dir: str | os.PathLike, config: RunnerConfig | None = None, console: Any | None = None,
+                **options: Any) -> Summary:
+    """Analyse a run with a progress bar and print the summary table (``mlmscope demo`` calls this).
+
+    Args:
+        run_dir: Run folder.
+        config: Runner options (or pass them as keyword arguments, e.g. ``workers=2``).
+        console: rich Console to print to (default: stderr).
+    """
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    summary = Runner(run_dir, config or RunnerConfig(**options), reporter=RichReporter(console)).run()
+    print_summary(summary, console)
+    return summary
+
+
+def print_summary(summary: Summary, console: Any) -> None:
+    """The summary table plus one line per failure."""
+    console.print(summary.table())
+    for o in summary.failures:
+        console.print(f"[red]failed[/red] step {o.step} ({o.rel}) {o.analysis}: {o.error}", highlight=False)

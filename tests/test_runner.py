@@ -476,3 +476,53 @@ def test_kill_9_then_resume(tmp_path):
     after = {m["dirname"]: m["result_id"] for m in store.entries("_t_norm")}
     assert all(after[k] == v for k, v in finished.items())  # nothing finished was recomputed
     assert sorted(load_results(run, "_t_norm")["step"].unique()) == [0, 1, 2, 3, 4, 5]
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def cli(monkeypatch):
+    """A typer app mounting analyze_command and the analyses group (as app/cli.py does), with the fakes registered."""
+    import typer
+    from typer.testing import CliRunner
+
+    from analyses import base
+    from analyses.cli import analyze_command, app as analyses_app
+
+    monkeypatch.setitem(base.REGISTRY, FakeNorm.name, FakeNorm)
+    monkeypatch.setitem(base.REGISTRY, FakeMasked.name, FakeMasked)
+    root = typer.Typer()
+    root.command("analyze")(analyze_command)
+    root.add_typer(analyses_app, name="analyses")
+    runner_ = CliRunner()
+    return lambda *args: runner_.invoke(root, [str(a) for a in args], env={"COLUMNS": "250"})
+
+
+def test_cli_analyze_real_capture_failure_exit_code_and_retry(cli, run, tmp_path):
+    from probes.probeset import sentences_of
+
+    probes = sentences_of(PROBES).save(tmp_path / "probes")
+    good = (run / "step_000004" / "model.safetensors").read_bytes()
+    (run / "step_000004" / "model.safetensors").write_bytes(good[:100])
+    res = cli("analyze", run, "-a", "_t_norm,_t_masked", "--probes", probes, "--batch-size", 2)
+    assert res.exit_code == 1, res.output
+    assert "_t_norm" in res.output and "step 4" in res.output and "Traceback" not in res.output
+    df = load_results(run, "_t_norm")  # the real probes.capture path gives the hand-computed numbers
+    assert df[df.step == 2].sort_values("layer")["mean0"].tolist() == pytest.approx(
+        hand_mean0(run / "step_000002"), rel=1e-4, abs=1e-5)
+    assert cli("analyses", "failures", run).exit_code == 1
+    (run / "step_000004" / "model.safetensors").write_bytes(good)
+    res = cli("analyze", run, "-a", "_t_norm", "-a", "_t_masked", "--probes", probes, "--batch-size", 2)
+    assert res.exit_code == 0, res.output
+    assert sorted(load_results(run, "_t_norm")["step"].unique()) == [0, 1, 2, 4]
+    assert cli("analyses", "failures", run).exit_code == 0
+
+
+def test_cli_bad_input_and_list(cli, run):
+    res = cli("analyze", run, "--steps", "1,x", "-a", "_t_norm")
+    assert res.exit_code == 1 and "bad --steps item 'x'" in res.output and "Traceback" not in res.output
+    res = cli("analyze", run / "missing", "-a", "_t_norm")
+    assert res.exit_code == 1 and "does not exist" in res.output
+    res = cli("analyze", run, "-a", "nope")
+    assert res.exit_code == 1 and "unknown analysis 'nope'" in res.output
+    res = cli("analyses", "list")
+    assert res.exit_code == 0 and "_t_norm" in res.output and "residual norm per layer" in res.output

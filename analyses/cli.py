@@ -1,0 +1,175 @@
+"""``mlmscope analyze RUN`` and ``mlmscope analyses list|failures|bench`` (mounted by app/cli.py).
+
+``analyze_command`` is the typer-annotated function behind ``mlmscope analyze``; ``app`` holds the ``analyses``
+sub-commands. User errors (bad run folder, unknown analysis, bad --steps, unreachable Ray cluster, bad probe set)
+print one line and exit 1; a run where any checkpoint failed also exits 1 after the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from analyses.runner import Runner, RunnerConfig, RunnerError, RichReporter, print_summary
+from analyses.store import ResultStore, StoreError
+
+app = typer.Typer(help="The registered analyses: list them, show recorded failures, benchmark the runner.",
+                  no_args_is_help=True)
+console = Console(stderr=True)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception classes whose message is user-facing (printed without a traceback)."""
+    from probes.model import ProbeError
+
+    return RunnerError, StoreError, ProbeError, FileNotFoundError
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except _user_errors() as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _names(values: Optional[list[str]]) -> Optional[list[str]]:
+    """``-a sas,lens -a outliers`` -> ["sas", "lens", "outliers"]; None/"all" -> None (every registered one)."""
+    if not values:
+        return None
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    return None if names in ([], ["all"]) else names
+
+
+def analyze_command(
+    run: Path = typer.Argument(..., help="Run folder, or any folder of step_*/checkpoint-* checkpoint folders."),
+    analyses: Optional[list[str]] = typer.Option(None, "--analyses", "-a",
+                                                 help="Analyses to run (comma-separated or repeated; default all)."),
+    steps: Optional[str] = typer.Option(None, help="Steps to analyse, e.g. '0,100,400-2000,5000-' (default all)."),
+    workers: int = typer.Option(1, help="Local worker processes (torch threads are split between them)."),
+    backend: str = typer.Option("local", help="local | ray."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address: auto or HOST:PORT (default: start a "
+                                                     "local Ray instance)."),
+    force: bool = typer.Option(False, help="Recompute results that are already stored."),
+    follow: bool = typer.Option(False, help="Keep analysing new checkpoints until the manifest says training "
+                                            "finished."),
+    poll: float = typer.Option(10.0, help="Seconds between manifest polls with --follow."),
+    idle_timeout: Optional[float] = typer.Option(None, help="With --follow, stop after this many seconds without "
+                                                            "a new checkpoint."),
+    probes: Optional[Path] = typer.Option(None, help="Probe set folder or CoNLL-U file (default: the run's default "
+                                                     "probe set, built once into RUN/probes/default)."),
+    batch_size: int = typer.Option(32, help="Probe sentences per forward pass."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:1 ..."),
+    verify_hash: bool = typer.Option(True, help="Re-hash weights against the manifest before analysing."),
+) -> None:
+    """Run every requested analysis over every checkpoint of RUN: cached, resumable, in parallel, with progress."""
+    cfg = RunnerConfig(analyses=_names(analyses), steps=steps, workers=workers, backend=backend, address=address,
+                       force=force, follow=follow, poll_s=poll, idle_timeout_s=idle_timeout,
+                       probes=str(probes) if probes else None, batch_size=batch_size, device=device,
+                       verify_hash=verify_hash)
+    summary = _guard(lambda: Runner(run, cfg, reporter=RichReporter(console)).run())
+    print_summary(summary, Console())
+    if summary.failed:
+        console.print(f"[red]{summary.failed} (checkpoint, analysis) pairs failed[/]; errors are recorded in "
+                      f"{ResultStore(run, cfg.results_dir).root / '_failures'}; re-run to retry only those")
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_command() -> None:
+    """Registered analyses with version, capture variants and a one-line description."""
+    from analyses.base import load_all
+
+    table = Table("name", "version", "variants", "MLM head", "description")
+    for name, cls in sorted(load_all().items()):
+        table.add_row(name, str(cls.version), ",".join(cls.variants), "yes" if cls.needs_mlm_head else "",
+                      cls.description)
+    Console().print(table)
+
+
+@app.command("failures")
+def failures_command(run: Path = typer.Argument(..., help="Run folder.")) -> None:
+    """Recorded failures of RUN (checkpoint, analysis, error); exit 1 if there are any."""
+    recs = ResultStore(run).failures()
+    table = Table("step", "checkpoint", "analysis", "error")
+    for r in sorted(recs, key=lambda r: (r.get("step") or 0, r["analysis"])):
+        table.add_row(str(r.get("step", "")), r["checkpoint"], r["analysis"], r["error"])
+    Console().print(table)
+    if recs:
+        raise typer.Exit(1)
+
+
+@app.command("bench")
+def bench_command(
+    run: Path = typer.Argument(Path("runs/demo"), help="Run to analyse (the demo trajectory has >= 40 checkpoints)."),
+    analyses: Optional[list[str]] = typer.Option(None, "--analyses", "-a", help="Analyses (default all)."),
+    steps: Optional[str] = typer.Option(None, help="Step filter (default all)."),
+    probes: Optional[Path] = typer.Option(None, help="Probe set (default: the run's default)."),
+    batch_size: int = typer.Option(32),
+    workers: int = typer.Option(2, help="Worker count compared against 1."),
+    out: Optional[Path] = typer.Option(None, help="Also write the timings as JSON here."),
+) -> None:
+    """Time shared capture vs. naive (one capture per analysis), and 1 vs N workers, into scratch stores."""
+    timings = _guard(lambda: run_bench(run, _names(analyses), steps, str(probes) if probes else None, batch_size,
+                                       workers))
+    table = Table("mode", "seconds", "checkpoints", "failed")
+    for mode, t in timings["modes"].items():
+        table.add_row(mode, f"{t['seconds']:.1f}", str(t["checkpoints"]), str(t["failed"]))
+    Console().print(table)
+    Console().print(f"naive / shared = {timings['naive_over_shared']:.2f}x   "
+                    f"1 worker / {workers} workers = {timings['speedup_workers']:.2f}x   "
+                    f"shared and naive results identical: {timings['identical']}")
+    if out:
+        out.write_text(json.dumps(timings, indent=1))
+
+
+def run_bench(run: Path, analyses: Optional[list[str]], steps: Optional[str], probes: Optional[str],
+              batch_size: int, workers: int) -> dict[str, Any]:
+    """Analyse RUN three times into scratch result stores: shared capture, naive, shared with N workers.
+
+    The probe set is resolved once beforehand (not timed); each mode starts from an empty store (``force``).
+
+    Returns:
+        ``{"modes": {mode: {seconds, checkpoints, failed}}, "naive_over_shared", "speedup_workers", "identical"}``.
+    """
+    base = dict(analyses=analyses, steps=steps, probes=probes, batch_size=batch_size, force=True)
+    probe_set = Runner(run, RunnerConfig(**base)).probe_set()
+    modes = {"shared": dict(shared_capture=True), "naive": dict(shared_capture=False),
+             f"shared, {workers} workers": dict(workers=workers)}
+    out: dict[str, Any] = {"modes": {}}
+    with tempfile.TemporaryDirectory(prefix="mlmscope-bench-") as scratch:
+        stores = {}
+        for mode, extra in modes.items():
+            cfg = RunnerConfig(**base, **extra, results_dir=os.path.join(scratch, mode.replace(" ", "_")))
+            r = Runner(run, cfg, probe_set=probe_set, reporter=RichReporter(console))
+            t0 = time.perf_counter()
+            s = r.run()
+            out["modes"][mode] = {"seconds": time.perf_counter() - t0, "checkpoints": s.checkpoints,
+                                  "failed": s.failed}
+            stores[mode] = r.store
+        out["identical"] = _same_results(stores["shared"], stores["naive"])
+    t = {m: v["seconds"] for m, v in out["modes"].items()}
+    out["naive_over_shared"] = t["naive"] / t["shared"]
+    out["speedup_workers"] = t["shared"] / t[f"shared, {workers} workers"]
+    return out
+
+
+def _same_results(a: ResultStore, b: ResultStore) -> bool:
+    """Every table of every analysis equal (to float tolerance) between two stores."""
+    import pandas as pd
+
+    for name in a.analyses():
+        for table in {t for m in a.entries(name) for t in m.get("tables", [])}:
+            try:
+                pd.testing.assert_frame_equal(a.load(name, table), b.load(name, table), check_exact=False, rtol=1e-5)
+            except AssertionError:
+                return False
+    return a.analyses() == b.analyses()
