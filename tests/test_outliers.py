@@ -231,3 +231,35 @@ def test_outlier_emergence():
 def test_bad_params():
     with pytest.raises(OutlierParamsError, match="freq_threshold"):
         Outliers(Outliers.Params(freq_threshold=0.0)).accumulator(_ctx())
+
+
+@pytest.mark.slow
+def test_real_capture_minilm(minilm_dir):
+    """Both geometry analyses through the real capture on the pretrained MiniLM (head-less BertModel)."""
+    from analyses.mask_rank import MaskRank
+    from conftest import FIXTURE_TEXT
+    from probes.capture import capture
+    from probes.model import load_model
+
+    lm = load_model(minilm_dir)
+    ctx = AnalysisContext(model=lm.model, arch=lm.arch, n_layers=lm.n_layers, n_heads=lm.n_heads,
+                          d_model=lm.d_model, probe_set=None)
+    words = [s.rstrip(".").split() for s in FIXTURE_TEXT[:15]]
+    analyses = [Outliers(), MaskRank()]
+    accs = [a.accumulator(ctx) for a in analyses]
+    names = analyses[0].names(ctx)
+    assert names == analyses[1].names(ctx) and len(names) == 7
+    for batch in capture(lm, words, variants=("clean", "mask15"), names=names, batch_size=8):
+        for a, acc in zip(analyses, accs):
+            if batch.variant in a.variants:
+                acc.update(batch)
+    out = accs[0].result()
+    n_tokens = int(out["freq"]["n_tokens"].iloc[0])
+    assert out["freq"].groupby(["layer", "kind"])["count"].sum().eq(n_tokens).all()
+    assert "skipped" not in " ".join(out["notes"]["value"])  # MiniLM has learned absolute PE and output LNs
+    assert len(out["pe_dims"]) > 0 and out["position_link"]["pe_corr"].notna().any()
+    with pytest.warns(UserWarning, match="tokens for hidden size 384"):
+        ranks = accs[1].result()["ranks"]
+    cr = ranks[(ranks.token_set == "clean_real") & (ranks.normalisation == "centred")]
+    assert (cr["n_tokens"] == n_tokens).all()
+    assert ((cr["value"] >= 1) & (cr["value"] <= min(n_tokens, 384))).all()
