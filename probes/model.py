@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -194,14 +193,13 @@ class LoadedModel:
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
-    """Short content hash of a tokenizer: its vocabulary and lower-casing, not its padding/truncation settings.
+    """Content hash of a tokenizer's vocabulary; the project-wide definition from ``checkpoints.tokenizer``.
 
-    Two tokenizers with the same hash split words into the same pieces with the same ids.
+    Two tokenizers with the same hash map the same pieces to the same ids.
     """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    normalizer = json.loads(backend.to_str()).get("normalizer") if backend is not None else None
-    blob = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()), "normalizer": normalizer}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    from checkpoints.tokenizer import tokenizer_hash as _hash
+
+    return _hash(tokenizer)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
