@@ -1,0 +1,390 @@
+"""Layer redundancy: 1 − cos per block and sub-layer, linear CKA between layers, and layer-drop Δloss.
+
+Reference: /work/shared/reference/redundancy.md. Two registered analyses:
+
+``redundancy`` (variant ``clean``; runs on head-less models too)
+    * 1 − cos(in, out) per token, averaged over real non-special tokens (``CaptureBatch.token_mask``; [CLS]/[SEP]
+      and padding excluded), for each block and sub-layer — He et al. (arXiv 2406.15786) adapted to post-LN BERT as
+      redundancy.md §2 proposes. Tensors (capture names, post-LN):
+
+      ======  =====================================================  ==========================================
+      unit    in                                                     out
+      ======  =====================================================  ==========================================
+      block   ``blocks.{l}.hook_resid_pre`` (= embed / previous out)  ``blocks.{l}.hook_resid_post`` = LN2(...)
+      attn    ``blocks.{l}.hook_resid_pre``                           ``blocks.{l}.hook_resid_mid`` = LN1(...)
+      ffn     ``blocks.{l}.hook_resid_mid``                           ``blocks.{l}.hook_resid_post``
+      ======  =====================================================  ==========================================
+
+      For a pre-LN model the same names are the raw residual stream (resid_mid = resid_pre + attn_out), which is
+      He et al.'s X vs X + f(LN(X)) exactly.
+    * A pooled centred cosine tr Cov(x, y) / √(tr Cov(x) · tr Cov(y)) (means over the probe set's tokens) as the
+      redundancy.md §2 control for the shared LayerNorm β / outlier dims that push raw cosines towards 1. It is the
+      streamable form (per-token centred cosines would need the mean before the first batch).
+    * Linear CKA (Kornblith et al. 2019, arXiv 1905.00414) between every pair of hidden states (embedding output and
+      every block output) in the feature-space form ‖C_xy‖²_F / (‖C_xx‖_F ‖C_yy‖_F), read from one streamed
+      float64 covariance of the concatenation [h_0 | … | h_L] (redundancy.md §3), plus the standardised variant
+      (every dimension scaled to unit variance first), which outlier dimensions cannot dominate.
+      Memory: 8·((L + 1)·D)² bytes (13 MB for ``tiny``, 0.8 GB for a BERT-base shape; ``cka=False`` turns it off).
+
+``layer_drop`` (variant ``mask15``; needs the MLM head)
+    Masked-LM loss at the probe set's [MASK] positions with one block / attention sub-layer / FFN sub-layer skipped,
+    one-shot (each unit removed alone from the full model), done as an nnsight intervention on the unmodified model.
+    This analysis **runs its own forward passes by nature** (1 + 3L traced passes per batch, on at most
+    ``max_sentences`` sentences) — the shared capture cannot provide counterfactual runs. Conventions
+    (redundancy.md §4): post-LN block skip h_out := h_in; attention skip h_mid := h_in (LN1 removed with the
+    sub-layer); FFN skip h_out := h_mid (LN2 removed). Pre-LN: the sub-layer's output projection is zeroed (its
+    residual contribution removed); the final norm stays.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analyses.base import Analysis, AnalysisContext, SkipAnalysis, register
+from analyses.lens import (
+    DepthAnalysisError, NoMaskedPositionsError, check_finite, checkpoint_label, decode_hidden, is_pre_ln,
+    require_mlm_head,
+)
+from analyses.stats import StreamingCovariance
+from probes.batch import CaptureBatch
+
+__all__ = ["LayerDrop", "LayerDropAccumulator", "Redundancy", "RedundancyAccumulator", "cka_matrix", "state_names",
+           "unit_pairs", "DROP_CONVENTIONS"]
+
+_F64 = torch.float64
+UNITS = ("block", "attn", "ffn")
+
+#: What skipping a unit means, stored with every layer-drop result (redundancy.md §4 asks to record it).
+DROP_CONVENTIONS = {
+    "post_ln": "block: h_out:=h_in; attn: h_mid:=h_in (LN1 removed); ffn: h_out:=h_mid (LN2 removed); one-shot",
+    "pre_ln": "block/attn/ffn: sub-layer output projection(s) zeroed (residual kept), final norm kept; one-shot",
+}
+
+
+def state_names(n_layers: int) -> list[str]:
+    """Captured states in depth order: embed, then (resid_mid, resid_post) of every block."""
+    out = ["embed.hook_out"]
+    for l in range(n_layers):
+        out += [f"blocks.{l}.hook_resid_mid", f"blocks.{l}.hook_resid_post"]
+    return out
+
+
+def unit_pairs(n_layers: int) -> list[tuple[int, str, int, int]]:
+    """(block, unit, index of the input state, index of the output state) into :func:`state_names`."""
+    pairs = []
+    for l in range(n_layers):
+        pre, mid, post = (0 if l == 0 else 2 * l), 2 * l + 1, 2 * l + 2
+        pairs += [(l, "block", pre, post), (l, "attn", pre, mid), (l, "ffn", mid, post)]
+    return pairs
+
+
+def cka_matrix(scatter: torch.Tensor, k: int, standardise: bool = False) -> torch.Tensor:
+    """Linear CKA between every pair of k equal-width blocks of a (k·d, k·d) centred scatter/covariance.
+
+    CKA(X, Y) = ‖C_xy‖²_F / (‖C_xx‖_F ‖C_yy‖_F) (Kornblith et al. 2019, feature-space form; the 1/n factors cancel).
+
+    Args:
+        scatter: Centred scatter (or covariance) of the concatenated rows [x_1 | … | x_k].
+        k: Number of blocks.
+        standardise: Scale every dimension to unit variance first (dims with numerically zero variance — at or
+            below ``k·d·eps·max variance``, numpy's ``matrix_rank`` rule — are dropped, i.e. scaled by 0).
+
+    Returns:
+        (k, k) float64 CKA matrix (NaN where a block has zero variance).
+    """
+    c = scatter.to(_F64)
+    if standardise:
+        var = torch.diagonal(c)
+        tol = c.shape[0] * float(np.finfo(np.float64).eps) * float(var.max().clamp_min(0))
+        s = torch.where(var > tol, var.clamp_min(tol).rsqrt(), torch.zeros_like(var))
+        c = c * s[:, None] * s[None, :]
+    d = c.shape[0] // k
+    hsic = (c.reshape(k, d, k, d) ** 2).sum((1, 3))          # ‖C_ij‖²_F
+    norm = torch.diagonal(hsic).sqrt()
+    return hsic / (norm[:, None] * norm[None, :])
+
+
+class _PairedTraceCovariance:
+    """Streaming per-state means and centred cross-scatter *traces* Σ_t (x_t − μx)·(y_t − μy) for state pairs.
+
+    O(S·d) memory (the full d×d cross-covariances of ``analyses.stats`` are not needed for a pooled cosine);
+    batches are merged with the same Chan et al. (1979) pairwise update as ``analyses.stats``.
+    """
+
+    def __init__(self, pairs: list[tuple[int, int]]) -> None:
+        self.a = torch.tensor([p[0] for p in pairs])
+        self.b = torch.tensor([p[1] for p in pairs])
+        self.n = 0
+        self.mean: torch.Tensor | None = None      # (S, d)
+        self.tr_xy: torch.Tensor | None = None     # (P,)
+        self.tr_xx: torch.Tensor | None = None     # (S,)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add rows of every state: ``x`` (S, N, d)."""
+        n_b = x.shape[1]
+        if n_b == 0:
+            return
+        x = x.to(_F64)
+        m_b = x.mean(1)
+        c = x - m_b[:, None]
+        xy_b, xx_b = (c[self.a] * c[self.b]).sum((1, 2)), (c * c).sum((1, 2))
+        if self.n == 0:
+            self.n, self.mean, self.tr_xy, self.tr_xx = n_b, m_b, xy_b, xx_b
+            return
+        n = self.n + n_b
+        delta = m_b - self.mean
+        w = self.n * n_b / n
+        self.tr_xy = self.tr_xy + xy_b + w * (delta[self.a] * delta[self.b]).sum(-1)
+        self.tr_xx = self.tr_xx + xx_b + w * (delta * delta).sum(-1)
+        self.mean = self.mean + delta * (n_b / n)
+        self.n = n
+
+    def centred_cosine(self) -> torch.Tensor:
+        """(P,) pooled centred cosine tr S_xy / √(tr S_xx · tr S_yy)."""
+        return self.tr_xy / (self.tr_xx[self.a] * self.tr_xx[self.b]).sqrt()
+
+
+class RedundancyAccumulator:
+    """Streams ``clean`` batches: per-token cosines, pooled centred cosines and the CKA covariance."""
+
+    def __init__(self, n_layers: int, d_model: int, label: str, cka: bool = True, include_special: bool = False,
+                 eps: float = 1e-8) -> None:
+        self.n_layers = n_layers
+        self.names = state_names(n_layers)
+        self.pairs = unit_pairs(n_layers)
+        self.label = label
+        self.include_special = include_special
+        self.eps = eps
+        self.cos_sum = torch.zeros(len(self.pairs), dtype=_F64)
+        self.n_tokens = 0
+        self.trace = _PairedTraceCovariance([(i, o) for _, _, i, o in self.pairs])
+        #: hidden-state indices (embed, every resid_post) into ``names`` — the CKA layers
+        self.hidden_idx = [0] + [2 * l + 2 for l in range(n_layers)]
+        self.cov = StreamingCovariance(d_model * (n_layers + 1)) if cka else None
+
+    def update(self, batch: CaptureBatch) -> None:
+        mask = batch.attention_mask.bool() if self.include_special else batch.token_mask
+        if not bool(mask.any()):
+            return
+        x = torch.stack([batch[n][mask] for n in self.names]).to(_F64)       # (S, N, d)
+        bad = (~torch.isfinite(x)).flatten(1).any(1)
+        if bool(bad.any()):
+            check_finite(x[int(bad.nonzero()[0])], f"captured state {self.names[int(bad.nonzero()[0])]}", self.label)
+        u = x / x.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+        ins = torch.tensor([p[2] for p in self.pairs])
+        outs = torch.tensor([p[3] for p in self.pairs])
+        self.cos_sum += (u[ins] * u[outs]).sum(-1).sum(-1)
+        self.n_tokens += x.shape[1]
+        self.trace.update(x)
+        if self.cov is not None:
+            self.cov.update(x[self.hidden_idx].permute(1, 0, 2).reshape(x.shape[1], -1))
+
+    def result(self) -> dict[str, pd.DataFrame]:
+        if self.n_tokens == 0:
+            raise SkipAnalysis("redundancy: the probe set has no non-special tokens")
+        cos = (self.cos_sum / self.n_tokens).numpy()
+        ccos = self.trace.centred_cosine().cpu().numpy()
+        per = pd.DataFrame({
+            "block": [p[0] for p in self.pairs], "unit": [p[1] for p in self.pairs],
+            "in_name": [self.names[p[2]] for p in self.pairs],
+            "out_name": [self.names[p[3]] for p in self.pairs],
+            "cos": cos, "redundancy": 1.0 - cos, "cos_centred": ccos, "redundancy_centred": 1.0 - ccos,
+        })
+        per["n_tokens"] = self.n_tokens
+        per["include_special"] = self.include_special
+        out = {"per_layer": per}
+        if self.cov is not None:
+            k = self.n_layers + 1
+            lin, std = cka_matrix(self.cov.scatter, k), cka_matrix(self.cov.scatter, k, standardise=True)
+            ii, jj = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+            out["cka"] = pd.DataFrame({"layer_i": ii.ravel(), "layer_j": jj.ravel(),
+                                       "cka": lin.cpu().numpy().ravel(), "cka_std": std.cpu().numpy().ravel(),
+                                       "n_tokens": self.n_tokens})
+        return out
+
+
+@register
+class Redundancy(Analysis):
+    """1 − cos per block / sub-layer (raw and centred) and linear CKA between layers (clean probe set)."""
+
+    name = "redundancy"
+    version = "1"
+    description = "Layer redundancy: 1 - cos(in, out) per block and sub-layer, linear CKA between every pair of layers"
+    variants = ("clean",)
+
+    @dataclass
+    class Params:
+        """Options of the redundancy analysis.
+
+        Attributes:
+            cka: Compute the CKA matrix (memory 8·((L+1)·D)² bytes).
+            include_special: Average over [CLS]/[SEP] too (default: real non-special tokens only).
+        """
+
+        cka: bool = True
+        include_special: bool = False
+
+    def names(self, ctx: AnalysisContext) -> list[str]:
+        return state_names(ctx.n_layers)
+
+    def accumulator(self, ctx: AnalysisContext) -> RedundancyAccumulator:
+        return RedundancyAccumulator(ctx.n_layers, ctx.d_model, checkpoint_label(ctx), cka=self.params.cka,
+                                     include_special=self.params.include_special)
+
+
+# --- layer drop ---------------------------------------------------------------------------------------------------
+
+
+def _envoy(net: Any, root: torch.nn.Module, module: torch.nn.Module) -> Any:
+    """The nnsight envoy of ``module`` inside ``net`` (= NNsight(root)), found by its path under ``root``.
+
+    nnsight serves ``.output``/``.input`` on every envoy, so a submodule *named* ``output`` (every BERT layer has
+    one) is mounted as ``E_output``; the same resolution as ``probes.capture``.
+    """
+    from nnsight.intervention.envoy import Envoy
+
+    path = next(p for p, m in root.named_modules() if m is module)
+    envoy = net
+    for part in filter(None, path.split(".")):
+        serves = inspect.isdatadescriptor(getattr(Envoy, part, None))
+        envoy = getattr(envoy, Envoy.OVERLOAD_PREFIX + part if serves else part)
+    return envoy
+
+
+class _DropRunner:
+    """Runs the encoder with one unit skipped (nnsight intervention) and returns the last block's output."""
+
+    def __init__(self, arch: Any) -> None:
+        from nnsight import NNsight
+
+        self.arch = arch
+        self.pre_ln = is_pre_ln(arch)
+        enc = arch.encoder_model
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*nnsight already serves.*")
+            self.net = NNsight(enc)
+        self._env: Callable[[torch.nn.Module], Any] = lambda m: _envoy(self.net, enc, m)
+        self.last = self._env(arch.layer(arch.n_layers - 1))
+
+    def _intervene(self, unit: str, l: int) -> None:
+        a, env = self.arch, self._env
+        if self.pre_ln:
+            targets = {"block": [a.attn_out_dense(l), a.mlp_out_dense(l)], "attn": [a.attn_out_dense(l)],
+                       "ffn": [a.mlp_out_dense(l)]}[unit]
+            for m in targets:
+                e = env(m)
+                e.output = torch.zeros_like(e.output)
+            return
+        if unit == "ffn":
+            mid = env(a.ln1(l)).output
+            env(a.ln2(l)).output = mid
+        else:
+            h_in = env(a.layer(l)).input
+            env(a.ln2(l) if unit == "block" else a.ln1(l)).output = h_in
+
+    def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, unit: str, l: int) -> torch.Tensor:
+        """(B, T, D) raw output of the last block with ``unit`` of block ``l`` skipped (``unit="none"``: intact)."""
+        with torch.no_grad(), self.net.trace(input_ids, attention_mask=attention_mask):
+            if unit != "none":
+                self._intervene(unit, l)
+            out = self.last.output.save()
+        return out
+
+
+class LayerDropAccumulator:
+    """Streams ``mask15`` batches; for each, the MLM loss with every unit skipped in turn (own forward passes)."""
+
+    def __init__(self, arch: Any, n_layers: int, units: tuple[str, ...], max_sentences: int, label: str,
+                 device: str = "cpu") -> None:
+        bad = [u for u in units if u not in UNITS]
+        if bad:
+            raise DepthAnalysisError(f"layer_drop: unknown unit(s) {bad}; choose from {', '.join(UNITS)}")
+        self.arch = arch
+        self.label = label
+        self.device = device
+        self.max_sentences = max_sentences
+        self.configs = [("none", -1)] + [(u, l) for l in range(n_layers) for u in units]
+        self.ce = torch.zeros(len(self.configs), dtype=_F64)
+        self.correct = torch.zeros(len(self.configs), dtype=_F64)
+        self.n_masked = 0
+        self.n_sentences = 0
+        self._runner: _DropRunner | None = None
+
+    def update(self, batch: CaptureBatch) -> None:
+        keep = batch.sentence_ids < self.max_sentences      # the probe set's first sentences, whatever the batching
+        if not bool(keep.any()):
+            return
+        ids, am, labels = batch.input_ids[keep], batch.attention_mask[keep], batch.labels[keep]
+        self.n_sentences += ids.shape[0]
+        mm = labels != -100
+        if not bool(mm.any()):
+            return
+        self._runner = self._runner or _DropRunner(self.arch)
+        ids, am, mm = ids.to(self.device), am.to(self.device), mm.to(self.device)
+        gold = labels.to(self.device)[mm]
+        for c, (unit, l) in enumerate(self.configs):
+            with torch.no_grad():
+                logits = decode_hidden(self.arch, self._runner.last_hidden(ids, am, unit, l)[mm]).float()
+            if c == 0:
+                check_finite(logits, "the final layer's MLM logits", self.label)
+            self.ce[c] += float(torch.nn.functional.cross_entropy(logits, gold, reduction="sum"))
+            self.correct[c] += float((logits.argmax(-1) == gold).sum())
+        self.n_masked += int(gold.numel())
+
+    def result(self) -> dict[str, pd.DataFrame]:
+        if self.n_masked == 0:
+            raise NoMaskedPositionsError(
+                "layer_drop: the probe set has no masked positions with a gold label (variant 'mask15'); "
+                "rebuild the masked probe variant or use a probe set with non-special tokens")
+        loss = (self.ce / self.n_masked).numpy()
+        acc = (self.correct / self.n_masked).numpy()
+        df = pd.DataFrame({"unit": [c[0] for c in self.configs], "block": [c[1] for c in self.configs],
+                           "loss": loss, "acc": acc})
+        df["delta_loss"] = df["loss"] - loss[0]
+        df["rel_delta_loss"] = df["delta_loss"] / loss[0] if loss[0] > 0 else math.nan
+        df["delta_acc"] = df["acc"] - acc[0]
+        df["n_masked"] = self.n_masked
+        df["n_sentences"] = self.n_sentences
+        df["convention"] = DROP_CONVENTIONS["pre_ln" if is_pre_ln(self.arch) else "post_ln"]
+        return {"per_unit": df}
+
+
+@register
+class LayerDrop(Analysis):
+    """Δ masked-LM loss when one block / sub-layer is skipped (nnsight intervention; own forward passes)."""
+
+    name = "layer_drop"
+    version = "1"
+    description = "Layer-drop: masked-LM loss increase when one block / attention / FFN sub-layer is skipped"
+    variants = ("mask15",)
+    needs_mlm_head = True
+
+    @dataclass
+    class Params:
+        """Options of the layer-drop analysis.
+
+        Attributes:
+            units: Which units to skip, comma-separated subset of ``block,attn,ffn``.
+            max_sentences: Use the probe set's sentences with id < max_sentences (each costs 1 + len(units)·L
+                forward passes); a fixed subset, independent of batching, so every checkpoint sees the same.
+        """
+
+        units: str = "block,attn,ffn"
+        max_sentences: int = 256
+
+    def names(self, ctx: AnalysisContext) -> list[str]:
+        return []       # reads input_ids / labels only; runs its own (intervened) forward passes
+
+    def accumulator(self, ctx: AnalysisContext) -> LayerDropAccumulator:
+        require_mlm_head(ctx, self.name)
+        units = tuple(u.strip() for u in self.params.units.split(",") if u.strip())
+        return LayerDropAccumulator(ctx.arch, ctx.n_layers, units, self.params.max_sentences, checkpoint_label(ctx),
+                                    ctx.device)
