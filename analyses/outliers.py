@@ -97,7 +97,7 @@ def three_sigma_flags(w: torch.Tensor, n_std: float = 3.0) -> tuple[torch.Tensor
     return z.abs() > n_std, z
 
 
-def ridge_heldout_r2(train: StreamingCovariance, test: StreamingCovariance, x_idx: torch.Tensor,
+def ridge_heldout_r2(train: Any, test: Any, x_idx: torch.Tensor,
                      y_idx: torch.Tensor, ridge: float) -> float:
     """Held-out R² of a ridge regression from columns ``x_idx`` to columns ``y_idx``, from streamed moments only.
 
@@ -105,7 +105,7 @@ def ridge_heldout_r2(train: StreamingCovariance, test: StreamingCovariance, x_id
     moments SSE = tr S'_yy − 2 tr(Wᵀ S'_xy) + tr(Wᵀ S'_xx W) + n'‖μ'_y − b − Wᵀμ'_x‖², SST = tr S'_yy.
 
     Args:
-        train, test: Accumulators over the same columns.
+        train, test: Accumulators over the same columns (anything with ``n``, ``mean``, ``scatter``).
         x_idx: Long tensor, the predictor columns (may be empty: intercept-only model).
         y_idx: Long tensor, the target columns.
         ridge: Regularisation relative to the mean eigenvalue of S_xx.
@@ -143,7 +143,7 @@ def mean_pair_cosine(x: torch.Tensor) -> tuple[float, int]:
     return float(cos.mean()), n
 
 
-def per_position_profile(acc: StreamingCovariance, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+def per_position_profile(acc: Any, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """From an accumulator over [x, onehot(position), position]: (counts (P,), per-position means of x (P, d)).
 
     Unseen positions get NaN means.
@@ -159,6 +159,67 @@ def per_position_profile(acc: StreamingCovariance, d: int) -> tuple[torch.Tensor
 
 
 # --- accumulator ----------------------------------------------------------------------------------------------------
+class PositionMoments:
+    """Streamed moments of z = [x (d), onehot(position) (P), position index (1)] without the one-hot block's cost.
+
+    Keeps a :class:`StreamingCovariance` over [x, position] (O(N·d²) per batch) and per-position sums and counts
+    (O(N·d)); ``mean`` and ``scatter`` of the full (d + P + 1)-wide z are assembled on demand:
+    S_{x,p} = Σ_{pos=p} x − c_p μ_x, S_{p,q} = δ_pq c_p − c_p c_q / n, S_{pos,p} = c_p (p − μ_pos).
+
+    Attributes:
+        d: Width of z (d_x + P + 1), so it can stand in for a :class:`StreamingCovariance`.
+    """
+
+    def __init__(self, d_x: int, n_positions: int) -> None:
+        self.d_x, self.P, self.d = d_x, n_positions, d_x + n_positions + 1
+        self.xp = StreamingCovariance(d_x + 1)
+        self.sums = torch.zeros(n_positions, d_x, dtype=torch.float64)
+        self.counts = torch.zeros(n_positions, dtype=torch.float64)
+
+    @property
+    def n(self) -> int:
+        return self.xp.n
+
+    def update(self, x: torch.Tensor, pos: torch.Tensor) -> None:
+        """Add rows x (N, d_x) at positions ``pos`` (N,) (already clipped to P − 1)."""
+        if x.shape[0] == 0:
+            return
+        xd = x.double().cpu()
+        self.xp.update(torch.cat([xd, pos.double()[:, None]], 1))
+        self.sums.index_add_(0, pos, xd)
+        self.counts += torch.bincount(pos, minlength=self.P).double()
+
+    def merge(self, other: "PositionMoments") -> None:
+        self.xp.merge(other.xp)
+        self.sums += other.sums
+        self.counts += other.counts
+
+    @property
+    def mean(self) -> torch.Tensor:
+        mu = self.xp.mean.cpu()
+        return torch.cat([mu[: self.d_x], self.counts / max(self.n, 1), mu[self.d_x :]])
+
+    @property
+    def scatter(self) -> torch.Tensor:
+        dx, P, n = self.d_x, self.P, max(self.n, 1)
+        sa, mu = self.xp.scatter.cpu(), self.xp.mean.cpu()
+        c = self.counts
+        out = torch.zeros(self.d, self.d, dtype=torch.float64)
+        out[:dx, :dx] = sa[:dx, :dx]
+        out[:dx, -1] = out[-1, :dx] = sa[:dx, dx]
+        out[-1, -1] = sa[dx, dx]
+        sxp = self.sums.T - torch.outer(mu[:dx], c)
+        out[:dx, dx : dx + P], out[dx : dx + P, :dx] = sxp, sxp.T
+        out[dx : dx + P, dx : dx + P] = torch.diag(c) - torch.outer(c, c) / n
+        spp = c * (torch.arange(P, dtype=torch.float64) - mu[dx])
+        out[-1, dx : dx + P] = out[dx : dx + P, -1] = spp
+        return out
+
+    @property
+    def cov(self) -> torch.Tensor:
+        return self.scatter / max(self.n, 1)
+
+
 class _Reservoir:
     """Bottom-k-by-hash sample of one vector per sentence: deterministic, order-independent, bounded memory."""
 
@@ -185,19 +246,16 @@ class OutlierAccumulator:
         self.count_max = torch.zeros(L, d_model, dtype=torch.long)
         self.count_min = torch.zeros(L, d_model, dtype=torch.long)
         self.n = 0
-        self.width = d_model + n_positions + 1  # [x, onehot(position), position index]
-        self.joint = {(l, s): StreamingCovariance(self.width) for l in range(L) for s in ("train", "test")}
+        self.joint = {(l, s): PositionMoments(d_model, n_positions) for l in range(L) for s in ("train", "test")}
         self.sample = [_Reservoir(params.anisotropy_sentences) for _ in range(L)]
 
     def update(self, batch: CaptureBatch) -> None:
-        """Argmax/argmin counts, [x, onehot(position)] moments and the anisotropy sample, vectorised per layer."""
+        """Argmax/argmin counts, [x, onehot(position), position] moments and the anisotropy sample, vectorised per layer."""
         if batch.variant != "clean":
             return
         sel = batch.attention_mask.bool() if self.p.include_special else batch.token_mask
         B, T = sel.shape
         pos = torch.arange(T).expand(B, T)[sel].clamp(max=self.P - 1)
-        onehot = torch.nn.functional.one_hot(pos, self.P).double()
-        targets = torch.cat([onehot, pos.double()[:, None]], 1)
         sids = batch.sentence_ids.to(torch.long)
         split_test = torch.as_tensor(hash_uniform(sids, seed=self.p.seed) < 0.5)
         is_test = split_test[:, None].expand(B, T)[sel]
@@ -209,9 +267,8 @@ class OutlierAccumulator:
             if h.shape[0]:
                 self.count_max[l] += torch.bincount(h.argmax(1).cpu(), minlength=self.d)
                 self.count_min[l] += torch.bincount(h.argmin(1).cpu(), minlength=self.d)
-            z = torch.cat([h.double().cpu(), targets], 1)
-            self.joint[(l, "train")].update(z[~is_test])
-            self.joint[(l, "test")].update(z[is_test])
+            self.joint[(l, "train")].update(h[~is_test], pos[~is_test])
+            self.joint[(l, "test")].update(h[is_test], pos[is_test])
             self.sample[l].offer(keys, batch[name][pick])
 
     def _pick_tokens(self, sel: torch.Tensor, sids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,8 +299,8 @@ class OutlierAccumulator:
             "anisotropy": self._anisotropy_table(merged, act_dims), "notes": pd.DataFrame(notes),
         }
 
-    def _merged(self, l: int) -> StreamingCovariance:
-        acc = StreamingCovariance(self.width)
+    def _merged(self, l: int) -> PositionMoments:
+        acc = PositionMoments(self.d, self.P)
         acc.merge(self.joint[(l, "train")])
         acc.merge(self.joint[(l, "test")])
         return acc
@@ -258,7 +315,7 @@ class OutlierAccumulator:
                                       "count": c.numpy(), "freq": (c.double() / n).numpy(), "n_tokens": self.n}))
         return pd.concat(rows, ignore_index=True)
 
-    def _moments(self, merged: list[StreamingCovariance]) -> pd.DataFrame:
+    def _moments(self, merged: list[PositionMoments]) -> pd.DataFrame:
         frames = []
         for l, acc in enumerate(merged):
             var = torch.diagonal(acc.cov)[: self.d].clamp(min=0)
@@ -286,7 +343,7 @@ class OutlierAccumulator:
         notes.append({"key": "ln_outlier_dims", "value": " ".join(map(str, dims))})
         return ln, dims
 
-    def _position_tables(self, merged: list[StreamingCovariance], candidates: list[int],
+    def _position_tables(self, merged: list[PositionMoments], candidates: list[int],
                          notes: list[dict[str, str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
         pe, offset, reason = position_embedding_matrix(self.ctx)
         if reason:
@@ -338,7 +395,7 @@ class OutlierAccumulator:
                                  "n_train": tr.n, "n_test": te.n, "removed_dims": " ".join(map(str, drop))})
         return pd.DataFrame(rows)
 
-    def _anisotropy_table(self, merged: list[StreamingCovariance], act_dims: list[int]) -> pd.DataFrame:
+    def _anisotropy_table(self, merged: list[PositionMoments], act_dims: list[int]) -> pd.DataFrame:
         rows = []
         for l, res in enumerate(self.sample):
             x = res.rows if res.rows is not None else torch.zeros(0, self.d)

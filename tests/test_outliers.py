@@ -263,3 +263,17 @@ def test_real_capture_minilm(minilm_dir):
     cr = ranks[(ranks.token_set == "clean_real") & (ranks.normalisation == "centred")]
     assert (cr["n_tokens"] == n_tokens).all()
     assert ((cr["value"] >= 1) & (cr["value"] <= min(n_tokens, 384))).all()
+
+
+def test_position_moments_match_dense_covariance():
+    from analyses.outliers import PositionMoments
+
+    rng = np.random.default_rng(2)
+    x, pos = rng.normal(size=(300, 5)) + 2, rng.integers(0, 7, size=300)
+    z = np.hstack([x, np.eye(7)[pos], pos[:, None]])
+    dense, pm = StreamingCovariance(13), PositionMoments(5, 7)
+    dense.update(z)
+    for i in range(0, 300, 70):
+        pm.update(torch.as_tensor(x[i : i + 70]), torch.as_tensor(pos[i : i + 70]))
+    np.testing.assert_allclose(pm.mean.numpy(), dense.mean.numpy(), atol=1e-12)
+    np.testing.assert_allclose(pm.scatter.numpy(), dense.scatter.numpy(), atol=1e-9)
