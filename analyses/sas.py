@@ -102,55 +102,47 @@ class GoldTable:
     excluded: list[int]
 
 
-def _sentences(probe_set: Any) -> Sequence[Any]:
-    return probe_set.sentences if hasattr(probe_set, "sentences") else probe_set
-
-
-def _field(sent: Any, *names: str) -> Any:
-    for name in names:
-        value = sent.get(name) if isinstance(sent, dict) else getattr(sent, name, None)
-        if value is not None:
-            return value
-    return None
+#: Relation labels that mean "no parse" (CoNLL-U underscore; ``probes.probeset.sentences_of`` uses it).
+NO_LABEL = ("_", "")
 
 
 def gold_table(probe_set: Any, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> GoldTable:
     """Pad the probe set's heads, relations and halves into tensors.
 
-    A sentence is anything with ``words``, ``heads`` (1-based, 0 = ROOT, CoNLL-U style) and ``relations`` (or
-    ``deprels``/``deprel``), and optionally ``half`` (0/1); a missing half falls back to the sentence index parity.
+    Args:
+        probe_set: A :class:`probes.probeset.ProbeSet` (columns ``sentences``, ``heads`` 1-based with 0 = ROOT,
+            ``relations``, ``halves``); without ``halves`` the sentence index parity is used.
+        exclude: Relations left out of ``all`` besides the root word.
 
     Raises:
-        SASInputError: The probe set is empty or carries no dependency parses.
+        SASInputError: The probe set is empty, carries no dependency parses, or its columns disagree in length.
     """
-    sents = _sentences(probe_set)
-    if len(sents) == 0:
+    words = getattr(probe_set, "sentences", None)
+    heads_l, rels_l = getattr(probe_set, "heads", None), getattr(probe_set, "relations", None)
+    if words is None or len(words) == 0:
         raise SASInputError("the probe set is empty: nothing to score")
-    heads_l, rels_l, halves = [], [], []
-    for i, s in enumerate(sents):
-        words, heads = _field(s, "words", "tokens"), _field(s, "heads", "head")
-        rels = _field(s, "relations", "deprels", "deprel", "rels")
-        if heads is None or rels is None or any(h is None for h in heads) or len(heads) != len(words):
-            raise SASInputError(
-                f"the probe set has no dependency parse for sentence {i} ({' '.join(map(str, words or []))[:60]!r}): "
-                "the SAS analysis needs heads and relations; build the probe set with a parser "
-                "(`mlmscope probes build`) or give a CoNLL-U file with HEAD and DEPREL columns")
-        heads_l.append([int(h) for h in heads])
-        rels_l.append([ROOT if int(h) == 0 else str(r) for h, r in zip(heads, rels)])
-        half = _field(s, "half")
-        halves.append(int(half) % 2 if half is not None else i % 2)
+    no_parse = ("the probe set carries no dependency parses{}: the SAS analysis needs heads and relations; build it "
+                "with the parser (`mlmscope probes build`) or give a CoNLL-U file with HEAD and DEPREL columns")
+    if heads_l is None or rels_l is None or all(r in NO_LABEL for rs in rels_l for r in rs):
+        raise SASInputError(no_parse.format(""))
+    for i, (w, h, r) in enumerate(zip(words, heads_l, rels_l)):
+        if len(h) != len(w) or len(r) != len(w) or any(x is None or not 0 <= int(x) <= len(w) for x in h):
+            raise SASInputError(no_parse.format(f" (sentence {i}, {' '.join(map(str, w))[:60]!r}, has "
+                                                f"{len(w)} words but heads {list(h)[:12]})"))
+    rels_l = [[ROOT if int(h) == 0 else str(r) for h, r in zip(hs, rs)] for hs, rs in zip(heads_l, rels_l)]
+    halves = getattr(probe_set, "halves", None) or [i % 2 for i in range(len(words))]
     relations = sorted({r for rs in rels_l for r in rs})
     rel_id = {r: k for k, r in enumerate(relations)}
-    n = len(sents)
-    w_max = max(max(len(h) for h in heads_l), 1)
+    n, w_max = len(words), max(max(len(h) for h in heads_l), 1)
     gold = torch.full((n, w_max), -2, dtype=torch.long)
     rel = torch.full((n, w_max), -1, dtype=torch.long)
     for i, (hs, rs) in enumerate(zip(heads_l, rels_l)):
-        gold[i, : len(hs)] = torch.tensor(hs) - 1
-        rel[i, : len(rs)] = torch.tensor([rel_id[r] for r in rs])
+        if hs:
+            gold[i, : len(hs)] = torch.tensor([int(h) for h in hs]) - 1
+            rel[i, : len(rs)] = torch.tensor([rel_id[r] for r in rs])
     excluded = [rel_id[r] for r in (ROOT, *exclude) if r in rel_id]
-    return GoldTable(gold=gold, rel=rel, half=torch.tensor(halves), n_words=torch.tensor([len(h) for h in heads_l]),
-                     relations=relations, excluded=excluded)
+    return GoldTable(gold=gold, rel=rel, half=torch.tensor([int(h) % 2 for h in halves]),
+                     n_words=torch.tensor([len(h) for h in heads_l]), relations=relations, excluded=excluded)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,15 +166,17 @@ def piece_word_matrices(word_index: torch.Tensor, n_words: int) -> tuple[torch.T
     return member, member / member.sum(-1, keepdim=True).clamp(min=1)
 
 
-def word_attention(pattern: torch.Tensor, word_index: torch.Tensor, n_words: int) -> torch.Tensor:
+def word_attention(pattern: torch.Tensor, word_index: torch.Tensor, n_words: int,
+                   matrices: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Word-to-word attention ``A_w = P @ A @ S^T`` of shape (B, H, W, W) (Clark et al. §4.1 merge).
 
     Args:
         pattern: (B, H, T, T) attention probabilities (rows = queries).
         word_index: (B, T) word index per piece, -1 for non-words.
         n_words: W, the number of word slots.
+        matrices: ``piece_word_matrices(word_index, n_words)`` if already computed (one per batch, all layers).
     """
-    member, avg = piece_word_matrices(word_index, n_words)
+    member, avg = matrices if matrices is not None else piece_word_matrices(word_index, n_words)
     pattern = pattern.to(torch.float32)
     return avg[:, None] @ pattern @ member.transpose(1, 2)[:, None]
 
@@ -192,22 +186,23 @@ def predict_heads(a_w: torch.Tensor, candidate: torch.Tensor) -> dict[str, torch
 
     Args:
         a_w: (B, H, W, W) word-level attention.
-        candidate: (B, W) bool, words that may be predicted (real words with at least one piece).
+        candidate: (B, W) bool, real words (at least one piece). Only predictions for candidate words are
+            meaningful; the candidates for word i are the other candidate words.
     """
     w = a_w.shape[-1]
-    allowed = candidate[:, None, None, :] & ~torch.eye(w, dtype=torch.bool, device=a_w.device)
-    neg = torch.finfo(a_w.dtype).min
-    return {
-        "dep->head": a_w.masked_fill(~allowed, neg).argmax(-1),
-        "head<-dep": a_w.transpose(-1, -2).masked_fill(~allowed, neg).argmax(-1),
-    }
+    allowed = candidate[:, :, None] & candidate[:, None, :] & ~torch.eye(w, dtype=torch.bool, device=a_w.device)
+    masked = a_w.masked_fill(~allowed[:, None], torch.finfo(a_w.dtype).min)
+    # dep->head: the word row i attends to most; head<-dep: the word (row j) attending most to column i
+    return {"dep->head": masked.argmax(-1), "head<-dep": masked.argmax(-2)}
 
 
 def offset_bucket(offset: torch.Tensor, offsets: Sequence[int] = OFFSETS) -> torch.Tensor:
-    """Index of ``offset`` in ``offsets``, or ``len(offsets)`` ("other")."""
-    table = torch.tensor(offsets, device=offset.device)
-    match = offset.unsqueeze(-1) == table
-    return torch.where(match.any(-1), match.to(torch.long).argmax(-1), torch.full_like(offset, len(offsets)))
+    """Index of ``offset`` in ``offsets``, or ``len(offsets)`` ("other"); a table lookup, no broadcasting."""
+    reach = max(abs(k) for k in offsets)
+    lut = torch.full((2 * reach + 1,), len(offsets), dtype=torch.long, device=offset.device)
+    lut[torch.tensor(offsets, device=offset.device) + reach] = torch.arange(len(offsets), device=offset.device)
+    inside = offset.abs() <= reach
+    return torch.where(inside, lut[(offset + reach).clamp(0, 2 * reach)], len(offsets))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,6 +220,8 @@ class SASCounts:
         n: (R, 2, K+1) scored words.
         hits: per layer, (H_l, D, R, 2, K+1) attention-argmax hits (a layer list, so layers may differ in heads).
         pred_off: per layer, (H_l, D, R, K+1) predictions falling at each offset (bucket K = elsewhere).
+        n_total: sentences in the probe set (those never captured — too long, word without pieces — are
+            ``n_total - n_sentences - n_skipped``).
         n_sentences / n_skipped: sentences scored / skipped (word without pieces, alignment mismatch, < 2 words).
     """
 
@@ -234,6 +231,7 @@ class SASCounts:
     n: torch.Tensor = field(init=False)
     hits: list[torch.Tensor | None] = field(init=False)
     pred_off: list[torch.Tensor | None] = field(init=False)
+    n_total: int = 0
     n_sentences: int = 0
     n_skipped: int = 0
     skip_reasons: dict[str, int] = field(default_factory=dict)
@@ -270,7 +268,8 @@ class SASAccumulator:
     def __init__(self, gold: GoldTable, n_layers: int, params: "SAS.Params") -> None:
         self.gold = gold
         self.params = params
-        self.counts = SASCounts(n_rel=len(gold.relations), n_layers=n_layers, offsets=tuple(params.offsets))
+        self.counts = SASCounts(n_rel=len(gold.relations), n_layers=n_layers, offsets=tuple(params.offsets),
+                                n_total=len(gold.n_words))
 
     def update(self, batch: CaptureBatch) -> None:
         if batch.variant != "clean":
@@ -295,16 +294,18 @@ class SASAccumulator:
         cell_bw = (rel.clamp(min=0) * 2 + half[:, None]) * nb + gold_bucket          # (B, W) -> flat (R, 2, K+1)
         cell = cell_bw[word_ok]
         self.counts.add_words(cell)
-        candidate = word_ok.clone()
-        for layer in range(self.counts.n_layers):
-            pattern = batch[f"blocks.{layer}.attn.hook_pattern"].cpu()
-            a_w = word_attention(pattern, widx, w)
-            preds = torch.stack([predict_heads(a_w, candidate)[d] for d in DIRECTIONS], 1)   # (B, D, H, W)
-            preds = preds.permute(2, 1, 0, 3)                                              # (H, D, B, W)
-            hits = (preds == gold) & (gold >= 0)
-            pred_bucket = offset_bucket(preds - pos, self.counts.offsets)
-            pred_cell = rel.clamp(min=0) * nb + pred_bucket
-            self.counts.add_layer(layer, hits[:, :, word_ok], cell, pred_cell[:, :, word_ok])
+        names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.counts.n_layers)]
+        mats = piece_word_matrices(widx, w)
+        a_ws = [word_attention(batch[name].cpu(), widx, w, mats) for name in names]
+        sizes = [a.shape[1] for a in a_ws]
+        # all layers' heads at once (layers may differ in head count): one argmax per direction
+        a_w = torch.cat(a_ws, 1)                                                     # (B, sum H, W, W)
+        pred = predict_heads(a_w, word_ok)
+        preds = torch.stack([pred[d] for d in DIRECTIONS], 1).permute(2, 1, 0, 3)   # (sum H, D, B, W)
+        hits = ((preds == gold) & (gold >= 0))[:, :, word_ok]                        # (sum H, D, N)
+        pred_cell = (rel.clamp(min=0) * nb + offset_bucket(preds - pos, self.counts.offsets))[:, :, word_ok]
+        for layer, (h_l, p_l) in enumerate(zip(hits.split(sizes), pred_cell.split(sizes))):
+            self.counts.add_layer(layer, h_l, cell, p_l)
 
     def _scored_sentences(self, widx: torch.Tensor, n_words: torch.Tensor, w: int) -> torch.Tensor:
         """(B,) bool: sentences with >= 2 words whose pieces cover exactly words 0..n-1; others counted as skipped."""
@@ -491,6 +492,7 @@ def _summary(best: pd.DataFrame, counts: SASCounts, params: "SAS.Params", n_cand
         "offset_share": get("offset_share"), "uas_nonoffset": get("uas_nonoffset"), "kind": get("kind"),
         "n_words": int(get("n")) if row is not None and not pd.isna(get("n")) else 0, "n_candidates": n_cand,
         "n_sentences": counts.n_sentences, "n_skipped": counts.n_skipped,
+        "n_not_captured": counts.n_total - counts.n_sentences - counts.n_skipped,
         "skip_reasons": "; ".join(f"{k}: {v}" for k, v in sorted(counts.skip_reasons.items())),
         "convention": f"all = every word except root and {'/'.join(params.exclude) or 'nothing'}; "
                       "word-level merge mean-from/sum-to; held-out = 2-fold over probe-set halves"}])
@@ -537,3 +539,156 @@ class SAS(Analysis):
         if ctx.probe_set is None:
             raise SASInputError("the SAS analysis needs a parsed probe set")
         return SASAccumulator(gold_table(ctx.probe_set, self.params.exclude), ctx.n_layers, self.params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Notebook API: one model, and a trajectory
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sas_frames(model: Any, probe_set: Any, params: "SAS.Params | None" = None, batch_size: int = 32,
+               device: str = "cpu") -> dict[str, pd.DataFrame]:
+    """Run the SAS analysis on one model; the same accumulator the trajectory runner uses.
+
+    Args:
+        model: A checkpoint folder (any ``probes.load_model`` folder, e.g. all-MiniLM-L6-v2) or a ``LoadedModel``.
+        probe_set: A ``ProbeSet`` or a probe-set folder / CoNLL-U file (``probes.probeset.load_probe_set``).
+        params: ``SAS.Params``; default Clark-style settings (see the class).
+        batch_size: Probe sentences per forward pass.
+        device: Torch device for a model given as a folder.
+
+    Returns:
+        The ``heads``, ``offsets``, ``best`` and ``summary`` tables.
+
+    Raises:
+        SASInputError: the probe set has no parses; ``probes`` errors for a bad folder or tokenizer mismatch.
+    """
+    from probes.capture import capture
+    from probes.model import LoadedModel, load_model
+    from probes.probeset import load_probe_set
+
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    ps = load_probe_set(probe_set) if isinstance(probe_set, (str, bytes)) or hasattr(probe_set, "__fspath__") \
+        else probe_set
+    analysis = SAS(params)
+    ctx = AnalysisContext(model=lm.model, arch=lm.arch, n_layers=lm.n_layers, n_heads=lm.n_heads,
+                          d_model=lm.d_model, probe_set=ps, device=str(lm.device))
+    acc = analysis.accumulator(ctx)
+    with torch.no_grad():
+        for batch in capture(lm, ps, variants=analysis.variants, names=analysis.names(ctx), batch_size=batch_size):
+            acc.update(batch)
+    return acc.result()
+
+
+def sas_curve(source: Any, table: str = "summary") -> pd.DataFrame:
+    """Per-checkpoint SAS summary next to the validation loss.
+
+    Args:
+        source: A run folder analysed with ``mlmscope analyze`` (results read with ``Trajectory.results``), or a
+            frame of ``summary`` rows with a ``step`` column (e.g. concatenated :func:`sas_frames` outputs).
+        table: Which stored table to read from a run folder.
+
+    Returns:
+        One row per step, sorted: ``step``, the summary columns and, when the manifest has it, ``val_loss``.
+    """
+    from checkpoints.trajectory import Trajectory
+
+    if isinstance(source, pd.DataFrame):
+        curve, loss = source.copy(), None
+    else:
+        traj = Trajectory(source)
+        curve = traj.results("sas", table)
+        ck = traj.checkpoints_frame()
+        loss = ck[["step", "val_loss"]] if "val_loss" in ck else None
+    if "step" not in curve:
+        raise SASInputError("the SAS curve needs a `step` column (one summary row per checkpoint)")
+    curve = curve.sort_values("step").drop_duplicates("step", keep="last")
+    if loss is not None and "val_loss" not in curve:
+        curve = curve.merge(loss, on="step", how="left")
+    return curve.reset_index(drop=True)
+
+
+def fixed_head_curve(heads: pd.DataFrame, relation: str = ALL) -> pd.DataFrame:
+    """UAS over steps of the one (layer, head, direction) that is best at the last step (sas.md §7).
+
+    Args:
+        heads: Stored ``heads`` tables of several checkpoints with a ``step`` column.
+        relation: Relation row to follow.
+    """
+    rows = heads[heads["relation"] == relation]
+    last = rows[rows["step"] == rows["step"].max()]
+    if last.empty:
+        return pd.DataFrame(columns=["step", "layer", "head", "direction", "uas"])
+    top = last.loc[last["uas"].idxmax()]
+    sel = rows[(rows["layer"] == top["layer"]) & (rows["head"] == top["head"])
+               & (rows["direction"] == top["direction"])]
+    return sel[["step", "layer", "head", "direction", "uas", "offset_share", "uas_nonoffset"]].sort_values("step")
+
+
+def _window_mean(curve: pd.DataFrame, col: str, before: float | None = None, after: float | None = None,
+                 k: int = 3) -> float:
+    sel = curve[curve["step"] <= before].tail(k) if before is not None else curve[curve["step"] >= after].head(k)
+    return float(sel[col].mean()) if len(sel) and col in sel else math.nan
+
+
+def classify_onset(curve: pd.DataFrame, onset_step: float, end_step: float, k: int = 3) -> dict[str, Any]:
+    """Call a structure onset ``syntactic``, ``positional`` or ``mixed`` from the best head's measures around it.
+
+    Compares the ``k`` checkpoints at or before the onset with the ``k`` at or after the ramp's end:
+
+    * ``syntactic``: most post-ramp checkpoints' best head beats the held-out offset baseline (summary ``kind``
+      = syntactic) and its UAS on non-offset words rose;
+    * ``positional``: most post-ramp checkpoints are ``positional``, or the share of predictions at the best offset
+      rose while the non-offset UAS did not (a previous/next-token head growing);
+    * ``mixed`` otherwise.
+    """
+    d_share = _window_mean(curve, "offset_share", after=end_step, k=k) - \
+        _window_mean(curve, "offset_share", before=onset_step, k=k)
+    d_nonoff = _window_mean(curve, "uas_nonoffset", after=end_step, k=k) - \
+        _window_mean(curve, "uas_nonoffset", before=onset_step, k=k)
+    post = curve[curve["step"] >= end_step].head(k)["kind"] if "kind" in curve else pd.Series(dtype=object)
+    share_syn = float((post == "syntactic").mean()) if len(post) else math.nan
+    share_pos = float((post == "positional").mean()) if len(post) else math.nan
+    if share_syn > 0.5 and d_nonoff > 0:
+        kind = "syntactic"
+    elif share_pos > 0.5 or (d_share > 0 and not d_nonoff > 0):
+        kind = "positional"
+    else:
+        kind = "mixed"
+    return {"structure_kind": kind, "delta_offset_share": d_share, "delta_uas_nonoffset": d_nonoff,
+            "post_share_syntactic": share_syn}
+
+
+def sas_onsets(curve: pd.DataFrame, params: Any = None, score: str = "sas_score") -> pd.DataFrame:
+    """Structure onset of the SAS curve, its kind, the loss-drop onset and whether they coincide (one row).
+
+    Args:
+        curve: From :func:`sas_curve` (``step``, ``sas_score``, positional measures, ``val_loss``).
+        params: ``analyses.onset.OnsetParams`` shared by both curves (direction is set per curve).
+        score: Column to detect the structure onset on (``sas_score`` = held-out; ``sas_in_sample``).
+
+    Returns:
+        ``sas_*`` and ``loss_*`` onset fields (see ``analyses.onset.Onset.as_dict``), ``structure_kind`` and the
+        measures behind it, ``first_step_above_offset`` (first checkpoint whose held-out SAS beats the held-out
+        best offset), and ``coincide`` / ``coincide_reason`` / ``distance_decades``.
+    """
+    from analyses.onset import OnsetParams, coincidence, detect_onset
+
+    p = params or OnsetParams()
+    sas = detect_onset(curve["step"], curve[score], p, direction="up")
+    row: dict[str, Any] = {**sas.as_dict("sas_"), "method": sas.method}
+    if sas.found:
+        row.update(classify_onset(curve, sas.onset_step, sas.end_step))
+    else:
+        row["structure_kind"] = "none"
+    above = curve[curve[score] > curve.get("offset_uas_held_out", pd.Series(np.inf, index=curve.index))]
+    row["first_step_above_offset"] = int(above["step"].iloc[0]) if len(above) else None
+    if "val_loss" in curve and curve["val_loss"].notna().sum() > 0:
+        loss = detect_onset(curve["step"], curve["val_loss"], p, direction="down")
+        row.update(loss.as_dict("loss_"))
+        c = coincidence(sas, loss)
+        row.update({"coincide": c["coincide"], "coincide_reason": c["reason"],
+                    "distance_decades": c["distance_decades"]})
+    else:
+        row.update({"loss_found": False, "loss_reason": "no validation loss in the curve", "coincide": None})
+    return pd.DataFrame([row])

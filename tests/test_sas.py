@@ -13,6 +13,7 @@ from analyses.base import load_all
 from analyses.sas import (
     SAS, SASAccumulator, SASInputError, _held_out, gold_table, predict_heads, word_attention, word_index_tensor)
 from probes.batch import CaptureBatch
+from probes.probeset import ProbeSet, sentences_of
 
 
 @dataclass
@@ -25,9 +26,10 @@ class Sent:
     half: int = 0
 
 
-@dataclass
-class ProbeSetStandIn:
-    sentences: list[Sent]
+def ProbeSetStandIn(sents: list[Sent]) -> ProbeSet:
+    """A real :class:`probes.probeset.ProbeSet` from hand-written sentences."""
+    return ProbeSet([s.words for s in sents], [s.heads for s in sents], [s.relations for s in sents],
+                    [["_"] * len(s.words) for s in sents], [s.half for s in sents])
 
 
 # [CLS] the cat ##s sleep sound ##ly [SEP]  ->  words the / cats / sleep / soundly
@@ -214,9 +216,10 @@ def test_held_out_selection_picks_on_one_half_scores_on_other():
 
 
 def test_probe_set_without_parses_is_a_clear_error():
-    ps = ProbeSetStandIn([Sent(["a", "b"], None, None)])
-    with pytest.raises(SASInputError, match="no dependency parse"):
-        gold_table(ps)
+    with pytest.raises(SASInputError, match="no dependency parses"):
+        gold_table(sentences_of([["a", "b"], ["c", "d", "e"]]))
+    with pytest.raises(SASInputError, match="no dependency parses.*sentence 0"):
+        gold_table(ProbeSetStandIn([Sent(["a", "b"], [0, 7], ["ROOT", "det"])]))    # head beyond the sentence
     with pytest.raises(SASInputError, match="empty"):
         gold_table(ProbeSetStandIn([]))
 
