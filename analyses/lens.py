@@ -63,9 +63,9 @@ class NoMaskedPositionsError(SkipAnalysis):
 
 
 def checkpoint_label(ctx: AnalysisContext) -> str:
-    """How error messages name the checkpoint: ``ctx.extra["checkpoint"]`` (path or name) if the runner set it,
-    else the training step, else ``"<unnamed checkpoint>"``."""
-    for key in ("checkpoint", "checkpoint_path", "path"):
+    """How error messages name the checkpoint: its folder (``ctx.extra["ckpt_dir"]``, set by the runner, or
+    ``"checkpoint"``) if known, else the training step, else ``"<unnamed checkpoint>"``."""
+    for key in ("ckpt_dir", "checkpoint"):
         if ctx.extra.get(key):
             return str(ctx.extra[key])
     return f"step {ctx.step}" if ctx.step is not None else "<unnamed checkpoint>"

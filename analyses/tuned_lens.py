@@ -13,9 +13,11 @@ AlignmentResearch/tuned-lens) and §7 (warm starts over a trajectory, a mlmscope
   mlmscope departs from the recipe in the data (lens.md §5 [proposal]): a fixed set of masked positions of the
   probe set (capped at ``max_positions``), full-batch steps, and early stopping when the training KL plateaus.
 * Translators are trained one layer at a time (independent parameters; peak memory O(N·V) for one layer).
-* Across a trajectory the runner passes the translators fitted at the previous checkpoint as a warm start
-  (``ctx.extra["tuned_lens_init"]``: a state dict from :meth:`TunedLensAccumulator.translator_state` or a path
-  written by :func:`save_translators`). With ``compare_cold=True`` the accumulator also fits from zero and reports
+* Across a trajectory the runner (``analyses.runner``) calls :meth:`TunedLens.warm_start_from` with the result
+  folder of the previous checkpoint, whose ``translators.safetensors`` (written by
+  :meth:`TunedLensAccumulator.save_artefacts`) becomes the warm start. In a notebook, pass
+  ``ctx.extra["tuned_lens_init"]`` instead: a state dict from :meth:`TunedLensAccumulator.translator_state` or a
+  path written by :func:`save_translators`. With ``compare_cold=True`` the accumulator also fits from zero and reports
   how many optimiser steps the warm start needed to reach the cold fit's final KL; a warm fit whose held-out KL is
   worse than the cold one's by more than ``warm_tolerance`` is replaced by the cold fit (lens.md §7).
 
@@ -45,6 +47,7 @@ from analyses.lens import (
 from probes.batch import CaptureBatch
 
 __all__ = [
+    "TRANSLATORS_FILE",
     "AffineTranslators",
     "FitConfig",
     "TunedLens",
@@ -56,6 +59,10 @@ __all__ = [
     "save_translators",
     "steps_to_reach",
 ]
+
+
+#: File name of the fitted translators inside a tuned-lens result folder.
+TRANSLATORS_FILE = "translators.safetensors"
 
 
 class TunedLensError(ValueError):
@@ -369,6 +376,11 @@ class TunedLensAccumulator:
         beside the results with :func:`save_translators`."""
         return self._state
 
+    def save_artefacts(self, folder: str | os.PathLike) -> None:
+        """Write the fitted translators into the result folder (called by the runner's store before the rename)."""
+        if self._state is not None:
+            save_translators(self._state, Path(folder) / TRANSLATORS_FILE)
+
 
 @register
 class TunedLens(Analysis):
@@ -408,12 +420,21 @@ class TunedLens(Analysis):
             return FitConfig(optimizer=self.optimizer, lr=self.lr, max_steps=self.max_steps, tol=self.tol,
                              patience=self.patience, weight_decay=self.weight_decay)
 
+    def __init__(self, params: Any | None = None) -> None:
+        super().__init__(params)
+        self._warm_path: Path | None = None
+
+    def warm_start_from(self, previous_result_dir: str | os.PathLike | None) -> None:
+        """Runner hook: the previous checkpoint's result folder (None at the first step = cold start)."""
+        p = Path(previous_result_dir) / TRANSLATORS_FILE if previous_result_dir is not None else None
+        self._warm_path = p if p is not None and p.exists() else None
+
     def names(self, ctx: AnalysisContext) -> list[str]:
         return ["embed.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(ctx.n_layers)]
 
     def accumulator(self, ctx: AnalysisContext) -> TunedLensAccumulator:
         require_mlm_head(ctx, self.name)
-        init = ctx.extra.get("tuned_lens_init")
+        init = self._warm_path if self._warm_path is not None else ctx.extra.get("tuned_lens_init")
         if isinstance(init, (str, os.PathLike)):
             init = load_translators(init)
         if init is not None and tuple(init["weight"].shape) != (ctx.n_layers, ctx.d_model, ctx.d_model):

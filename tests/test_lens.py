@@ -14,7 +14,8 @@ from analyses.lens import (
     LogitLens, NoMaskedPositionsError, NonFiniteActivationError, decode_hidden, lens_metric_sums, lens_sites,
 )
 from analyses.tuned_lens import (
-    AffineTranslators, FitConfig, TunedLens, fit_tuned_lens, load_translators, save_translators, steps_to_reach,
+    TRANSLATORS_FILE, AffineTranslators, FitConfig, TunedLens, fit_tuned_lens, load_translators, save_translators,
+    steps_to_reach,
 )
 from conftest import FIXTURE_TEXT
 from probes import capture, load_model
@@ -28,6 +29,15 @@ def _words(text: str) -> list[str]:
 
 
 SENTS = [_words(t) for t in FIXTURE_TEXT[:15]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids spin-wait contention on the shared 2-core machine (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # --- a tiny pre-LN MLM with the adapter API of probes.model.ArchAdapter (+ pre_ln / final_norm) ------------------
@@ -342,7 +352,7 @@ def test_final_layer_nan_names_checkpoint(micro, micro_mask15):
     bad = CaptureBatch(b.variant, b.sentence_ids, b.input_ids, b.attention_mask, b.special_mask, b.word_ids,
                        b.labels, b.head_positions, acts)
     for analysis in (LogitLens(), TunedLens()):
-        acc = analysis.accumulator(lm_ctx(micro, checkpoint="runs/x/step_000400"))
+        acc = analysis.accumulator(lm_ctx(micro, ckpt_dir="runs/x/step_000400"))
         with pytest.raises(NonFiniteActivationError, match=r"runs/x/step_000400.*final layer"):
             acc.update(bad)
 
@@ -434,3 +444,27 @@ def test_tuned_lens_accumulator_micro_warm_start_round_trip(micro, micro_mask15,
     # same checkpoint: the warm start is already at the cold optimum's neighbourhood
     assert (fit2["train_kl_start"] <= fit["train_kl"] * 1.001 + 1e-9).all()
     assert (fit2["warm_steps_to_cold_kl"].fillna(10**9) <= fit2["cold_steps"]).all()
+
+
+# --- through the trajectory runner ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_runner_end_to_end_warm_start_chain(tmp_path):
+    """Real capture + runner: every depth analysis stores results; the tuned lens is warm-started from step t-1."""
+    from analyses.redundancy import LayerDrop, Redundancy
+    from analyses.runner import Runner, RunnerConfig
+    from analyses.store import load_results
+    from test_runner import make_run
+
+    run = make_run(tmp_path / "run", steps=(0, 1, 2))
+    analyses = [TunedLens(TunedLens.Params(max_steps=15, heldout_every=3)), LogitLens(), Redundancy(),
+                LayerDrop(LayerDrop.Params(max_sentences=4))]
+    summary = Runner(run, RunnerConfig(batch_size=8, device="cpu"), probe_set=SENTS[:10], analyses=analyses).run()
+    assert summary.failed == 0
+    fit = load_results(run, "tuned_lens", table="fit").sort_values(["step", "translator"])
+    assert list(fit.groupby("step")["init"].first()) == ["zero", "warm", "warm"]
+    assert fit[fit.step > 0]["drift_fro"].notna().all()
+    for name, table in (("logit_lens", "per_layer"), ("redundancy", "cka"), ("layer_drop", "per_unit")):
+        assert sorted(load_results(run, name, table=table)["step"].unique()) == [0, 1, 2]
+    assert len(list(run.rglob(TRANSLATORS_FILE))) == 3

@@ -14,6 +14,15 @@ from probes.batch import CaptureBatch
 from test_lens import SENTS, lm_ctx, make_ctx, prel_batch, prel_model, run_analysis
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids spin-wait contention on the shared 2-core machine (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _direct_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Kornblith et al. (2019) eq. for linear CKA on the raw (n, d) matrices, columns centred."""
     x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
@@ -101,7 +110,7 @@ def test_nan_state_names_checkpoint():
     states, mask, _ = _rotated_states()
     states["blocks.1.hook_resid_post"] = states["blocks.1.hook_resid_post"].clone()
     states["blocks.1.hook_resid_post"][0, 3, 0] = float("nan")
-    acc = Redundancy().accumulator(make_ctx(None, 2, 6, checkpoint="runs/demo/step_000800"))
+    acc = Redundancy().accumulator(make_ctx(None, 2, 6, ckpt_dir="runs/demo/step_000800"))
     with pytest.raises(NonFiniteActivationError, match=r"step_000800.*blocks\.1\.hook_resid_post"):
         acc.update(_synthetic(states, mask))
 
