@@ -11,7 +11,8 @@ import torch
 
 from analyses.base import load_all
 from analyses.sas import (
-    SAS, SASAccumulator, SASInputError, _held_out, gold_table, predict_heads, word_attention, word_index_tensor)
+    SAS, SASAccumulator, SASInputError, _held_out, fixed_head_curve, gold_table, predict_heads, sas_curve, sas_frames,
+    sas_onsets, word_attention, word_index_tensor)
 from probes.batch import CaptureBatch
 from probes.probeset import ProbeSet, sentences_of
 
@@ -261,3 +262,76 @@ def test_registered_and_names():
     assert SAS().names(ctx) == [f"blocks.{l}.attn.hook_pattern" for l in range(3)]
     with pytest.raises(SASInputError):
         SAS().accumulator(ctx)
+
+
+# --- end to end on real models -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def parsed_fixture_probes():
+    from probes.probeset import BuildConfig, build_probe_set
+    from tests.conftest import FIXTURE_TEXT
+
+    return build_probe_set(FIXTURE_TEXT[:15], BuildConfig(n=15, min_words=5))
+
+
+def test_sas_frames_on_micro_model(micro_model_dir, parsed_fixture_probes):
+    frames = sas_frames(micro_model_dir, parsed_fixture_probes, SAS.Params(min_count=20))
+    summary = frames["summary"].iloc[0]
+    assert summary["n_sentences"] + summary["n_skipped"] + summary["n_not_captured"] == len(parsed_fixture_probes)
+    assert summary["n_candidates"] == 2 * 2 * 2                      # micro: 2 layers x 2 heads x 2 directions
+    n_all = sum(1 for hs, rs in zip(parsed_fixture_probes.heads, parsed_fixture_probes.relations)
+                for h, r in zip(hs, rs) if h != 0 and r != "punct")
+    assert summary["n_words"] == n_all
+    heads = frames["heads"]
+    assert heads[heads["relation"] == "all"].shape[0] == 8 and heads["uas"].between(0, 1).all()
+    with pytest.raises(SASInputError, match="no dependency parses"):
+        sas_frames(micro_model_dir, sentences_of([["a", "cat", "sat"]]))
+
+
+def test_sas_curve_and_onsets_on_a_synthetic_trajectory():
+    steps = np.unique(np.round(np.logspace(0, 4, 40))).astype(int)
+    x = np.log10(steps + 1)
+    rise = 1 / (1 + np.exp(-(x - 2.5) / 0.1))
+    rng = np.random.default_rng(0)
+    curve = pd.DataFrame({
+        "step": steps, "sas_score": 0.15 + 0.25 * rise + rng.normal(0, 0.005, len(x)),
+        "offset_uas_held_out": 0.3, "offset_share": 0.9 - 0.6 * rise, "uas_nonoffset": 0.05 + 0.3 * rise,
+        "kind": np.where(rise > 0.5, "syntactic", "positional"),
+        "val_loss": 7 - 0.2 * x - 2 * rise + rng.normal(0, 0.01, len(x))})
+    row = sas_onsets(sas_curve(curve)).iloc[0]
+    assert row["sas_found"] and row["loss_found"] and row["coincide"]
+    assert row["structure_kind"] == "syntactic"
+    assert abs(np.log10(row["sas_steepest_step"] + 1) - 2.5) < 0.15
+    assert 10 ** 2.3 < row["first_step_above_offset"] < 10 ** 2.7
+    # a previous-token head growing: offset share up, non-offset UAS down, never beats the baseline
+    positional = curve.assign(offset_share=0.2 + 0.7 * rise, uas_nonoffset=0.2 - 0.15 * rise, kind="positional",
+                              sas_score=0.1 + 0.18 * rise + rng.normal(0, 0.005, len(x)))
+    assert sas_onsets(positional).iloc[0]["structure_kind"] == "positional"
+    flat = curve.assign(sas_score=0.2 + rng.normal(0, 0.005, len(x)))
+    row = sas_onsets(flat).iloc[0]
+    assert not row["sas_found"] and row["structure_kind"] == "none" and row["coincide"] is None
+
+
+def test_fixed_head_curve_follows_the_final_best_head():
+    heads = pd.DataFrame({"step": [0, 0, 10, 10], "layer": [0, 1, 0, 1], "head": [0, 0, 0, 0],
+                          "direction": "dep->head", "relation": "all", "uas": [0.3, 0.1, 0.2, 0.5],
+                          "offset_share": 0.5, "uas_nonoffset": 0.1})
+    fixed = fixed_head_curve(heads)
+    assert fixed["layer"].tolist() == [1, 1] and fixed["uas"].tolist() == [0.1, 0.5]
+
+
+@pytest.mark.slow
+def test_minilm_best_head_beats_best_offset(minilm_dir):
+    """all-MiniLM-L6-v2 on 150 parsed validation sentences: a real head beats every offset baseline, held out."""
+    from probes.probeset import BuildConfig, build_default
+
+    ps = build_default(BuildConfig(n=150))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = sas_frames(minilm_dir, ps)["best"].set_index("relation")
+    finally:
+        torch.set_num_threads(n)
+    assert best.loc["all", "uas_held_out"] > best.loc["all", "offset_uas_held_out"] + 0.03
+    assert best.loc["all", "kind"] == "syntactic"
