@@ -78,6 +78,9 @@ def train(
     data_seed: Optional[int] = typer.Option(None),
     steps: Optional[str] = typer.Option(None, help="Explicit checkpoint steps, e.g. '0,10,100,1000'."),
     linear_every: Optional[int] = typer.Option(None, help="Linear checkpoint spacing after the log-spaced start."),
+    sas_lambda: Optional[float] = typer.Option(None, help="SAS regulariser λ (Chen et al.): >0 suppresses, <0 "
+                                               "promotes syntactic attention; 0 = off."),
+    sas_release_step: Optional[int] = typer.Option(None, help="Step from which λ = 0 (Chen's SAS−(k) runs)."),
     set_: list[str] = typer.Option([], "--set", help="Any other config field: --set n_layers=4 --set dropout=0.1"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -89,7 +92,8 @@ def train(
     overrides = dict(corpus=corpus, text_field=text_field, vocab_size=vocab_size, max_steps=max_steps,
                      batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
                      mask_rate=mask_rate, mask_replace=mask_replace, precision=precision, init_seed=init_seed,
-                     data_seed=data_seed, steps=_int_list(steps), linear_every=linear_every, **_parse_set(set_))
+                     data_seed=data_seed, steps=_int_list(steps), linear_every=linear_every, sas_lam=sas_lambda,
+                     sas_release_step=sas_release_step, **_parse_set(set_))
     seed_list = _int_list(seeds)
     targets = [(run / f"seed_{s}", dict(init_seed=s, data_seed=s)) for s in seed_list] if seed_list else [(run, {})]
     for run_dir, seed_over in targets:

@@ -90,10 +90,14 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
+    """Everything that defines a run; saved in its manifest. ``sas_reg`` is Chen et al.'s SAS regulariser
+    (``checkpoints.sas_reg.SASRegConfig``; λ = 0, i.e. off, by default)."""
+
     preset: str = "demo"
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sas_reg: "SASRegConfig" = field(default_factory=lambda: _sas_reg_config())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,8 +106,17 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         t = dict(d["train"])
         t["betas"] = tuple(t["betas"])
+        reg = dict(d.get("sas_reg") or {})
+        if "directions" in reg:
+            reg["directions"] = tuple(reg["directions"])
         return cls(preset=d["preset"], model=ModelConfig(**d["model"]), train=TrainConfig(**t),
-                   data=DataConfig(**d["data"]))
+                   data=DataConfig(**d["data"]), sas_reg=_sas_reg_config(**reg))
+
+
+def _sas_reg_config(**kw: Any):
+    from checkpoints.sas_reg import SASRegConfig
+
+    return SASRegConfig(**kw)
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -144,6 +157,14 @@ def make_config(preset: str = "demo", **overrides: Any) -> RunConfig:
         cfg.model.vocab_size = p["data"]["vocab_size"]
     for key, value in overrides.items():
         if value is None:
+            continue
+        if key.startswith("sas_"):  # sas_lam, sas_release_step, sas_directions, sas_reduction
+            name = key[4:]
+            if name == "directions" and isinstance(value, str):
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
+            if name not in {f.name for f in dataclasses.fields(cfg.sas_reg)}:
+                raise KeyError(f"unknown config field {key!r}")
+            cfg.sas_reg = _sas_reg_config(**{**dataclasses.asdict(cfg.sas_reg), name: value})
             continue
         for section in (cfg.model, cfg.train, cfg.data):
             if key in {f.name for f in dataclasses.fields(section)}:

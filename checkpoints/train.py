@@ -75,19 +75,31 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 class SparseMLM(torch.nn.Module):
-    """``BertForMaskedLM`` objective with sparse prediction: the MLM head runs only at masked positions."""
+    """``BertForMaskedLM`` objective with sparse prediction: the MLM head runs only at masked positions.
 
-    def __init__(self, model: BertForMaskedLM) -> None:
+    With ``reg`` (a ``SASRegConfig`` with λ ≠ 0) and per-token dependency heads, Chen et al.'s SAS term
+    ``λ · Σ_arcs max_{layer, head} α`` is added to the loss (``checkpoints.sas_reg``; needs eager attention).
+    """
+
+    def __init__(self, model: BertForMaskedLM, reg=None) -> None:
         super().__init__()
         self.model = model
+        self.reg = reg
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (mean cross-entropy over masked positions, number of correct top-1 predictions)."""
-        hidden = self.model.bert(input_ids=input_ids).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, heads: torch.Tensor | None = None,
+                lam: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (mean cross-entropy over masked positions [+ SAS term], number of correct top-1 predictions)."""
+        with_reg = heads is not None and lam != 0.0
+        out = self.model.bert(input_ids=input_ids, output_attentions=with_reg)
         sel = labels != -100
-        logits = self.model.cls(hidden[sel]).float()
+        logits = self.model.cls(out.last_hidden_state[sel]).float()
         target = labels[sel]
-        return F.cross_entropy(logits, target), (logits.argmax(-1) == target).sum()
+        loss = F.cross_entropy(logits, target)
+        if with_reg:
+            from checkpoints.sas_reg import sas_regularizer
+
+            loss = loss + sas_regularizer(out.attentions, heads, lam, self.reg.directions, self.reg.reduction)
+        return loss, (logits.argmax(-1) == target).sum()
 
 
 @dataclass
@@ -191,7 +203,8 @@ def _build_tokenizer(run_dir: Path, cfg: RunConfig, train_texts, fingerprint: st
 def _build_model(cfg: RunConfig, vocab_size: int) -> BertForMaskedLM:
     torch.manual_seed(cfg.train.init_seed)
     bert_cfg = cfg.model.to_bert_config(vocab_size=vocab_size)
-    bert_cfg._attn_implementation = cfg.train.attn
+    # The SAS regulariser needs attention probabilities, which only eager attention returns.
+    bert_cfg._attn_implementation = "eager" if cfg.sas_reg.active else cfg.train.attn
     return BertForMaskedLM(bert_cfg)
 
 
@@ -348,7 +361,12 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
 
     model = _build_model(cfg, len(tok)).to(device)
     model.train()
-    objective = distributed.wrap(SparseMLM(model), dist, device)
+    heads = None
+    if cfg.sas_reg.active:
+        from checkpoints.sas_reg import training_heads
+
+        heads = training_heads(tok, train_texts, tc.seq_len, root_to_cls=cfg.sas_reg.root_to_cls)
+    objective = distributed.wrap(SparseMLM(model, cfg.sas_reg), dist, device)
     if tc.compile and device.startswith("cuda"):
         objective = torch.compile(objective)
     optimizer = _optimizer(model, tc)
@@ -400,7 +418,8 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
                 checkpoint()
             if state.step >= tc.max_steps:
                 break
-            loss = _train_step(objective, optimizer, scheduler, batches, state.step, tc, device)
+            loss = _train_step(objective, optimizer, scheduler, batches, state.step, tc, device, heads,
+                               cfg.sas_reg.lam_at(state.step))
             loss = distributed.mean(loss, dist)
             if distributed.any_flag(not math.isfinite(loss), dist):
                 raise TrainingError(f"loss became {loss} at step {state.step + 1}; training stopped, the last good "
@@ -436,13 +455,18 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
 
 
 def _train_step(objective, optimizer, scheduler, batches: StepBatches, step: int, tc: TrainConfig,
-                device: str) -> float:
+                device: str, heads: torch.Tensor | None = None, lam: float = 0.0) -> float:
     """One optimiser step over ``grad_accum`` micro-batches; returns the mean loss (NaN skips the update)."""
     total = 0.0
     micro = batches.micro_batches(step)
-    for x, y in micro:
+    micro_heads = [None] * len(micro)
+    if heads is not None and lam != 0.0:
+        from checkpoints.sas_reg import step_heads
+
+        micro_heads = [h.to(device) for h in step_heads(heads, batches, step)]
+    for (x, y), h in zip(micro, micro_heads):
         with _autocast(tc.precision, device):
-            loss, _ = objective(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            loss, _ = objective(x.to(device, non_blocking=True), y.to(device, non_blocking=True), h, lam)
         (loss / len(micro)).backward()
         loss = loss.detach()
         total += loss.item() / len(micro)

@@ -245,8 +245,8 @@ def test_nan_loss_stops_and_keeps_last_good(tmp_path, monkeypatch, micro):
 
     real = tr._train_step
 
-    def poisoned(objective, optimizer, scheduler, batches, step, tc, device):
-        return float("nan") if step == 12 else real(objective, optimizer, scheduler, batches, step, tc, device)
+    def poisoned(objective, optimizer, scheduler, batches, step, *rest):
+        return float("nan") if step == 12 else real(objective, optimizer, scheduler, batches, step, *rest)
 
     monkeypatch.setattr(tr, "_train_step", poisoned)
     with pytest.raises(TrainingError, match="at step 13.*last good checkpoint is step 10"):
@@ -299,3 +299,26 @@ def test_corpus_formats_and_deterministic_split(tmp_path, monkeypatch):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
     with pytest.raises(CorpusError, match="bad.jsonl:2"):
         load_corpus(DataConfig(corpus=str(tmp_path / "bad.jsonl")))
+
+
+def test_sas_regulariser_is_wired_into_training(tmp_path, micro, monkeypatch):
+    """λ ≠ 0 switches to eager attention and adds exactly λ·(SAS term) to the MLM loss of each step."""
+    import checkpoints.sas_reg as reg
+    import checkpoints.train as tr
+
+    seen = []
+    real = reg.sas_regularizer
+
+    def spy(attentions, heads, lam, directions, reduction):
+        term = real(attentions, heads, lam, directions, reduction)
+        seen.append((lam, float(term.detach())))
+        return term
+
+    monkeypatch.setattr(reg, "sas_regularizer", spy)
+    monkeypatch.setattr(reg, "training_heads", lambda tok, texts, seq_len, root_to_cls=False: torch.randint(
+        -1, seq_len, (len(tr.pack(tok, texts, seq_len)), seq_len)))
+    cfg = micro(max_steps=6, linear_every=3, sas_lam=0.5, sas_release_step=4)
+    m = train(tmp_path / "reg", cfg, progress=False)
+    assert [lam for lam, _ in seen] == [0.5] * 4  # released at step 4: no term afterwards
+    assert all(t > 0 for _, t in seen)
+    assert m.run["config"]["sas_reg"]["lam"] == 0.5
