@@ -335,3 +335,26 @@ def test_minilm_best_head_beats_best_offset(minilm_dir):
         torch.set_num_threads(n)
     assert best.loc["all", "uas_held_out"] > best.loc["all", "offset_uas_held_out"] + 0.03
     assert best.loc["all", "kind"] == "syntactic"
+
+
+def test_runner_results_feed_the_trajectory_curve(tmp_path, parsed_fixture_probes):
+    """SAS through the trajectory runner (real capture) -> stored tables -> sas_curve with val_loss -> onsets."""
+    from analyses.runner import Runner, RunnerConfig
+    from checkpoints.manifest import CheckpointEntry, Manifest, step_dirname, weights_sha256
+    from conftest import _save_micro
+
+    run = tmp_path / "run"
+    manifest = Manifest(run={"status": "finished"})
+    for step, loss in [(0, 6.0), (1, 5.5), (2, 5.4)]:
+        d = run / step_dirname(step)
+        _save_micro(d, seed=step)
+        manifest.add(CheckpointEntry(step=step, path=d.name, sha256=weights_sha256(d), val_loss=loss))
+    manifest.save(run)
+    summary = Runner(run, RunnerConfig(batch_size=8), probe_set=parsed_fixture_probes,
+                     analyses=[SAS(SAS.Params(min_count=20))]).run()
+    assert summary.failed == 0
+    curve = sas_curve(run)
+    assert curve["step"].tolist() == [0, 1, 2] and curve["val_loss"].tolist() == [6.0, 5.5, 5.4]
+    assert curve["sas_score"].between(0, 1).all()
+    row = sas_onsets(curve).iloc[0]
+    assert not row["sas_found"] and "too few" in row["sas_reason"]
