@@ -211,3 +211,12 @@ def test_rank_gap_over_steps():
     assert len(out) == 2 * (LAYERS + 1) and (out["gap"] == M).all()
     with pytest.raises(ValueError, match="step"):
         rank_gap_over_steps(plain)
+
+
+def test_frames_are_tidy_and_parquet_safe(tmp_path):
+    res = _run(synthetic_batches(n_sent=10))
+    assert set(res) == {"ranks", "gap", "mask_only", "mask_dims"}
+    for name, df in res.items():
+        assert "step" not in df.columns and len(df)
+        df.to_parquet(tmp_path / f"{name}.parquet")
+        assert len(pd.read_parquet(tmp_path / f"{name}.parquet")) == len(df)

@@ -277,3 +277,12 @@ def test_position_moments_match_dense_covariance():
         pm.update(torch.as_tensor(x[i : i + 70]), torch.as_tensor(pos[i : i + 70]))
     np.testing.assert_allclose(pm.mean.numpy(), dense.mean.numpy(), atol=1e-12)
     np.testing.assert_allclose(pm.scatter.numpy(), dense.scatter.numpy(), atol=1e-9)
+
+
+def test_frames_are_tidy_and_parquet_safe(tmp_path):
+    for res in (_run(_StubArch()), _run(None)):
+        for name, df in res.items():
+            assert "step" not in df.columns
+            df.to_parquet(tmp_path / f"{name}.parquet")
+            back = pd.read_parquet(tmp_path / f"{name}.parquet")
+            assert len(back) == len(df) and list(back.columns) == list(df.columns)
