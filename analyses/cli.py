@@ -120,9 +120,10 @@ def bench_command(
     """Time shared capture vs. naive (one capture per analysis), and 1 vs N workers, into scratch stores."""
     timings = _guard(lambda: run_bench(run, _names(analyses), steps, str(probes) if probes else None, batch_size,
                                        workers))
-    table = Table("mode", "seconds", "checkpoints", "failed")
+    table = Table("mode", "seconds", "capture s", "analyses s", "checkpoints", "failed")
     for mode, t in timings["modes"].items():
-        table.add_row(mode, f"{t['seconds']:.1f}", str(t["checkpoints"]), str(t["failed"]))
+        table.add_row(mode, f"{t['seconds']:.1f}", f"{t['capture_s']:.1f}", f"{sum(t['compute_s'].values()):.1f}",
+                      str(t["checkpoints"]), str(t["failed"]))
     Console().print(table)
     Console().print(f"naive / shared = {timings['naive_over_shared']:.2f}x   "
                     f"1 worker / {workers} workers = {timings['speedup_workers']:.2f}x   "
@@ -153,7 +154,8 @@ def run_bench(run: Path, analyses: Optional[list[str]], steps: Optional[str], pr
             t0 = time.perf_counter()
             s = r.run()
             out["modes"][mode] = {"seconds": time.perf_counter() - t0, "checkpoints": s.checkpoints,
-                                  "failed": s.failed}
+                                  "failed": s.failed, "load_s": s.load_s, "capture_s": s.capture_s,
+                                  "compute_s": dict(s.seconds)}
             stores[mode] = r.store
         out["identical"] = _same_results(stores["shared"], stores["naive"])
     t = {m: v["seconds"] for m, v in out["modes"].items()}

@@ -33,7 +33,9 @@ import os
 import shutil
 import time
 import traceback as tb
+import warnings
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
@@ -161,6 +163,7 @@ class WorkerEnv:
     device: str = "auto"
     shared_capture: bool = True
     torch_threads: int | None = None
+    quiet: bool = True
 
 
 # --- helpers --------------------------------------------------------------------------------------------------------
@@ -256,6 +259,22 @@ class _Active:
         self.seconds = 0.0
         self.error: str | None = None
         self.trace = ""
+        self.warnings: list[str] = []
+
+    @contextmanager
+    def tracked(self) -> Iterator[None]:
+        """Time the block and keep the warnings it raises (stored in the result's meta, not printed)."""
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                self.seconds += time.perf_counter() - t0
+                for w in caught:
+                    msg = f"{w.category.__name__}: {w.message}"
+                    if msg not in self.warnings:
+                        self.warnings.append(msg)
 
     def fail(self, e: BaseException) -> None:
         self.error = _error_text(e)
@@ -282,22 +301,21 @@ def _prepare(job: Job, lm: Any, env: WorkerEnv, store: ResultStore, device: str)
     actives, done = [], []
     for a in job.analyses:
         act = _Active(a, result_key(a, job.ckpt_hash, env.probe_hash))
-        t0 = time.perf_counter()
         try:
-            if a.needs_mlm_head and not getattr(lm, "has_mlm_head", True):
-                raise SkipAnalysis("the checkpoint has no MLM head (head-less BertModel/RobertaModel folder)")
-            if is_chained(a):
-                _warm_start(act, job, store, env.probe_hash)
-            act.acc = a.accumulator(ctx)
-            act.names = list(a.names(ctx))
+            with act.tracked():
+                if a.needs_mlm_head and not getattr(lm, "has_mlm_head", True):
+                    raise SkipAnalysis("the checkpoint has no MLM head (head-less BertModel/RobertaModel folder)")
+                if is_chained(a):
+                    _warm_start(act, job, store, env.probe_hash)
+                act.acc = a.accumulator(ctx)
+                act.names = list(a.names(ctx))
         except SkipAnalysis as e:
             rec = store.save_skip(act.key, str(e), _meta(job, a))
             store.clear_failure(job.rel, a.name)
-            done.append(Outcome(job.step, job.rel, a.name, "skipped", time.perf_counter() - t0, str(e), rec))
+            done.append(Outcome(job.step, job.rel, a.name, "skipped", act.seconds, str(e), rec))
             continue
         except Exception as e:  # noqa: BLE001 - one analysis failing must not stop the others
             act.fail(e)
-        act.seconds += time.perf_counter() - t0
         actives.append(act)
     return actives, done
 
@@ -318,12 +336,11 @@ def _feed(group: list[_Active], lm: Any, env: WorkerEnv) -> float:
             capture_s += time.perf_counter() - t0
             for a in live:
                 if a.error is None and batch.variant in a.analysis.variants:
-                    t1 = time.perf_counter()
                     try:
-                        a.acc.update(batch)
+                        with a.tracked():
+                            a.acc.update(batch)
                     except Exception as e:  # noqa: BLE001
                         a.fail(e)
-                    a.seconds += time.perf_counter() - t1
             t0 = time.perf_counter()
     except Exception as e:  # noqa: BLE001 - a capture failure fails the analyses that depended on it
         for a in live:
@@ -339,12 +356,11 @@ def _meta(job: Job, a: Analysis) -> dict[str, Any]:
 def _finish(act: _Active, job: Job, store: ResultStore) -> Outcome:
     a = act.analysis
     if act.error is None:
-        t0 = time.perf_counter()
         try:
-            tables = act.acc.result()
-            act.seconds += time.perf_counter() - t0
+            with act.tracked():
+                tables = act.acc.result()
             extra = getattr(act.acc, "save_artefacts", None)
-            rec = store.save(act.key, tables, {**_meta(job, a), "seconds": act.seconds},
+            rec = store.save(act.key, tables, {**_meta(job, a), "seconds": act.seconds, "warnings": act.warnings},
                              write_extra=extra if callable(extra) else None)
             store.clear_failure(job.rel, a.name)
             store.clear_failure(job.rel, CHECKPOINT_SCOPE)
@@ -365,6 +381,10 @@ def execute_job(job: Job, env: WorkerEnv) -> JobResult:
         import torch
 
         torch.set_num_threads(env.torch_threads)
+    if env.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars would bury the runner's own
     store = ResultStore(env.run_dir, env.results_dir)
     device = resolve_device(env.device)
     t0 = time.perf_counter()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +197,7 @@ class Chained(Analysis):
                 pass
 
             def result(self):
+                warnings.warn("small sample", UserWarning)
                 return {"warm": pd.DataFrame({"prev_step": [prev], "own_step": [step]})}
 
             def save_artefacts(self, folder):
@@ -398,6 +400,7 @@ def test_warm_start_chain_in_step_order(run, workers):
     store = ResultStore(run)
     assert all((store.root / "_t_chain" / m["dirname"] / "translator.txt").exists()
                for m in store.entries("_t_chain"))
+    assert all(m["warnings"] == ["UserWarning: small sample"] for m in store.entries("_t_chain"))
     if workers == 2:  # the parallel path gives the same numbers as the in-process one
         par = load_results(run, "_t_norm")
         runner(run, [FakeNorm()], force=True).run()
