@@ -22,7 +22,7 @@ def pack(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     """Tokenise and pack documents into an (N, seq_len) int64 tensor of full sequences."""
     if seq_len < 8:
         raise DataError(f"seq_len={seq_len} is too short")
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    enc = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     sep = tokenizer.sep_token_id
     flat = np.fromiter((t for ids in enc for t in (*ids, sep)), dtype=np.int64)
     body = seq_len - 2

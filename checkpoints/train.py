@@ -451,7 +451,7 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
         manifest.save(run_dir)
     distributed.barrier(dist)
     distributed.shutdown(dist)
-    return manifest
+    return Manifest.load(run_dir)  # every rank returns what rank 0 wrote
 
 
 def _train_step(objective, optimizer, scheduler, batches: StepBatches, step: int, tc: TrainConfig,

@@ -322,3 +322,23 @@ def test_sas_regulariser_is_wired_into_training(tmp_path, micro, monkeypatch):
     assert [lam for lam, _ in seen] == [0.5] * 4  # released at step 4: no term afterwards
     assert all(t > 0 for _, t in seen)
     assert m.run["config"]["sas_reg"]["lam"] == 0.5
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path, small_corpus):
+    """`mlmscope train` under torchrun with 2 gloo processes: rank 0 writes the trajectory, the loss falls."""
+    run = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "app.cli", "train", str(run),
+                        "--preset", "micro", "--corpus", small_corpus, "--max-steps", "30", "--linear-every", "10",
+                        "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = Manifest.load(run)
+    assert m.run["world_size"] == 2 and m.run["status"] == "finished"
+    assert m.checkpoints[-1].tokens_seen == 30 * 16 * 2 * 32  # global batch = 2 ranks x 16
+    assert m.checkpoints[-1].val_loss < m.checkpoints[0].val_loss - 0.5
+    assert {r.status for r in verify_run(run)} == {"ok"}
+    from transformers import AutoModelForMaskedLM
+
+    AutoModelForMaskedLM.from_pretrained(str(run / m.checkpoints[-1].path))
