@@ -20,6 +20,8 @@ import torch
 #: Reasons a sentence is skipped at encoding time (counted, never silently truncated).
 SKIP_TOO_LONG = "too_long"
 SKIP_EMPTY_WORD = "word_without_pieces"
+#: Sentences tokenised per call (bounds the tokenizer's transient memory for large probe sets).
+ENCODE_CHUNK = 1024
 
 
 @dataclass
@@ -58,21 +60,23 @@ def encode_words(tokenizer: Any, sentences: Sequence[Sequence[str]], max_length:
     Returns:
         The kept sentences' ids and alignment plus skip counts.
     """
-    enc = tokenizer([list(s) for s in sentences], is_split_into_words=True, add_special_tokens=True,
-                    truncation=False, padding=False)
     ids, wids, kept, nw = [], [], [], []
     skipped: dict[str, list[int]] = {SKIP_TOO_LONG: [], SKIP_EMPTY_WORD: []}
-    for i, words in enumerate(sentences):
-        w = enc.word_ids(i)
-        if max_length is not None and len(w) > max_length:
-            skipped[SKIP_TOO_LONG].append(i)
-        elif len({x for x in w if x is not None}) != len(words):
-            skipped[SKIP_EMPTY_WORD].append(i)
-        else:
-            ids.append(enc["input_ids"][i])
-            wids.append(w)
-            kept.append(i)
-            nw.append(len(words))
+    for start in range(0, len(sentences), ENCODE_CHUNK):
+        chunk = [list(s) for s in sentences[start: start + ENCODE_CHUNK]]
+        enc = tokenizer(chunk, is_split_into_words=True, add_special_tokens=True, truncation=False, padding=False,
+                        return_attention_mask=False, return_token_type_ids=False)
+        for j, words in enumerate(chunk):
+            i, w = start + j, enc.word_ids(j)
+            if max_length is not None and len(w) > max_length:
+                skipped[SKIP_TOO_LONG].append(i)
+            elif len({x for x in w if x is not None}) != len(words):
+                skipped[SKIP_EMPTY_WORD].append(i)
+            else:
+                ids.append(enc["input_ids"][j])
+                wids.append(w)
+                kept.append(i)
+                nw.append(len(words))
     return EncodedProbes(ids, wids, kept, nw, {k: len(v) for k, v in skipped.items()}, skipped)
 
 

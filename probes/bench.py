@@ -15,6 +15,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 
 from probes.align import EncodedProbes
 from probes.batch import CaptureBatch
-from probes.capture import MLM_HEAD_NAME, _batches, _check_names, _taps, _zero_padding, capture, prepare
+from probes.capture import MLM_HEAD_NAME, _batches, _check_names, _taps, _zero_padding_, capture, prepare
 from probes.model import LoadedModel
 
 
@@ -36,6 +37,7 @@ class BenchResult:
     seconds: float
     cpu_seconds: float
     peak_rss_mb: float
+    start_rss_mb: float
 
     @property
     def sentences_per_s(self) -> float:
@@ -45,7 +47,7 @@ class BenchResult:
         return (f"{self.route:8s} {self.n_sentences} sentences ({self.n_tokens} pieces) in {self.seconds:.2f} s: "
                 f"{self.sentences_per_s:.1f} sentences/s, {self.n_tokens / self.seconds:.0f} pieces/s "
                 f"(process CPU {self.cpu_seconds:.2f} s); "
-                f"peak RSS {self.peak_rss_mb:.0f} MB")
+                f"RSS before capture {self.start_rss_mb:.0f} MB, peak RSS {self.peak_rss_mb:.0f} MB")
 
 
 def peak_rss_mb() -> float:
@@ -64,6 +66,29 @@ def synthetic_sentences(tokenizer: Any, n: int, seed: int = 0, min_words: int = 
     rng = np.random.default_rng(seed)
     lengths = rng.integers(min_words, max_words + 1, size=n)
     return [[vocab[j] for j in rng.integers(0, len(vocab), size=k)] for k in lengths]
+
+
+def random_model_dir(preset: str, out: str | Path, seed: int = 0) -> Path:
+    """Save a random-init ``BertForMaskedLM`` of a preset's shape with a WordPiece tokenizer for benchmarks.
+
+    The tokenizer is trained on the default corpus's *training* split with the preset's vocab size (seconds), so
+    the embedding size and piece counts match a real run of that preset.
+    """
+    from transformers import BertForMaskedLM
+
+    from checkpoints.config import make_config
+    from checkpoints.corpus import load_corpus
+    from checkpoints.tokenizer import train_wordpiece
+
+    cfg = make_config(preset)
+    dd, _ = load_corpus(cfg.data)
+    tok = train_wordpiece(dd["train"]["text"], vocab_size=cfg.data.vocab_size)
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(cfg.model.to_bert_config(vocab_size=len(tok))).eval()
+    out = Path(out)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
 
 
 def hf_capture(lm: LoadedModel, enc: EncodedProbes, names: Sequence[str], batch_size: int = 32
@@ -102,8 +127,8 @@ def hf_capture(lm: LoadedModel, enc: EncodedProbes, names: Sequence[str], batch_
                     acts[n] = out.hidden_states[int(n.split(".")[1]) + 1]
                 elif n.endswith("hook_pattern"):
                     acts[n] = out.attentions[int(n.split(".")[1])]
-            keep = am.bool().to(lm.device)
-            acts = {n: _zero_padding(n, acts[n].float(), keep).cpu() for n in names if n != MLM_HEAD_NAME}
+            pad = (~am.bool().to(lm.device)).nonzero(as_tuple=True)
+            acts = {n: _zero_padding_(n, acts[n].float(), pad).cpu() for n in names if n != MLM_HEAD_NAME}
             yield CaptureBatch("clean", torch.tensor([enc.sentence_ids[i] for i in idx]), ids, am,
                                ~am.bool(), [enc.word_ids[i] for i in idx], torch.full_like(ids, -100),
                                torch.zeros((0, 2), dtype=torch.long), acts)
@@ -115,6 +140,9 @@ def hf_capture(lm: LoadedModel, enc: EncodedProbes, names: Sequence[str], batch_
 def run_bench(lm: LoadedModel, sentences: Any, route: str = "nnsight", names: Sequence[str] | None = None,
               batch_size: int = 32) -> BenchResult:
     """Time one full capture pass (clean variant), consuming and discarding each batch as an analysis would."""
+    import psutil
+
+    start_rss = psutil.Process().memory_info().rss / 1024**2
     enc = prepare(lm, sentences)
     names = _check_names(lm, names)
     names = [n for n in names if n != MLM_HEAD_NAME]
@@ -124,7 +152,7 @@ def run_bench(lm: LoadedModel, sentences: Any, route: str = "nnsight", names: Se
     n = 0
     for batch in it:
         n += int(batch.attention_mask.sum())
-    return BenchResult(route, len(enc), n, time.perf_counter() - t0, time.process_time() - c0, peak_rss_mb())
+    return BenchResult(route, len(enc), n, time.perf_counter() - t0, time.process_time() - c0, peak_rss_mb(), start_rss)
 
 
 __all__ = ["BenchResult", "hf_capture", "peak_rss_mb", "run_bench", "synthetic_sentences"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -68,7 +69,10 @@ def build(
 
 @app.command()
 def bench(
-    model: Path = typer.Argument(..., help="Checkpoint folder (BertForMaskedLM / RobertaForMaskedLM / BertModel)."),
+    model: Optional[Path] = typer.Argument(None, help="Checkpoint folder (BertForMaskedLM / RobertaForMaskedLM / "
+                                                      "BertModel); or use --preset."),
+    preset: Optional[str] = typer.Option(None, help="Benchmark a random-init model of this preset's shape "
+                                                    "(e.g. tiny) instead of a folder."),
     n: int = typer.Option(1000, help="Sentences (synthetic unless --probes)."),
     probes: Optional[Path] = typer.Option(None, help="Probe set folder or CoNLL-U file to use instead."),
     batch_size: int = typer.Option(32),
@@ -88,15 +92,22 @@ def bench(
         _fail(ValueError(f"--names must be one of {NAME_GROUPS}, --route one of nnsight, hf, both"))
     if threads:
         torch.set_num_threads(threads)
-    try:
-        lm = load_model(model)
-        sents = load_probe_set(probes).sentences[:n] if probes else synthetic_sentences(lm.tokenizer, n, seed)
-        L = lm.n_layers
-        sel = {"all": None, "attn": [f"blocks.{l}.attn.hook_pattern" for l in range(L)],
-               "resid": ["embed.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(L)]}[names]
-        typer.echo(f"{model}: {L} layers x {lm.n_heads} heads x {lm.d_model} d, {torch.get_num_threads()} threads, "
-                   f"batch {batch_size}, names={names}")
-        for r in (("nnsight", "hf") if route == "both" else (route,)):
-            typer.echo(run_bench(lm, sents, r, sel, batch_size).line())
-    except ProbeError as e:
-        _fail(e)
+    if (model is None) == (preset is None):
+        _fail(ValueError("give a model folder or --preset, not both"))
+    with tempfile.TemporaryDirectory(prefix="mlmscope-bench-") as tmp:
+        try:
+            if preset is not None:
+                from probes.bench import random_model_dir
+
+                model = random_model_dir(preset, tmp)
+            lm = load_model(model)
+            sents = load_probe_set(probes).sentences[:n] if probes else synthetic_sentences(lm.tokenizer, n, seed)
+            L = lm.n_layers
+            sel = {"all": None, "attn": [f"blocks.{l}.attn.hook_pattern" for l in range(L)],
+                   "resid": ["embed.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(L)]}[names]
+            typer.echo(f"{preset or model}: {L} layers x {lm.n_heads} heads x {lm.d_model} d, "
+                       f"{torch.get_num_threads()} threads, batch {batch_size}, names={names}")
+            for r in (("nnsight", "hf") if route == "both" else (route,)):
+                typer.echo(run_bench(lm, sents, r, sel, batch_size).line())
+        except (ProbeError, KeyError, ValueError) as e:
+            _fail(e)
