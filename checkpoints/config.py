@@ -128,7 +128,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Default: ~13 min on 2 CPU cores; plateau ~1k-6k steps then a loss drop with a previous-token head (issue 3).
     "demo": dict(model=dict(n_layers=2, d_model=128, n_heads=4, d_ffn=512, max_position=64),
                  train=dict(seq_len=64, batch_size=32, lr=2e-3, warmup_steps=200, max_steps=12000,
-                            linear_every=400)),
+                            linear_every=300)),
     "tiny": dict(model=dict(n_layers=4, d_model=256, n_heads=4, d_ffn=1024, max_position=128),
                  train=dict(seq_len=128, batch_size=32, lr=1e-3, warmup_steps=500, max_steps=20000,
                             linear_every=1000)),
