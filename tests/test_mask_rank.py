@@ -142,7 +142,7 @@ def test_streaming_equals_one_shot():
     res = _run(batches, tau=0.9, min_tokens_per_dim=1.0)
     ranks = res["ranks"]
     layer = 1
-    rows = [b[f"blocks.0.hook_resid_post"][b.token_mask].double().numpy() for b in batches if b.variant == "clean"]
+    rows = [b["blocks.0.hook_resid_post"][b.token_mask].double().numpy() for b in batches if b.variant == "clean"]
     h = np.concatenate(rows)
     hc = h - h.mean(0)
     sig = np.linalg.svd(hc, compute_uv=False)
@@ -190,7 +190,6 @@ def test_identical_vectors_rank_zero():
 
 def test_mask_pattern_mismatch_is_reported():
     batches = synthetic_batches()
-    res = None
     an = MaskRank(MaskRank.Params(mask_seed=1, min_tokens_per_dim=1.0))
     acc = an.accumulator(_ctx())
     for b in batches:
