@@ -1,0 +1,249 @@
+"""What every page shares: the :class:`View` (selected runs, focus run, global step), messages, figures, CSV export.
+
+A page module is ``TITLE`` plus ``render(view: View) -> None``; it reads results through the view (cached loaders
+of :mod:`app.views.data`) and draws them with the helpers here, so each page stays a few dozen lines.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from app.views import data
+from app.views.data import Source
+
+#: Plotly's default qualitative palette (one colour per trace, bands in the same colour).
+PALETTE = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF",
+           "#FECB52")
+STEP_MARK = {"line_dash": "dot", "line_color": "#d62728", "line_width": 1.5}
+
+
+@dataclass
+class View:
+    """The state every page follows.
+
+    Attributes:
+        sources: Picker entries selected in the sidebar (single runs and seed groups), overlaid on curves.
+        focus: The run whose step-specific views (heatmaps, tables, live model) are shown.
+        step: The global step (None when no selected run has a checkpoint yet).
+        log_x: Log step axis on every curve (plotted at step + 1 so step 0 stays visible).
+        fps: Run folder -> fingerprint for this rerun (see :func:`app.views.data.fingerprint`).
+    """
+
+    sources: list[Source]
+    focus: str
+    step: int | None
+    log_x: bool = False
+    fps: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    # --- reading -----------------------------------------------------------------------------------------------
+    def fp(self, run: str) -> tuple[int, ...]:
+        if run not in self.fps:
+            self.fps[run] = data.fingerprint(run)
+        return self.fps[run]
+
+    def checkpoints(self, run: str | None = None) -> pd.DataFrame:
+        run = run or self.focus
+        return data.checkpoints(run, self.fp(run))
+
+    def table(self, analysis: str, table: str, run: str | None = None) -> pd.DataFrame:
+        """One stored table of the focus run (or ``run``) over all steps."""
+        run = run or self.focus
+        return data.results(run, analysis, table, self.fp(run))
+
+    def series(self, analysis: str, table: str) -> pd.DataFrame:
+        """A stored table of every selected source stacked, with ``source`` and ``run`` columns."""
+        return self.stack(lambda run: self.table(analysis, table, run))
+
+    def stack(self, read: Callable[[str], pd.DataFrame]) -> pd.DataFrame:
+        """``read(run)`` for every run of every selected source, with ``source`` and ``run`` columns."""
+        frames = [read(run).assign(source=s.label, run=run) for s in self.sources for run in s.runs]
+        frames = [f for f in frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["source", "run", "step"])
+
+    def stored(self, run: str | None = None) -> dict[str, dict[str, Any]]:
+        run = run or self.focus
+        return data.stored(run, self.fp(run))
+
+    def failures(self, analysis: str | None = None, run: str | None = None) -> pd.DataFrame:
+        run = run or self.focus
+        df = data.failures(run, self.fp(run))
+        return data.failure_scope(df, analysis) if analysis else df
+
+    def at_step(self, df: pd.DataFrame) -> tuple[pd.DataFrame, int | None]:
+        """Rows of the nearest step at or before the global step (the first step if all are later)."""
+        if not len(df) or self.step is None:
+            return df.iloc[:0], None
+        steps = df["step"].unique()
+        before = steps[steps <= self.step]
+        used = int(before.max()) if len(before) else int(steps.min())
+        return df[df["step"] == used], used
+
+    # --- page furniture ----------------------------------------------------------------------------------------
+    def require(self, analysis: str, table: str, what: str = "") -> pd.DataFrame | None:
+        """The focus run's table, or None after a clear message saying why it is missing and what to run."""
+        df = self.table(analysis, table)
+        if len(df):
+            return df
+        if not len(self.checkpoints()):
+            st.info(f"`{self.focus}` has no finished checkpoints yet, so there are no `{analysis}` results.")
+            return None
+        info = self.stored().get(analysis)
+        if info and info["skipped"] and not info["ok"]:
+            reasons = "; ".join(f"{r} ({n}×)" for r, n in info["skipped"].items())
+            st.info(f"`{analysis}` was skipped on every checkpoint of `{self.focus}`: {reasons}")
+        elif info and info["ok"]:
+            st.info(f"The stored `{analysis}` results of `{self.focus}` have no `{table}` table"
+                    f"{' (' + what + ')' if what else ''}; re-run `mlmscope analyze {self.focus} -a {analysis} "
+                    "--force` with the current version.")
+        else:
+            st.info(f"No `{analysis}` results for `{self.focus}` yet{' (' + what + ')' if what else ''}. "
+                    f"Compute them with `mlmscope analyze {self.focus} -a {analysis}`.")
+        self.failure_note(analysis)
+        return None
+
+    def failure_note(self, analysis: str) -> None:
+        """A warning listing the failed checkpoints of ``analysis`` (and whole-checkpoint failures), if any."""
+        fails = self.failures(analysis)
+        if not len(fails):
+            return
+        lines = [f"- step {'?' if pd.isna(r.step) else int(r.step)} (`{r.checkpoint}`, {r.analysis}): {r.error}"
+                 for r in fails.itertuples()]
+        st.warning(f"{len(fails)} checkpoint(s) of `{self.focus}` failed for this analysis and are missing from "
+                   "the views below (re-run `mlmscope analyze` to retry only those):\n" + "\n".join(lines[:10]))
+
+    def step_note(self, used: int | None, analysis: str) -> None:
+        """Say so when the global step has no result of ``analysis`` and a nearby step is shown instead."""
+        if used is None or self.step is None or used == self.step:
+            return
+        fails = self.failures(analysis)
+        failed = fails[fails["step"] == self.step] if len(fails) else fails
+        why = f"it failed: {failed['error'].iloc[0]}" if len(failed) else "not analysed (yet)"
+        st.caption(f"Step {self.step} has no `{analysis}` result ({why}); showing step {used}.")
+
+    # --- x axis ------------------------------------------------------------------------------------------------
+    def x(self, steps: pd.Series | int) -> Any:
+        """Plot coordinate of a step: the step, or step + 1 on a log axis."""
+        return steps + 1 if self.log_x else steps
+
+    def style_steps(self, fig: go.Figure, title: str | None = None, mark: bool = True) -> go.Figure:
+        """Log/linear step axis and the global step marked (every curve over steps goes through here)."""
+        fig.update_xaxes(type="log" if self.log_x else "linear", title=title or ("step + 1" if self.log_x else "step"))
+        if mark and self.step is not None:
+            fig.add_vline(x=self.x(self.step), annotation_text=f"step {self.step}", annotation_position="top",
+                          **STEP_MARK)
+        return fig
+
+
+# --- aggregation and figures ------------------------------------------------------------------------------------
+
+
+def band(df: pd.DataFrame, value: str, keys: Sequence[str] = ()) -> pd.DataFrame:
+    """Mean ± one standard deviation of ``value`` over the runs of each source (seed groups), per step and ``keys``.
+
+    Returns:
+        source, step, keys..., mean, lo, hi, n_runs (lo/hi are NaN for a single run).
+    """
+    cols = ["source", "step", *keys]
+    if not len(df) or value not in df:
+        return pd.DataFrame(columns=[*cols, "mean", "lo", "hi", "n_runs"])
+    g = df.dropna(subset=[value]).groupby(cols, sort=True)[value]
+    out = g.agg(mean="mean", sd="std", n_runs="count").reset_index()
+    out["lo"], out["hi"] = out["mean"] - out["sd"], out["mean"] + out["sd"]
+    return out.drop(columns="sd")
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    r, g, b = (int(hex_color[i: i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def line_figure(curve: pd.DataFrame, view: View, y_title: str, series: Sequence[str] = ("source",),
+                title: str = "", y: str = "mean", dash_by: str | None = None) -> go.Figure:
+    """Lines over steps, one per combination of ``series`` columns, with a ±1 sd band where ``lo``/``hi`` exist.
+
+    Args:
+        curve: From :func:`band` (or any frame with ``step`` and ``y``).
+        view: For the step axis and the step marker.
+        y_title: Y axis title.
+        series: Columns naming one trace each.
+        title: Figure title.
+        y: Column of the line.
+        dash_by: Optional column whose values get different dash styles (e.g. with vs without [MASK]).
+    """
+    fig = go.Figure()
+    dashes = ("solid", "dash", "dot", "dashdot")
+    dash_of = {v: dashes[i % len(dashes)] for i, v in enumerate(curve[dash_by].unique())} if dash_by else {}
+    color_keys = [c for c in series if c != dash_by]
+    colors: dict[Any, str] = {}
+    for key, d in curve.groupby(list(series), sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        ckey = tuple(k for c, k in zip(series, key) if c != dash_by) if color_keys else ("",)
+        color = colors.setdefault(ckey, PALETTE[len(colors) % len(PALETTE)])
+        name = " · ".join(str(k) for k in key)
+        d = d.sort_values("step")
+        x = view.x(d["step"])
+        if "lo" in d and d["lo"].notna().any():
+            fig.add_trace(go.Scatter(x=pd.concat([x, x[::-1]]), y=pd.concat([d["hi"], d["lo"][::-1]]),
+                                     fill="toself", fillcolor=_rgba(color, 0.18), line={"width": 0},
+                                     hoverinfo="skip", showlegend=False, legendgroup=name))
+        dash = dash_of.get(key[list(series).index(dash_by)]) if dash_by else None
+        fig.add_trace(go.Scatter(x=x, y=d[y], name=name, mode="lines+markers", legendgroup=name,
+                                 line={"color": color, "dash": dash}, marker={"size": 4}))
+    fig.update_layout(title=title, yaxis_title=y_title, margin={"t": 40, "b": 40}, height=360,
+                      legend={"font": {"size": 10}})
+    return view.style_steps(fig)
+
+
+def heatmap_figure(df: pd.DataFrame, x: str, y: str, value: str, title: str = "", colorscale: str = "Viridis",
+                   zmin: float | None = None, zmax: float | None = None, x_title: str | None = None,
+                   y_title: str | None = None) -> go.Figure:
+    """A heatmap of ``value`` over the ``x`` × ``y`` grid of a tidy frame."""
+    grid = df.pivot_table(index=y, columns=x, values=value, aggfunc="mean")
+    fig = go.Figure(go.Heatmap(z=grid.values, x=[str(c) for c in grid.columns], y=[str(i) for i in grid.index],
+                               colorscale=colorscale, zmin=zmin, zmax=zmax, colorbar={"title": value}))
+    fig.update_layout(title=title, xaxis_title=x_title or x, yaxis_title=y_title or y, height=360,
+                      margin={"t": 40, "b": 40})
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
+    return fig
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def show(fig: go.Figure, frame: pd.DataFrame, key: str, caption: str = "") -> None:
+    """Draw a figure with its caption and a button downloading the figure's data as CSV."""
+    st.plotly_chart(fig, key=f"fig_{key}", width="stretch")
+    if caption:
+        st.caption(caption)
+    csv_button(frame, key)
+
+
+def csv_button(frame: pd.DataFrame, key: str, label: str = "Download data (CSV)") -> None:
+    """A download button for ``frame`` (the CSV is only built when clicked)."""
+    st.download_button(label, data=lambda: frame.to_csv(index=False), file_name=f"{_slug(key)}.csv",
+                       mime="text/csv", key=f"csv_{key}", on_click="ignore")
+
+
+def table(frame: pd.DataFrame, key: str, caption: str = "", **kwargs: Any) -> None:
+    """A dataframe with its caption and CSV download."""
+    st.dataframe(frame, key=f"df_{key}", hide_index=True, **kwargs)
+    if caption:
+        st.caption(caption)
+    csv_button(frame, key)
+
+
+def metric_row(values: list[tuple[str, Any, str | None]]) -> None:
+    """A row of ``st.metric`` (label, value, help); floats shown with 4 significant digits."""
+    cols = st.columns(len(values))
+    for col, (label, value, help_text) in zip(cols, values):
+        if isinstance(value, float):
+            value = "–" if pd.isna(value) else f"{value:.4g}"
+        col.metric(label, "–" if value is None else value, help=help_text)
