@@ -9,8 +9,8 @@ Notebook use::
         print(batch.sentence_ids, batch["blocks.0.attn.hook_pattern"].shape)
 """
 
-from probes.align import (EncodedProbes, empty_words, encode_words, first_piece_positions, piece_to_word_matrix, word_ids_tensor,
-                          words_to_pieces)
+from probes.align import (EncodedProbes, empty_words, encode_words, first_piece_positions, piece_to_word_matrix,
+                          word_ids_tensor, words_to_pieces)
 from probes.batch import CaptureBatch
 from probes.capture import ACTIVATION_NAMES, activation_names, capture, prepare
 from probes.masking import VARIANTS, apply_mask, mask_positions

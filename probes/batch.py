@@ -41,8 +41,8 @@ class CaptureBatch:
         input_ids: (B, T) token ids as fed to the model (with [MASK]s for masked variants).
         attention_mask: (B, T) 1 for real tokens (incl. [CLS]/[SEP]), 0 for padding.
         special_mask: (B, T) True for [CLS], [SEP] and padding.
-        word_ids: per sentence, the word index of every piece (None for specials / padding), as from the fast
-            tokenizer's ``word_ids()`` with ``is_split_into_words=True``.
+        word_ids: per sentence, the word index of every piece, padded to length T (None for specials / padding),
+            as from the fast tokenizer's ``word_ids()`` with ``is_split_into_words=True``.
         labels: (B, T) gold token id at masked positions, -100 elsewhere (all -100 for ``clean``).
         head_positions: (N, 2) (batch row, position) pairs at which ``mlm_head.hook_out`` was recorded, in row order.
         acts: activation name -> tensor (float32, on CPU unless the capture was asked to keep them on device).

@@ -7,7 +7,7 @@ D hidden size, F FFN size, N requested head positions, V vocabulary). BERT/RoBER
 ===================================  ============  =====================================================================
 name                                 shape         what
 ===================================  ============  =====================================================================
-``embed.hook_out``                   (B, T, D)     embedding output after the embedding LayerNorm (= HF hidden_states[0])
+``embed.hook_out``                   (B, T, D)     embeddings after their LayerNorm (= HF hidden_states[0])
 ``blocks.{l}.hook_resid_pre``        (B, T, D)     block input (= HF hidden_states[l])
 ``blocks.{l}.attn.hook_pattern``     (B, H, T, T)  attention probabilities, rows = queries (= HF attentions[l])
 ``blocks.{l}.hook_attn_out``         (B, T, D)     attention output projection, before residual + LN
@@ -134,10 +134,12 @@ class _Tracer:
         from nnsight.intervention.envoy import Envoy
 
         enc = lm.arch.encoder_model
-        with warnings.catch_warnings():
-            # nnsight renames BERT's `output` submodules to `E_output` and warns once per layer; we resolve it below.
-            warnings.filterwarnings("ignore", message=".*nnsight already serves.*")
-            self.net = NNsight(enc)
+        if "nnsight" not in lm.cache:  # wrap once per loaded model (nnsight patches the modules' forward)
+            with warnings.catch_warnings():
+                # nnsight renames BERT's `output` submodules to `E_output` and warns per layer; resolved below.
+                warnings.filterwarnings("ignore", message=".*nnsight already serves.*")
+                lm.cache["nnsight"] = NNsight(enc)
+        self.net = lm.cache["nnsight"]
         paths = {id(m): p for p, m in enc.named_modules()}
         taps = _taps(lm)
         self.plan: list[tuple[str, Any, str, int | None]] = []
@@ -306,6 +308,7 @@ def _capture_one(lm: LoadedModel, tracer: _Tracer, enc: EncodedProbes, idx: list
             acts[MLM_HEAD_NAME] = lm.arch.apply_mlm_head(final[hp_dev[:, 0], hp_dev[:, 1]]).float()
     if to_cpu:
         acts = {k: v.cpu() for k, v in acts.items()}
+    word_ids = [enc.word_ids[i] + [None] * (T - len(enc.word_ids[i])) for i in idx]
     return CaptureBatch(variant=variant, sentence_ids=torch.tensor([enc.sentence_ids[i] for i in idx]),
-                        input_ids=input_ids.cpu(), attention_mask=am_cpu, special_mask=special,
-                        word_ids=[enc.word_ids[i] for i in idx], labels=lab, head_positions=hp, acts=acts)
+                        input_ids=input_ids.cpu(), attention_mask=am_cpu, special_mask=special, word_ids=word_ids,
+                        labels=lab, head_positions=hp, acts=acts)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,7 @@ class LoadedModel:
         path: Folder it was loaded from.
         tokenizer_hash: :func:`tokenizer_hash` of the tokenizer (probe sets built for a tokenizer store it).
         device: torch device string.
+        cache: Lazily built helpers (e.g. the nnsight wrapper, built once per loaded model).
     """
 
     model: nn.Module
@@ -174,6 +175,7 @@ class LoadedModel:
     path: str
     tokenizer_hash: str
     device: str = "cpu"
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def n_layers(self) -> int:

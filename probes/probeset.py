@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,6 +236,8 @@ def _reject_reason(row: Any, cfg: BuildConfig, seen: set[tuple[str, ...]]) -> st
         return "too_many_words"
     if tuple(row[0]) in seen:
         return "duplicate"
+    if any(all(unicodedata.category(c)[0] in "CZ" for c in w) for w in row[0]):
+        return "invisible_token"  # e.g. U+2060 word joiners in Wikipedia text: most tokenizers map them to nothing
     return None
 
 

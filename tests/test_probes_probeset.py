@@ -147,6 +147,7 @@ def test_piece_to_word_matrix(micro_model_dir):
     lm = load_model(micro_model_dir)
     ps = sentences_of([["photosynthesis", "converts", "light"], ["the", "cat"]])
     b = next(capture(lm, ps, names=["embed.hook_out"], sort_by_length=False))
+    assert all(len(w) == b.input_ids.shape[1] for w in b.word_ids)
     P = piece_to_word_matrix(b.word_ids, 3, b.input_ids.shape[1])
     assert P.sum(-1)[1].tolist() == [1, 1, 0]                     # "the", "cat" single pieces; no third word
     assert P.sum(-1)[0, 0] > 1                                       # a split word
@@ -157,7 +158,8 @@ def test_cli_import_conllu_and_errors(tmp_path, micro_model_dir):
     runner = CliRunner()
     f = tmp_path / "gold.conllu"
     f.write_text(GOOD)
-    r = runner.invoke(app, ["build", "--conllu", str(f), "--out", str(tmp_path / "ps"), "--model", str(micro_model_dir)])
+    r = runner.invoke(app, ["build", "--conllu", str(f), "--out", str(tmp_path / "ps"),
+                            "--model", str(micro_model_dir)])
     assert r.exit_code == 0, r.output
     ps = load_probe_set(tmp_path / "ps")
     assert len(ps) == 2 and ps.tokenizer_hash == load_model(micro_model_dir).tokenizer_hash
@@ -172,3 +174,9 @@ def test_cli_bench(micro_model_dir):
     r = CliRunner().invoke(app, ["bench", str(micro_model_dir), "--n", "20", "--route", "both", "--batch-size", "8"])
     assert r.exit_code == 0, r.output
     assert r.output.count("sentences/s") == 2 and "peak RSS" in r.output
+
+
+def test_invisible_tokens_rejected_at_build(nlp):
+    ps = build_probe_set(["The cat sat on the \u2060\u2060 mat near the door. The dog slept by the warm fire."],
+                         BuildConfig(n=5), nlp=nlp)
+    assert ps.meta["skipped"] == {"invisible_token": 1} and ps.sentences[0][:2] == ["The", "dog"]
