@@ -158,7 +158,7 @@ def band(df: pd.DataFrame, value: str, keys: Sequence[str] = ()) -> pd.DataFrame
     return out.drop(columns="sd")
 
 
-def _rgba(hex_color: str, alpha: float) -> str:
+def rgba(hex_color: str, alpha: float) -> str:
     r, g, b = (int(hex_color[i: i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r},{g},{b},{alpha})"
 
@@ -190,7 +190,7 @@ def line_figure(curve: pd.DataFrame, view: View, y_title: str, series: Sequence[
         x = view.x(d["step"])
         if "lo" in d and d["lo"].notna().any():
             fig.add_trace(go.Scatter(x=pd.concat([x, x[::-1]]), y=pd.concat([d["hi"], d["lo"][::-1]]),
-                                     fill="toself", fillcolor=_rgba(color, 0.18), line={"width": 0},
+                                     fill="toself", fillcolor=rgba(color, 0.18), line={"width": 0},
                                      hoverinfo="skip", showlegend=False, legendgroup=name))
         dash = dash_of.get(key[list(series).index(dash_by)]) if dash_by else None
         fig.add_trace(go.Scatter(x=x, y=d[y], name=name, mode="lines+markers", legendgroup=name,

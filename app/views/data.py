@@ -222,3 +222,17 @@ def checkpoint_dir(run: str, step: int, fp: tuple[int, ...]) -> str | None:
     ck = checkpoints(run, fp)
     hit = ck[ck["step"] == step]
     return os.path.join(run, str(hit["path"].iloc[0])) if len(hit) else None
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def result_dir(run: str, analysis: str, step: int, fp: tuple[int, ...]) -> str | None:
+    """Folder of the newest stored ``ok`` result of ``analysis`` for the checkpoint at ``step`` (for artefacts such
+    as tuned-lens translators), or None."""
+    ck = checkpoints(run, fp)
+    hit = ck[ck["step"] == step]
+    if not len(hit):
+        return None
+    store = ResultStore(run)
+    ckpt_hash = hit["sha256"].iloc[0] or store.known_hashes().get(str(hit["path"].iloc[0]))
+    recs = [m for m in store.entries(analysis) if m.get("status") == "ok" and m.get("ckpt_hash") == ckpt_hash]
+    return str(store.root / analysis / recs[-1]["dirname"]) if recs else None

@@ -1,0 +1,138 @@
+"""Lens: KL(final ‖ layer) over layers × steps for the logit and the tuned lens, and (live) the top-k predictions of
+every layer for a masked probe sentence at the selected step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from app.views import common, data, model
+from app.views.common import View
+
+TITLE = "Lens"
+LOGIT, TUNED = "logit_lens", "tuned_lens"
+
+
+def _kl_frames(view: View, include_mid: bool) -> pd.DataFrame:
+    """KL rows of both lenses for the focus run: step, depth, site, lens, kl."""
+    parts = []
+    logit = view.table(LOGIT, "per_layer")
+    if len(logit):
+        parts.append(logit if include_mid else logit[logit["site"] != "resid_mid"])
+    tuned = view.table(TUNED, "per_layer")
+    if len(tuned):
+        parts.append(tuned[tuned["lens"] == "tuned"])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def render(view: View) -> None:
+    st.header(TITLE)
+    if not len(view.table(LOGIT, "per_layer")) and not len(view.table(TUNED, "per_layer")):
+        view.require(LOGIT, "per_layer")
+        return
+    for name in (LOGIT, TUNED):
+        view.failure_note(name)
+    include_mid = st.toggle("include the logit lens after each attention sub-layer (resid_mid)", key="lens_mid")
+    kl = _kl_frames(view, include_mid)
+    at, used = view.at_step(kl)
+    view.step_note(used, LOGIT)
+    first = at[at["depth"] == at["depth"].min()]
+    mid = at[at["depth"] == sorted(at["depth"].unique())[len(at["depth"].unique()) // 2]]
+    common.metric_row([
+        ("KL at embeddings, logit lens", _pick(first, "logit", "kl"), "KL(final ‖ lens) in nats at [MASK] positions."),
+        ("KL at embeddings, tuned lens", _pick(first, "tuned", "kl"), None),
+        ("top-1 agreement mid-depth, logit", _pick(mid, "logit", "top1_agree"),
+         "Share of masked positions where the layer's top-1 equals the final top-1."),
+        ("top-1 agreement mid-depth, tuned", _pick(mid, "tuned", "top1_agree"), None),
+    ])
+    left, right = st.columns(2)
+    for col, lens, name in [(left, "logit", "logit lens"), (right, "tuned", "tuned lens")]:
+        with col:
+            sel = kl[kl["lens"] == lens] if len(kl) else kl
+            if not len(sel):
+                view.require(LOGIT if lens == "logit" else TUNED, "per_layer")
+                continue
+            common.show(_kl_heatmap(sel, used, name), sel, f"lens_kl_{lens}",
+                        f"log10 KL(final ‖ {name}) per depth (0 = embeddings, l + 1 = output of block l, l + 0.5 = "
+                        f"after its attention) and step, averaged over [MASK] positions of the probe set "
+                        f"({LOGIT if lens == 'logit' else TUNED} `per_layer` table; lens.md §4). The selected step is "
+                        "outlined.")
+    _kl_at_step(view, at, used)
+    _topk(view)
+
+
+def _pick(rows: pd.DataFrame, lens: str, col: str) -> float | None:
+    sel = rows[rows["lens"] == lens] if len(rows) else rows
+    return float(sel[col].iloc[0]) if len(sel) else None
+
+
+def _kl_heatmap(sel: pd.DataFrame, used: int | None, name: str) -> go.Figure:
+    grid = sel.pivot_table(index="depth", columns="step", values="kl", aggfunc="mean")
+    z = np.log10(grid.values.clip(min=1e-12))
+    steps = [str(s) for s in grid.columns]
+    fig = go.Figure(go.Heatmap(z=z, x=steps, y=[f"{d:g}" for d in grid.index], colorscale="Viridis",
+                               colorbar={"title": "log10 KL"}))
+    if used is not None and str(used) in steps:
+        i = steps.index(str(used))
+        fig.add_shape(type="rect", x0=i - 0.5, x1=i + 0.5, y0=-0.5, y1=len(grid.index) - 0.5,
+                      line={"color": common.STEP_MARK["line_color"], "width": 2})
+    fig.update_xaxes(type="category", title="step")
+    fig.update_yaxes(type="category", title="depth")
+    fig.update_layout(title=f"KL to the final distribution, {name}", height=360, margin={"t": 40})
+    return fig
+
+
+def _kl_at_step(view: View, at: pd.DataFrame, used: int | None) -> None:
+    if not len(at):
+        return
+    fig = go.Figure()
+    for i, (lens, d) in enumerate(at.groupby("lens", sort=False)):
+        d = d.sort_values("depth")
+        fig.add_trace(go.Scatter(x=d["depth"], y=d["kl"], name=f"{lens} lens", mode="lines+markers",
+                                 line={"color": common.PALETTE[i]}))
+    fig.update_layout(title=f"KL per depth at step {used}", xaxis_title="depth", yaxis_title="KL (nats)",
+                      yaxis_type="log", height=320, margin={"t": 40})
+    common.show(fig, at, "lens_kl_at_step", "Both lenses at the selected step (log scale).")
+
+
+def _topk(view: View) -> None:
+    st.subheader("Top-k predictions per layer (live)")
+    if not st.toggle("Run the checkpoint on a masked probe sentence", key="lens_live",
+                     help="Loads the focus run's checkpoint at the selected step (once; cached)."):
+        st.caption("Off: the page reads stored results only.")
+        return
+    probes = data.probe_sentences(view.focus)
+    path = data.checkpoint_dir(view.focus, view.step, view.fp(view.focus)) if view.step is not None else None
+    if not len(probes) or path is None:
+        st.info(f"`{view.focus}` has no default probe set (`RUN/probes/default`) or no checkpoint at this step.")
+        return
+    c1, c2, c3 = st.columns([3, 2, 1])
+    idx = c1.selectbox("probe sentence", probes["index"].tolist()[:500], key="lens_sentence",
+                       format_func=lambda i: f"{i}: {probes['text'].iloc[i][:90]}")
+    words = list(probes["words"].iloc[idx])
+    masked_at = c2.selectbox("word to mask", range(len(words)), key="lens_word",
+                             format_func=lambda i: f"{i}: {words[i]}")
+    k = c3.number_input("k", 1, 20, 5, key="lens_k")
+    try:
+        lm = model.load_checkpoint(path, model.weights_mtime(path))
+        translators = model.tuned_translators(data.result_dir(view.focus, TUNED, view.step, view.fp(view.focus)))
+        top = model.lens_topk(lm, model.mask_words(words, masked_at, lm.tokenizer.mask_token), int(k), translators)
+    except (model.LiveInputError, OSError, ValueError) as e:
+        st.error(f"Cannot run {path}: {e}")
+        return
+    show_topk(top, f"lens_topk", f"gold word: **{words[masked_at]}**; tuned lens: "
+                                 f"{'translators of this checkpoint' if translators is not None else 'not stored'}")
+
+
+def show_topk(top: pd.DataFrame, key: str, caption: str) -> None:
+    """One row per (mask, lens, depth): the top-k tokens with probabilities."""
+    top = top.assign(pred=top["token"] + " (" + top["prob"].map("{:.2f}".format) + ")")
+    wide = top.pivot_table(index=["mask", "lens", "depth", "site"], columns="rank", values="pred",
+                           aggfunc="first").reset_index()
+    wide.columns = [f"top {c}" if isinstance(c, (int, np.integer)) else c for c in wide.columns]
+    st.dataframe(wide, key=f"df_{key}", hide_index=True)
+    st.caption(caption + ". Each layer's hidden state at the [MASK] decoded through the full MLM head "
+                         "(analyses.lens.decode_hidden); tuned lens = the stored affine translators applied first.")
+    common.csv_button(top, key)
