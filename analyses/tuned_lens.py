@@ -117,8 +117,8 @@ class FitConfig:
         weight_decay: L2 penalty of the optimiser (pulls A, b towards 0, i.e. the translator towards identity).
         grad_clip: Max gradient norm per layer.
         max_steps: Optimiser steps per layer at most (tuned lens: 250; lr decays linearly to 0 there).
-        tol: Early stop when the KL improved by less than ``tol`` (relative) over the last ``patience`` steps —
-            a mlmscope choice (lens.md §5 [proposal]: "stop when KL plateaus").
+        tol: Early stop when the best KL improved by less than ``tol`` (relative) over the last ``patience``
+            steps — a mlmscope choice (lens.md §5 [proposal]: "stop when KL plateaus").
         patience: Window of the plateau test, in steps.
     """
 
@@ -129,7 +129,7 @@ class FitConfig:
     grad_clip: float = 1.0
     max_steps: int = 250
     tol: float = 1e-3
-    patience: int = 10
+    patience: int = 20
 
     def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
@@ -162,10 +162,12 @@ def _frozen(modules: list[nn.Module]) -> Iterator[None]:
 
 
 def _plateaued(history: list[float], cfg: FitConfig) -> bool:
+    """True when the best KL of the last ``patience`` steps beats the best before them by less than ``tol``
+    (relative); best-so-far rather than last value, so an oscillating optimiser is not stopped by one bad step."""
     if len(history) <= cfg.patience:
         return False
-    old, new = history[-cfg.patience - 1], history[-1]
-    return old - new <= cfg.tol * abs(old)
+    before, recent = min(history[: -cfg.patience]), min(history[-cfg.patience:])
+    return before - recent <= cfg.tol * abs(before)
 
 
 def _fit_one(h: torch.Tensor, logp_final: torch.Tensor, head_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -405,13 +407,13 @@ class TunedLens(Analysis):
                 replaced by the cold fit (lens.md §7).
         """
 
-        max_positions: int = 4096
+        max_positions: int = 2048
         heldout_every: int = 5
         optimizer: str = "sgd"
         lr: float | None = None
         max_steps: int = 250
         tol: float = 1e-3
-        patience: int = 10
+        patience: int = 20
         weight_decay: float = 1e-3
         compare_cold: bool = False
         warm_tolerance: float = 0.02
