@@ -57,24 +57,18 @@ class OutlierParamsError(ValueError):
 def position_embedding_matrix(ctx: AnalysisContext) -> tuple[torch.Tensor | None, int, str]:
     """The learned absolute position-embedding matrix, the row offset of position 0, or a reason it is absent.
 
-    TODO: move into ``probes.model.ArchAdapter`` (e.g. ``arch.position_embeddings()`` / ``arch.position_offset``)
-    so module paths live in one place; until then only ``arch.embeddings()`` and HF attribute names are used.
-
     Returns:
         ``(matrix (P, D) float32 CPU or None, offset, reason)``; ``reason`` is "" when the matrix is available.
     """
     arch = ctx.arch
     if arch is None:
         return None, 0, "no model in the analysis context"
-    cfg = getattr(arch, "config", None)
-    kind = getattr(cfg, "position_embedding_type", "absolute") or "absolute"
-    emb = arch.embeddings()
-    pe = getattr(emb, "position_embeddings", None)
-    if kind != "absolute" or pe is None or not hasattr(pe, "weight"):
+    pe, offset = arch.position_embeddings()
+    if pe is None:
+        kind = getattr(arch.config, "position_embedding_type", "absolute")
         return None, 0, (f"model has no learned absolute position embeddings (position_embedding_type={kind!r}); "
                          "the positional link is skipped")
-    offset = int(cfg.pad_token_id) + 1 if getattr(arch, "family", "bert") == "roberta" else 0
-    return pe.weight.detach().float().cpu(), offset, ""
+    return pe.detach().float().cpu(), offset, ""
 
 
 def output_layernorms(ctx: AnalysisContext) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], str]:

@@ -100,6 +100,19 @@ class ArchAdapter:
         """Embedding module; its output is after the embedding LayerNorm (``embed.hook_out``)."""
         return self.encoder_model.embeddings
 
+    def position_embeddings(self) -> tuple[torch.Tensor | None, int]:
+        """The learned absolute position-embedding matrix (P, D) and the row of position 0, or (None, 0).
+
+        RoBERTa offsets positions by ``padding_idx + 1`` (fairseq convention); models with relative or no position
+        embeddings return ``None``.
+        """
+        kind = getattr(self.config, "position_embedding_type", "absolute") or "absolute"
+        pe = getattr(self.embeddings(), "position_embeddings", None)
+        if kind != "absolute" or pe is None or not hasattr(pe, "weight"):
+            return None, 0
+        offset = int(self.config.pad_token_id) + 1 if self.family == "roberta" else 0
+        return pe.weight, offset
+
     def layer(self, l: int) -> nn.Module:
         """Transformer block ``l`` (0-based); its input is ``hook_resid_pre``, its output ``hook_resid_post``."""
         return self.encoder_model.encoder.layer[l]

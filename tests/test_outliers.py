@@ -64,7 +64,7 @@ def synthetic_batches(n_sent: int = 80, batch_size: int = 16, seed: int = 0) -> 
 
 
 class _StubArch:
-    """Just what outliers reads: config, family, max_length, embeddings(), ln2(l)."""
+    """Just what outliers reads: config, family, max_length, position_embeddings(), ln2(l)."""
 
     def __init__(self, with_pe: bool = True) -> None:
         self.config = SimpleNamespace(position_embedding_type="absolute", pad_token_id=0)
@@ -84,6 +84,10 @@ class _StubArch:
 
     def embeddings(self) -> nn.Module:
         return self._emb
+
+    def position_embeddings(self):
+        pe = getattr(self._emb, "position_embeddings", None)
+        return (pe.weight, 0) if pe is not None else (None, 0)
 
     def ln2(self, l: int) -> nn.Module:
         return self._ln[l]
