@@ -75,6 +75,16 @@ def pick_step(runs: list[str], fps: dict[str, tuple[int, ...]]) -> int | None:
                                     help="Every page follows this step; it is marked on every curve.")
 
 
+def pick_page() -> str:
+    """The page list; the page is kept in the URL as ``?page=<slug>`` (so a page can be linked and reloaded)."""
+    if "page" not in st.session_state:
+        wanted = st.query_params.get("page")
+        st.session_state["page"] = wanted if wanted in PAGES else PAGES[0]
+    page = st.sidebar.radio("Page", PAGES, format_func=lambda p: page_module(p).TITLE, key="page")
+    st.query_params["page"] = page
+    return page
+
+
 def status_banner(view: View) -> None:
     """Say when the focus run is empty, still training, or stopped early."""
     meta = run_meta(view.focus, view.fp(view.focus))
@@ -110,8 +120,7 @@ def main() -> None:
     focus = pick_focus(chosen)
     runs = list(dict.fromkeys(run for s in chosen for run in s.runs))
     fps = {run: fingerprint(run) for run in runs}
-    page = st.sidebar.radio("Page", PAGES, format_func=lambda p: page_module(p).TITLE, key="page",
-                            bind="query-params")
+    page = pick_page()
     log_x = st.sidebar.toggle("Log step axis", key="log_x", help="Plot steps on a log axis (at step + 1).")
     step = pick_step(runs, fps)
     view = View(sources=chosen, focus=focus, step=step, log_x=log_x, fps=fps)

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -131,13 +132,71 @@ class View:
         """Plot coordinate of a step: the step, or step + 1 on a log axis."""
         return steps + 1 if self.log_x else steps
 
+    def step_axis(self) -> dict[str, Any]:
+        """Layout entries of a figure over steps: the x axis (log or linear) and the global step marker."""
+        out: dict[str, Any] = {"xaxis": {"type": "log" if self.log_x else "linear",
+                                         "title": {"text": "step + 1" if self.log_x else "step"}}}
+        if self.step is not None:
+            x = self.x(self.step)
+            out["shapes"] = [{"type": "line", "x0": x, "x1": x, "y0": 0, "y1": 1, "xref": "x", "yref": "paper",
+                              "line": {"dash": STEP_MARK["line_dash"], "color": STEP_MARK["line_color"],
+                                       "width": STEP_MARK["line_width"]}}]
+            out["annotations"] = [{"x": x, "y": 1, "xref": "x", "yref": "paper", "text": f"step {self.step}",
+                                   "showarrow": False, "yanchor": "bottom",
+                                   "font": {"size": 10, "color": STEP_MARK["line_color"]}}]
+        return out
+
     def style_steps(self, fig: go.Figure, title: str | None = None, mark: bool = True) -> go.Figure:
         """Log/linear step axis and the global step marked (every curve over steps goes through here)."""
         fig.update_xaxes(type="log" if self.log_x else "linear", title=title or ("step + 1" if self.log_x else "step"))
         if mark and self.step is not None:
-            fig.add_vline(x=self.x(self.step), annotation_text=f"step {self.step}", annotation_position="top",
-                          **STEP_MARK)
+            mark_x(fig, self.x(self.step), f"step {self.step}")
         return fig
+
+    # --- cached curves -------------------------------------------------------------------------------------------
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """What a step-independent curve depends on: the selected sources and their runs' fingerprints."""
+        return tuple((s.label, s.runs, tuple(self.fp(r) for r in s.runs)) for s in self.sources)
+
+    def curve(self, analysis: str | None, table: str, value: str, keys: Sequence[str] = (),
+              **filters: Any) -> pd.DataFrame:
+        """:func:`band` of ``value`` over the selected sources, cached (it does not depend on the step).
+
+        Args:
+            analysis: Analysis name, or None for the checkpoint table (``table`` is then ignored).
+            table: Stored table.
+            value: Column to average over the seeds of a group.
+            keys: Extra columns that name one line each (e.g. ``layer``).
+            **filters: ``column=value`` or ``column=(values, ...)`` row filters applied first.
+        """
+        flt = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else (v,)) for k, v in filters.items()))
+        return _cached_curve(self.key, analysis, table, value, tuple(keys), flt)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _cached_curve(key: tuple[Any, ...], analysis: str | None, table: str, value: str, keys: tuple[str, ...],
+                  filters: tuple[tuple[str, tuple[Any, ...]], ...]) -> pd.DataFrame:
+    frames = []
+    for label, runs, fps in key:
+        for run, fp in zip(runs, fps):
+            df = data.checkpoints(run, fp) if analysis is None else data.results(run, analysis, table, fp)
+            frames.append(df.assign(source=label, run=run))
+    frames = [f for f in frames if len(f)]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["source", "run", "step"])
+    for col, allowed in filters:
+        if col in df:
+            df = df[df[col].isin(allowed)]
+    return band(df, value, keys)
+
+
+def mark_x(fig: go.Figure, x: Any, label: str) -> None:
+    """A dotted vertical line across the plot at ``x`` with a label on top (cheaper than ``add_vline``)."""
+    fig.add_shape(type="line", x0=x, x1=x, y0=0, y1=1, xref="x", yref="paper",
+                  line={"dash": STEP_MARK["line_dash"], "color": STEP_MARK["line_color"],
+                        "width": STEP_MARK["line_width"]})
+    fig.add_annotation(x=x, y=1, xref="x", yref="paper", text=label, showarrow=False, yanchor="bottom",
+                       font={"size": 10, "color": STEP_MARK["line_color"]})
 
 
 # --- aggregation and figures ------------------------------------------------------------------------------------
@@ -176,28 +235,40 @@ def line_figure(curve: pd.DataFrame, view: View, y_title: str, series: Sequence[
         y: Column of the line.
         dash_by: Optional column whose values get different dash styles (e.g. with vs without [MASK]).
     """
-    fig = go.Figure()
     dashes = ("solid", "dash", "dot", "dashdot")
     dash_of = {v: dashes[i % len(dashes)] for i, v in enumerate(curve[dash_by].unique())} if dash_by else {}
-    color_keys = [c for c in series if c != dash_by]
     colors: dict[Any, str] = {}
+    traces: list[dict[str, Any]] = []
+    # Traces are plain dicts with numpy arrays and the figure is built once: plotly validates each property on
+    # every update, so add_trace / update_layout calls would dominate a slider rerun.
     for key, d in curve.groupby(list(series), sort=False):
         key = key if isinstance(key, tuple) else (key,)
-        ckey = tuple(k for c, k in zip(series, key) if c != dash_by) if color_keys else ("",)
+        ckey = tuple(k for c, k in zip(series, key) if c != dash_by)
         color = colors.setdefault(ckey, PALETTE[len(colors) % len(PALETTE)])
         name = " · ".join(str(k) for k in key)
         d = d.sort_values("step")
-        x = view.x(d["step"])
+        x = np.asarray(view.x(d["step"]), dtype=float)
         if "lo" in d and d["lo"].notna().any():
-            fig.add_trace(go.Scatter(x=pd.concat([x, x[::-1]]), y=pd.concat([d["hi"], d["lo"][::-1]]),
-                                     fill="toself", fillcolor=rgba(color, 0.18), line={"width": 0},
-                                     hoverinfo="skip", showlegend=False, legendgroup=name))
+            traces.append({"type": "scatter", "x": np.concatenate([x, x[::-1]]),
+                           "y": np.concatenate([d["hi"].to_numpy(float), d["lo"].to_numpy(float)[::-1]]),
+                           "fill": "toself", "fillcolor": rgba(color, 0.18), "line": {"width": 0},
+                           "hoverinfo": "skip", "showlegend": False, "legendgroup": name})
         dash = dash_of.get(key[list(series).index(dash_by)]) if dash_by else None
-        fig.add_trace(go.Scatter(x=x, y=d[y], name=name, mode="lines+markers", legendgroup=name,
-                                 line={"color": color, "dash": dash}, marker={"size": 4}))
-    fig.update_layout(title=title, yaxis_title=y_title, margin={"t": 40, "b": 40}, height=360,
-                      legend={"font": {"size": 10}})
-    return view.style_steps(fig)
+        traces.append({"type": "scatter", "x": x, "y": d[y].to_numpy(float), "name": name, "mode": "lines+markers",
+                       "legendgroup": name, "line": {"color": color, "dash": dash}, "marker": {"size": 4}})
+    layout = {"title": {"text": title}, "yaxis": {"title": {"text": y_title}}, "margin": {"t": 40, "b": 40},
+              "height": 360, "legend": {"font": {"size": 10}}, **view.step_axis()}
+    return go.Figure(data=traces, layout=layout)
+
+
+def by_layer_figure(df: pd.DataFrame, x: str, y: str, by: str, title: str, y_title: str) -> go.Figure:
+    """One line per value of ``by`` over ``x`` (a layer axis) at the selected step."""
+    traces = [{"type": "scatter", "x": d[x].to_numpy(float), "y": d[y].to_numpy(float), "name": str(name),
+               "mode": "lines+markers", "line": {"color": PALETTE[i % len(PALETTE)]}}
+              for i, (name, d) in enumerate(df.sort_values(x).groupby(by, sort=False))]
+    layout = {"title": {"text": title}, "xaxis": {"title": {"text": x}}, "yaxis": {"title": {"text": y_title}},
+              "height": 340, "margin": {"t": 40}}
+    return go.Figure(data=traces, layout=layout)
 
 
 def heatmap_figure(df: pd.DataFrame, x: str, y: str, value: str, title: str = "", colorscale: str = "Viridis",
@@ -205,13 +276,13 @@ def heatmap_figure(df: pd.DataFrame, x: str, y: str, value: str, title: str = ""
                    y_title: str | None = None) -> go.Figure:
     """A heatmap of ``value`` over the ``x`` × ``y`` grid of a tidy frame."""
     grid = df.pivot_table(index=y, columns=x, values=value, aggfunc="mean")
-    fig = go.Figure(go.Heatmap(z=grid.values, x=[str(c) for c in grid.columns], y=[str(i) for i in grid.index],
-                               colorscale=colorscale, zmin=zmin, zmax=zmax, colorbar={"title": value}))
-    fig.update_layout(title=title, xaxis_title=x_title or x, yaxis_title=y_title or y, height=360,
-                      margin={"t": 40, "b": 40})
-    fig.update_xaxes(type="category")
-    fig.update_yaxes(type="category")
-    return fig
+    trace = {"type": "heatmap", "z": grid.to_numpy(float), "x": [str(c) for c in grid.columns],
+             "y": [str(i) for i in grid.index], "colorscale": colorscale, "zmin": zmin, "zmax": zmax,
+             "colorbar": {"title": {"text": value}}}
+    layout = {"title": {"text": title}, "height": 360, "margin": {"t": 40, "b": 40},
+              "xaxis": {"title": {"text": x_title or x}, "type": "category"},
+              "yaxis": {"title": {"text": y_title or y}, "type": "category"}}
+    return go.Figure(data=[trace], layout=layout)
 
 
 def _slug(text: str) -> str:

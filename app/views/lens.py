@@ -15,16 +15,27 @@ TITLE = "Lens"
 LOGIT, TUNED = "logit_lens", "tuned_lens"
 
 
-def _kl_frames(view: View, include_mid: bool) -> pd.DataFrame:
-    """KL rows of both lenses for the focus run: step, depth, site, lens, kl."""
+@st.cache_data(show_spinner=False, max_entries=32)
+def _kl_frames(run: str, fp: tuple[int, ...], include_mid: bool) -> pd.DataFrame:
+    """Both lenses' per-layer rows of one run without the last layer (the final distribution itself, KL = 0)."""
     parts = []
-    logit = view.table(LOGIT, "per_layer")
+    logit = data.results(run, LOGIT, "per_layer", fp)
     if len(logit):
         parts.append(logit if include_mid else logit[logit["site"] != "resid_mid"])
-    tuned = view.table(TUNED, "per_layer")
+    tuned = data.results(run, TUNED, "per_layer", fp)
     if len(tuned):
         parts.append(tuned[tuned["lens"] == "tuned"])
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    kl = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["step", "depth", "lens", "kl"])
+    return kl[kl["depth"] < kl["depth"].max()] if len(kl) else kl
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _kl_grid(run: str, fp: tuple[int, ...], include_mid: bool, lens: str) -> tuple[np.ndarray, list[str], list[str]]:
+    """log10 KL as a depth × step grid (cached: only the step outline changes with the slider)."""
+    kl = _kl_frames(run, fp, include_mid)
+    grid = kl[kl["lens"] == lens].pivot_table(index="depth", columns="step", values="kl", aggfunc="mean")
+    return (np.log10(grid.to_numpy(float).clip(min=1e-12)), [str(s) for s in grid.columns],
+            [f"{d:g}" for d in grid.index])
 
 
 def render(view: View) -> None:
@@ -35,7 +46,7 @@ def render(view: View) -> None:
     for name in (LOGIT, TUNED):
         view.failure_note(name)
     include_mid = st.toggle("include the logit lens after each attention sub-layer (resid_mid)", key="lens_mid")
-    kl = _kl_frames(view, include_mid)
+    kl = _kl_frames(view.focus, view.fp(view.focus), include_mid)
     at, used = view.at_step(kl)
     view.step_note(used, LOGIT)
     first = at[at["depth"] == at["depth"].min()]
@@ -47,6 +58,8 @@ def render(view: View) -> None:
          "Share of masked positions where the layer's top-1 equals the final top-1."),
         ("top-1 agreement mid-depth, tuned", _pick(mid, "tuned", "top1_agree"), None),
     ])
+    positive = kl["kl"][kl["kl"] > 0] if len(kl) else kl
+    zrange = (float(np.log10(positive.min())), float(np.log10(positive.max()))) if len(positive) else (None, None)
     left, right = st.columns(2)
     for col, lens, name in [(left, "logit", "logit lens"), (right, "tuned", "tuned lens")]:
         with col:
@@ -54,9 +67,10 @@ def render(view: View) -> None:
             if not len(sel):
                 view.require(LOGIT if lens == "logit" else TUNED, "per_layer")
                 continue
-            common.show(_kl_heatmap(sel, used, name), sel, f"lens_kl_{lens}",
+            grid = _kl_grid(view.focus, view.fp(view.focus), include_mid, lens)
+            common.show(_kl_heatmap(grid, used, name, zrange), sel, f"lens_kl_{lens}",
                         f"log10 KL(final ‖ {name}) per depth (0 = embeddings, l + 1 = output of block l, l + 0.5 = "
-                        f"after its attention) and step, averaged over [MASK] positions of the probe set "
+                        f"after its attention; the last layer, KL = 0, is left out) and step, averaged over [MASK] positions of the probe set "
                         f"({LOGIT if lens == 'logit' else TUNED} `per_layer` table; lens.md §4). The selected step is "
                         "outlined.")
     _kl_at_step(view, at, used)
@@ -68,32 +82,27 @@ def _pick(rows: pd.DataFrame, lens: str, col: str) -> float | None:
     return float(sel[col].iloc[0]) if len(sel) else None
 
 
-def _kl_heatmap(sel: pd.DataFrame, used: int | None, name: str) -> go.Figure:
-    grid = sel.pivot_table(index="depth", columns="step", values="kl", aggfunc="mean")
-    z = np.log10(grid.values.clip(min=1e-12))
-    steps = [str(s) for s in grid.columns]
-    fig = go.Figure(go.Heatmap(z=z, x=steps, y=[f"{d:g}" for d in grid.index], colorscale="Viridis",
-                               colorbar={"title": "log10 KL"}))
+def _kl_heatmap(grid: tuple[np.ndarray, list[str], list[str]], used: int | None, name: str,
+                zrange: tuple[float | None, float | None]) -> go.Figure:
+    """Depth × step heatmap of log10 KL with the selected step outlined; both lenses share ``zrange``."""
+    z, steps, depths = grid
+    layout = {"title": {"text": f"KL to the final distribution, {name}"}, "height": 360, "margin": {"t": 40},
+              "xaxis": {"type": "category", "title": {"text": "step"}},
+              "yaxis": {"type": "category", "title": {"text": "depth"}}}
     if used is not None and str(used) in steps:
         i = steps.index(str(used))
-        fig.add_shape(type="rect", x0=i - 0.5, x1=i + 0.5, y0=-0.5, y1=len(grid.index) - 0.5,
-                      line={"color": common.STEP_MARK["line_color"], "width": 2})
-    fig.update_xaxes(type="category", title="step")
-    fig.update_yaxes(type="category", title="depth")
-    fig.update_layout(title=f"KL to the final distribution, {name}", height=360, margin={"t": 40})
-    return fig
+        layout["shapes"] = [{"type": "rect", "x0": i - 0.5, "x1": i + 0.5, "y0": -0.5, "y1": len(depths) - 0.5,
+                             "line": {"color": common.STEP_MARK["line_color"], "width": 2}}]
+    trace = {"type": "heatmap", "z": z, "x": steps, "y": depths, "colorscale": "Viridis", "zmin": zrange[0],
+             "zmax": zrange[1], "colorbar": {"title": {"text": "log10 KL"}}}
+    return go.Figure(data=[trace], layout=layout)
 
 
 def _kl_at_step(view: View, at: pd.DataFrame, used: int | None) -> None:
     if not len(at):
         return
-    fig = go.Figure()
-    for i, (lens, d) in enumerate(at.groupby("lens", sort=False)):
-        d = d.sort_values("depth")
-        fig.add_trace(go.Scatter(x=d["depth"], y=d["kl"], name=f"{lens} lens", mode="lines+markers",
-                                 line={"color": common.PALETTE[i]}))
-    fig.update_layout(title=f"KL per depth at step {used}", xaxis_title="depth", yaxis_title="KL (nats)",
-                      yaxis_type="log", height=320, margin={"t": 40})
+    fig = common.by_layer_figure(at, "depth", "kl", "lens", f"KL per depth at step {used}", "KL (nats)")
+    fig.update_yaxes(type="log")
     common.show(fig, at, "lens_kl_at_step", "Both lenses at the selected step (log scale).")
 
 

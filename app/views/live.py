@@ -39,9 +39,10 @@ def render(view: View) -> None:
         st.warning(str(e))
         return
     final = top[(top["lens"] == "logit") & (top["depth"] == top["depth"].max()) & (top["rank"] == 1)]
-    common.metric_row([(f"[MASK] {int(r.mask) + 1}: top-1", f"{r.token} ({r.prob:.2f})",
+    common.metric_row([("checkpoint step", view.step, "The focus run's checkpoint at the selected step.")] +
+                      [(f"[MASK] {int(r.mask) + 1}: top-1", f"{r.token} ({r.prob:.3f})",
                         "The model's own prediction (last layer through the MLM head).")
-                       for r in final.itertuples()][:4])
+                       for r in final.itertuples()][:3])
     show_topk(top, "live_topk", "Per layer, logit lens and (if stored for this step) tuned lens")
     _attention(view, lm, words)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from app.views import common
@@ -47,14 +46,11 @@ def render(view: View) -> None:
         ("rank clean, last layer", float(last["clean_real"]), None),
         ("rank masked, last layer", float(last["masked_all"]), None),
     ])
-    stacked = view.series(ANALYSIS, "gap")
-    stacked = stacked[(stacked["metric"] == metric) & (stacked["normalisation"] == norm)
-                      & stacked["layer"].isin(layers)]
+    sel = {"metric": metric, "normalisation": norm, "layer": tuple(layers)}
     left, right = st.columns(2)
     with left:
-        long = stacked.melt(id_vars=["source", "run", "step", "layer"], value_vars=["clean_real", "masked_all"],
-                            var_name="input", value_name="rank")
-        curve = common.band(long, "rank", keys=["layer", "input"])
+        curve = pd.concat([view.curve(ANALYSIS, "gap", col, ["layer"], **sel).assign(input=col)
+                           for col in ("clean_real", "masked_all")], ignore_index=True)
         curve["layer"] = "L" + curve["layer"].astype(str)
         fig = common.line_figure(curve, view, metric, series=("source", "layer", "input"), dash_by="input",
                                  title="Effective rank with vs without [MASK]")
@@ -63,7 +59,7 @@ def render(view: View) -> None:
                     "sentences with 15 % of pieces masked (dashed), per layer (mask_rank `gap` table; Meng et al. "
                     "2024).")
     with right:
-        curve = common.band(stacked, "gap", keys=["layer"])
+        curve = view.curve(ANALYSIS, "gap", "gap", ["layer"], **sel)
         curve["layer"] = "L" + curve["layer"].astype(str)
         fig = common.line_figure(curve, view, f"Δ {metric}", series=("source", "layer"), title="Rank gap")
         fig.add_hline(y=0, line_color="grey", line_width=1)
@@ -73,12 +69,10 @@ def render(view: View) -> None:
 
 
 def _mask_only(view: View, layers: list[int]) -> None:
-    stacked = view.series(ANALYSIS, "mask_only")
-    if not len(stacked):
+    curve = view.curve(ANALYSIS, "mask_only", "outside_fraction", ["layer", "token_set"], layer=tuple(layers))
+    if not len(curve):
         st.info("No mask-only variance table (`mask_only`) stored.")
         return
-    stacked = stacked[stacked["layer"].isin(layers)]
-    curve = common.band(stacked, "outside_fraction", keys=["layer", "token_set"])
     curve["layer"] = "L" + curve["layer"].astype(str)
     fig = common.line_figure(curve, view, "ρ (variance outside the clean subspace)",
                              series=("source", "layer", "token_set"), dash_by="token_set",
@@ -95,13 +89,7 @@ def _at_step(view: View, metric: str, norm: str) -> None:
     if not len(at):
         return
     at = at[(at["metric"] == metric) & (at["normalisation"] == norm)]
-    fig = go.Figure()
-    for i, (name, d) in enumerate(at.groupby("token_set", sort=False)):
-        d = d.sort_values("layer")
-        fig.add_trace(go.Scatter(x=d["layer"], y=d["value"], name=name, mode="lines+markers",
-                                 line={"color": common.PALETTE[i % len(common.PALETTE)]}))
-    fig.update_layout(title=f"{metric} per layer at step {used}", xaxis_title="layer", yaxis_title=metric, height=340,
-                      margin={"t": 40})
+    fig = common.by_layer_figure(at, "layer", "value", "token_set", f"{metric} per layer at step {used}", metric)
     left, right = st.columns(2)
     with left:
         common.show(fig, at, "mask_rank_at_step",

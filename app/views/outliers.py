@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app.views import common
+from app.views import common, data
 from app.views.common import View
 
 TITLE = "Outliers"
@@ -16,10 +16,22 @@ DEFAULT_THRESHOLD = 0.5
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def _emergence(freq: pd.DataFrame, threshold: float) -> pd.DataFrame:
+def _emergence(run: str, fp: tuple[int, ...], threshold: float) -> pd.DataFrame:
+    """``analyses.outliers.outlier_emergence`` of one run (cached: it does not depend on the step)."""
     from analyses.outliers import outlier_emergence
 
-    return outlier_emergence(freq, threshold=threshold)
+    return outlier_emergence(data.results(run, ANALYSIS, "freq", fp), threshold=threshold)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _emerging(key: tuple, dims: tuple[tuple[int, str], ...]) -> pd.DataFrame:
+    """Max frequency over layers >= 1 of the given (dim, kind) pairs over steps, mean ± sd over seeds."""
+    frames = [data.results(run, ANALYSIS, "freq", fp).assign(source=label, run=run)
+              for label, runs, fps in key for run, fp in zip(runs, fps)]
+    freq = pd.concat(frames, ignore_index=True)
+    sel = freq.merge(pd.DataFrame(list(dims), columns=["dim", "kind"]), on=["dim", "kind"])
+    sel = sel[sel["layer"] >= 1].groupby(["source", "run", "step", "dim", "kind"], as_index=False)["freq"].max()
+    return common.band(sel, "freq", keys=["dim", "kind"])
 
 
 def render(view: View) -> None:
@@ -61,7 +73,7 @@ def render(view: View) -> None:
                     f"Share of token vectors whose {kind} is each dimension, per layer (0 = embeddings); only "
                     "dimensions that won at least once are stored (outliers `freq` table; Luo et al. 2021).")
     with right:
-        emerg = _emergence(view.table(ANALYSIS, "freq"), threshold)
+        emerg = _emergence(view.focus, view.fp(view.focus), threshold)
         st.markdown(f"**Emergence of outlier dimensions (threshold {threshold})**")
         if len(emerg):
             common.table(emerg, "outliers_emergence",
@@ -76,11 +88,8 @@ def render(view: View) -> None:
 def _emerging_curve(view: View, emerg: pd.DataFrame) -> None:
     if not len(emerg):
         return
-    freq = view.series(ANALYSIS, "freq")
-    dims = emerg.head(5)[["dim", "kind"]]
-    sel = freq.merge(dims, on=["dim", "kind"])
-    sel = sel[sel["layer"] >= 1].groupby(["source", "run", "step", "dim", "kind"], as_index=False)["freq"].max()
-    curve = common.band(sel, "freq", keys=["dim", "kind"])
+    dims = tuple((int(d), str(k)) for d, k in emerg.head(5)[["dim", "kind"]].itertuples(index=False))
+    curve = _emerging(view.key, dims)
     curve["dim"] = "dim " + curve["dim"].astype(str)
     fig = common.line_figure(curve, view, "max frequency over layers ≥ 1", series=("source", "dim", "kind"),
                              title="Outlier dimensions over training")
@@ -88,15 +97,15 @@ def _emerging_curve(view: View, emerg: pd.DataFrame) -> None:
 
 
 def _anisotropy(view: View) -> None:
-    stacked = view.series(ANALYSIS, "anisotropy")
-    if not len(stacked):
+    aniso = view.table(ANALYSIS, "anisotropy")
+    if not len(aniso):
         st.info("No anisotropy table stored.")
         return
-    layers = sorted(int(x) for x in stacked["layer"].unique())
+    layers = sorted(int(x) for x in aniso["layer"].unique())
     chosen = st.multiselect("anisotropy layers", layers, default=layers[-2:] if len(layers) > 1 else layers,
                             key="outliers_layers") or layers
-    stacked = stacked[stacked["layer"].isin(chosen) & stacked["condition"].isin(["raw", "clipped"])]
-    curve = common.band(stacked, "value", keys=["layer", "condition"])
+    curve = view.curve(ANALYSIS, "anisotropy", "value", ["layer", "condition"], layer=tuple(chosen),
+                       condition=("raw", "clipped"))
     curve["layer"] = "L" + curve["layer"].astype(str)
     fig = common.line_figure(curve, view, "mean pair cosine", series=("source", "layer", "condition"),
                              dash_by="condition", title="Anisotropy with and without the outlier dimensions")

@@ -11,11 +11,6 @@ from app.views.common import View
 TITLE = "Overview"
 
 
-def _loss_frame(view: View) -> pd.DataFrame:
-    """Per-checkpoint validation loss/accuracy and EMA train loss of every selected run (manifest entries)."""
-    return view.stack(view.checkpoints)
-
-
 def render(view: View) -> None:
     st.header("Overview")
     ck = view.checkpoints()
@@ -38,11 +33,10 @@ def render(view: View) -> None:
 
 
 def _curves(view: View) -> None:
-    stacked = _loss_frame(view)
     col_loss, col_acc = st.columns(2)
     with col_loss:
-        parts = [common.band(stacked, "val_loss").assign(curve="validation"),
-                 common.band(stacked, "train_loss").assign(curve="train (EMA)")]
+        parts = [view.curve(None, "", "val_loss").assign(curve="validation"),
+                 view.curve(None, "", "train_loss").assign(curve="train (EMA)")]
         curve = pd.concat([p for p in parts if len(p)], ignore_index=True)
         fig = common.line_figure(curve, view, "MLM loss (nats)", series=("source", "curve"), dash_by="curve",
                                  title="Loss over training")
@@ -50,7 +44,7 @@ def _curves(view: View) -> None:
                     "Validation MLM loss and the smoothed training loss at each checkpoint (from manifest.json, "
                     "written by the trainer). Seed groups: mean ± 1 sd over seeds.")
     with col_acc:
-        curve = common.band(stacked, "val_acc")
+        curve = view.curve(None, "", "val_acc")
         fig = common.line_figure(curve, view, "top-1 accuracy", title="Validation accuracy at [MASK]")
         common.show(fig, curve, "overview_accuracy",
                     "Top-1 accuracy of the MLM head at the masked positions of the validation split (manifest.json).")

@@ -43,8 +43,7 @@ def render(view: View) -> None:
     ])
     left, right = st.columns(2)
     with left:
-        stacked = view.series(ANALYSIS, "per_layer")
-        curve = common.band(stacked[stacked["unit"] == unit], value, keys=["block"])
+        curve = view.curve(ANALYSIS, "per_layer", value, ["block"], unit=unit)
         curve["block"] = "block " + curve["block"].astype(str)
         fig = common.line_figure(curve, view, "1 − cos(in, out)", series=("source", "block"),
                                  title=f"How much each {unit} changes the residual stream")
@@ -92,9 +91,7 @@ def _layer_drop(view: View) -> None:
                     "Masked-LM loss at the probe set's [MASK] positions with one block / attention / FFN sub-layer "
                     "skipped, minus the full model's (one-shot; layer_drop `per_unit` table).")
     with right:
-        stacked = view.series(DROP, "per_unit")
-        stacked = stacked[stacked["unit"] == "block"]
-        curve = common.band(stacked, "delta_loss", keys=["block"])
+        curve = view.curve(DROP, "per_unit", "delta_loss", ["block"], unit="block")
         curve["block"] = "block " + curve["block"].astype(str)
         fig = common.line_figure(curve, view, "Δ MLM loss (nats)", series=("source", "block"),
                                  title="Δ loss of skipping each block over training")

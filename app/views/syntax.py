@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 
 from app.views import common, data, model
 from app.views.common import View
@@ -18,11 +17,19 @@ TITLE = "Syntax (SAS)"
 ANALYSIS = "sas"
 
 
+def _focus_curve(summary: pd.DataFrame, ck: pd.DataFrame) -> pd.DataFrame:
+    """``analyses.sas.sas_curve`` of the stored summaries next to the manifest's validation loss."""
+    from analyses.sas import sas_curve
+
+    return sas_curve(summary).merge(ck[["step", "val_loss"]], on="step", how="left")
+
+
 @st.cache_data(show_spinner="Detecting onsets…", max_entries=32)
-def _onsets(curve: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
+def _onsets(run: str, fp: tuple[int, ...]) -> tuple[pd.DataFrame | None, str]:
     """``analyses.sas.sas_onsets`` of one run's curve (bootstrap intervals: cached), or None and why not."""
     from analyses.sas import sas_onsets
 
+    curve = _focus_curve(data.results(run, ANALYSIS, "summary", fp), data.checkpoints(run, fp))
     if curve["step"].nunique() < 6:
         return None, f"onset detection needs at least 6 analysed checkpoints (this run has {curve['step'].nunique()})"
     try:
@@ -58,40 +65,35 @@ def render(view: View) -> None:
 
 
 def _curve(view: View) -> None:
-    from analyses.sas import sas_curve
-
-    stacked = view.series(ANALYSIS, "summary")
-    ck = view.stack(view.checkpoints)
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
-    sas = common.band(stacked, "sas_score")
-    loss = common.band(ck, "val_loss")
+    sas = view.curve(ANALYSIS, "summary", "sas_score")
+    loss = view.curve(None, "", "val_loss")
+    traces = []
     for i, (src, d) in enumerate(sas.groupby("source", sort=False)):
         color = common.PALETTE[i % len(common.PALETTE)]
-        _band_trace(fig, view, d, color, f"SAS · {src}", False)
+        traces += _band_traces(view, d, color, f"SAS · {src}")
         lo = loss[loss["source"] == src]
-        fig.add_trace(go.Scatter(x=view.x(lo["step"]), y=lo["mean"], name=f"val loss · {src}", mode="lines",
-                                 line={"color": color, "dash": "dot", "width": 1}), secondary_y=True)
-    focus = sas_curve(view.table(ANALYSIS, "summary")).merge(
-        view.checkpoints()[["step", "val_loss"]], on="step", how="left")
+        traces.append({"type": "scatter", "x": view.x(lo["step"]).to_numpy(float), "y": lo["mean"].to_numpy(float),
+                       "name": f"val loss · {src}", "mode": "lines", "yaxis": "y2",
+                       "line": {"color": color, "dash": "dot", "width": 1}})
+    focus = _focus_curve(view.table(ANALYSIS, "summary"), view.checkpoints())
     for col, name in [("sas_in_sample", "best head, in-sample"), ("offset_uas_held_out", "best offset (held-out)")]:
-        fig.add_trace(go.Scatter(x=view.x(focus["step"]), y=focus[col], name=f"{name} · {view.focus}",
-                                 mode="lines", line={"dash": "dash", "width": 1}))
-    onsets, why = _onsets(focus)
+        traces.append({"type": "scatter", "x": view.x(focus["step"]).to_numpy(float),
+                       "y": focus[col].to_numpy(float), "name": f"{name} · {view.focus}", "mode": "lines",
+                       "line": {"dash": "dash", "width": 1}})
+    layout = view.step_axis()
+    layout.update({"title": {"text": "Syntactic attention structure over training"}, "height": 400,
+                   "margin": {"t": 40}, "yaxis": {"title": {"text": "UAS (all: no root, no punct)"}},
+                   "yaxis2": {"title": {"text": "validation loss (nats)"}, "overlaying": "y", "side": "right",
+                              "showgrid": False},
+                   "legend": {"x": 1.08, "font": {"size": 10}}})
+    onsets, why = _onsets(view.focus, view.fp(view.focus))
     if onsets is not None:
-        o = onsets.iloc[0]
-        for prefix, color, label in [("sas_", "rgba(31,119,180,0.15)", "structure onset"),
-                                     ("loss_", "rgba(128,128,128,0.15)", "loss drop")]:
-            if o.get(f"{prefix}found"):
-                fig.add_vrect(x0=view.x(o[f"{prefix}onset_step"]), x1=view.x(o[f"{prefix}end_step"]),
-                              fillcolor=color, line_width=0, annotation_text=label)
-    fig.update_yaxes(title="UAS (all: no root, no punct)", secondary_y=False)
-    fig.update_yaxes(title="validation loss (nats)", secondary_y=True)
-    fig.update_layout(title="Syntactic attention structure over training", height=400, margin={"t": 40})
-    view.style_steps(fig)
+        layout.setdefault("shapes", []).extend(_onset_shapes(view, onsets.iloc[0]))
+    fig = go.Figure(data=traces, layout=layout)
     caption = ("SAS score = held-out UAS of the best attention head against the probe set's dependency parses "
                "(analyses/sas.py, Clark et al. 2019; Chen et al. 2024), dashed: in-sample best head and the best "
                "fixed-offset baseline of the focus run; dotted: validation loss (right axis). Shaded: structure "
-               "onset and loss drop detected on the focus run (3-segment fit on log step).")
+               "onset (blue) and loss drop (grey) detected on the focus run (3-segment fit on log step).")
     if onsets is not None:
         o = onsets.iloc[0]
         caption += (f" Structure kind: {o.get('structure_kind')}; coincide with the loss drop: "
@@ -104,14 +106,29 @@ def _curve(view: View) -> None:
             common.table(onsets.T.reset_index().set_axis(["field", "value"], axis=1).astype(str), "syntax_onsets")
 
 
-def _band_trace(fig: go.Figure, view: View, d: pd.DataFrame, color: str, name: str, secondary: bool) -> None:
-    x = view.x(d["step"])
+def _band_traces(view: View, d: pd.DataFrame, color: str, name: str) -> list[dict[str, Any]]:
+    """A mean line and (for a seed group) its ±1 sd band, as plain trace dicts."""
+    x = view.x(d["step"]).to_numpy(float)
+    out = []
     if d["lo"].notna().any():
-        fig.add_trace(go.Scatter(x=pd.concat([x, x[::-1]]), y=pd.concat([d["hi"], d["lo"][::-1]]), fill="toself",
-                                 fillcolor=common.rgba(color, 0.18), line={"width": 0}, hoverinfo="skip",
-                                 showlegend=False), secondary_y=secondary)
-    fig.add_trace(go.Scatter(x=x, y=d["mean"], name=name, mode="lines+markers", line={"color": color},
-                             marker={"size": 4}), secondary_y=secondary)
+        out.append({"type": "scatter", "x": np.concatenate([x, x[::-1]]),
+                    "y": np.concatenate([d["hi"].to_numpy(float), d["lo"].to_numpy(float)[::-1]]), "fill": "toself",
+                    "fillcolor": common.rgba(color, 0.18), "line": {"width": 0}, "hoverinfo": "skip",
+                    "showlegend": False})
+    out.append({"type": "scatter", "x": x, "y": d["mean"].to_numpy(float), "name": name, "mode": "lines+markers",
+                "line": {"color": color}, "marker": {"size": 4}})
+    return out
+
+
+def _onset_shapes(view: View, o: pd.Series) -> list[dict[str, Any]]:
+    """Shaded ramps of the structure onset and the loss drop (where found)."""
+    out = []
+    for prefix, color in [("sas_", "rgba(31,119,180,0.15)"), ("loss_", "rgba(128,128,128,0.15)")]:
+        if o.get(f"{prefix}found"):
+            out.append({"type": "rect", "xref": "x", "yref": "paper", "y0": 0, "y1": 1, "fillcolor": color,
+                        "line": {"width": 0}, "layer": "below", "x0": float(view.x(o[f"{prefix}onset_step"])),
+                        "x1": float(view.x(o[f"{prefix}end_step"]))})
+    return out
 
 
 def _heatmap(view: View, used: int | None) -> None:

@@ -1,0 +1,88 @@
+"""``mlmscope app [RUN ...]``: start the Streamlit dashboard (bound to 127.0.0.1 unless told otherwise).
+
+``serve`` runs ``streamlit run app/dashboard.py`` in a child process with the run folders in ``MLMSCOPE_RUNS`` and
+prints the URL; ``app_command`` is the typer-annotated function the CLI mounts as ``mlmscope app``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+#: The Streamlit entry script.
+DASHBOARD = Path(__file__).resolve().with_name("dashboard.py")
+DEFAULT_RUN = Path("runs/demo")
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8501
+
+
+class DashboardError(Exception):
+    """A problem starting the dashboard (missing run folder, port in use); the message is user-facing."""
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise :class:`DashboardError` if ``host:port`` cannot be bound (in use, or not an address of this machine)."""
+    if not 0 < port < 65536:
+        raise DashboardError(f"port {port} is not a valid TCP port (1-65535)")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise DashboardError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port") from None
+
+
+def streamlit_command(host: str, port: int) -> list[str]:
+    """The ``streamlit run`` command line (headless, no usage statistics)."""
+    return [sys.executable, "-m", "streamlit", "run", str(DASHBOARD), "--server.address", host,
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+
+
+def url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def serve(runs: list[Path], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    """Start the dashboard on ``runs`` and block until it stops (Ctrl-C).
+
+    Args:
+        runs: Run folders (a seed-group folder or a folder of runs works too).
+        host: Address to bind; 127.0.0.1 (this machine only) by default. ``0.0.0.0`` exposes it on the network.
+        port: TCP port.
+
+    Raises:
+        DashboardError: a run folder does not exist, or the port cannot be bound.
+    """
+    runs = [Path(r) for r in runs] or [DEFAULT_RUN]
+    missing = [str(r) for r in runs if not r.is_dir()]
+    if missing:
+        hint = " (train it with `mlmscope demo`)" if str(DEFAULT_RUN) in missing else ""
+        raise DashboardError(f"run folder(s) not found: {', '.join(missing)}{hint}")
+    check_port(host, port)
+    env = {**os.environ, "MLMSCOPE_RUNS": os.pathsep.join(str(r.resolve()) for r in runs), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    print(f"mlmscope dashboard: {url(host, port)}  (runs: {', '.join(map(str, runs))}; Ctrl-C to stop)", flush=True)
+    proc = subprocess.Popen(streamlit_command(host, port), env=env)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=10)
+    if proc.returncode not in (0, -15, None):
+        raise DashboardError(f"streamlit exited with code {proc.returncode}")
+
+
+def app_command(
+    runs: Optional[list[Path]] = typer.Argument(None, help="Run folders (default runs/demo); a folder of seed_* "
+                                                           "runs is shown as one group (mean ± band)."),
+    host: str = typer.Option(DEFAULT_HOST, help="Address to bind (127.0.0.1 = this machine only)."),
+    port: int = typer.Option(DEFAULT_PORT, help="TCP port."),
+) -> None:
+    """Start the dashboard: every analysis of RUN over its checkpoints, one step slider driving every view."""
+    serve(list(runs or [DEFAULT_RUN]), host=host, port=port)
