@@ -365,6 +365,10 @@ def _finish(act: _Active, job: Job, store: ResultStore) -> Outcome:
             store.clear_failure(job.rel, a.name)
             store.clear_failure(job.rel, CHECKPOINT_SCOPE)
             return Outcome(job.step, job.rel, a.name, "ok", act.seconds, record=rec)
+        except SkipAnalysis as e:  # discovered only at the end (e.g. no masked positions): a final skip
+            rec = store.save_skip(act.key, str(e), _meta(job, a))
+            store.clear_failure(job.rel, a.name)
+            return Outcome(job.step, job.rel, a.name, "skipped", act.seconds, str(e), rec)
         except Exception as e:  # noqa: BLE001
             act.fail(e)
     store.record_failure(job.rel, a.name, act.error or "", act.trace, {"step": job.step, "ckpt_hash": job.ckpt_hash})
