@@ -59,6 +59,16 @@ def build_micro_run(run: Path, max_steps: int = 30, linear_every: int = 10, n_do
     return run
 
 
+def ensure_micro_run(root: Path) -> Path:
+    """``root/micro``, built by :func:`build_micro_run` unless a finished one is already there (tests share it)."""
+    run = Path(root) / "micro"
+    done = run / ".dashboard-fixture-complete"
+    if not done.exists():
+        build_micro_run(run)
+        done.write_text("ok\n")
+    return run
+
+
 #: Probe sentences of the micro fixture (varied syntax, so every SAS relation has a few words).
 PROBE_TEXT = [
     "The cat sat on the mat while the dog slept near the warm fire.",
