@@ -8,6 +8,8 @@ RUN    ?= runs/demo
 .PHONY: setup demo test bench clean
 
 setup: $(VENV)/.installed
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| echo "warning: could not install Debian chromium (needs root); tests/test_browser.py will be skipped"
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

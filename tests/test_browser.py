@@ -1,0 +1,133 @@
+"""End to end in a real headless browser: `mlmscope app` on 127.0.0.1, every page opened, the step slider moved.
+
+Uses Debian's Chromium (`/usr/bin/chromium`, installed by `make setup`) driven by the PyPI `playwright` package
+(never `playwright install`: see shared/reference/browser.md). Screenshots of every page (after the slider move) go
+to ``$MLMSCOPE_SCREENSHOTS`` (the README's are made with ``MLMSCOPE_SCREENSHOTS=docs/screenshots``), else to the
+test's temporary folder. ``$MLMSCOPE_SCREENSHOT_RUN`` shows another run instead of the micro fixture (e.g. runs/demo).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from app.bench import ensure_micro_run
+from app.views import PAGES
+
+pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--no-first-run"]
+METRIC = '[data-testid="stMetricValue"]'
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`mlmscope app` exited with {proc.returncode}: {proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"dashboard at {url} not healthy after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    if os.environ.get("MLMSCOPE_SCREENSHOT_RUN"):
+        return Path(os.environ["MLMSCOPE_SCREENSHOT_RUN"]).resolve()
+    root = tmp_path_factory.getbasetemp() / "dashboard_fixture"
+    root.mkdir(exist_ok=True)
+    return ensure_micro_run(root)
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    """`mlmscope app RUN --port P` (default host 127.0.0.1) in a child process; yields its URL."""
+    port = _free_port()
+    exe = Path(sys.executable).with_name("mlmscope")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "app.cli"]
+    proc = subprocess.Popen([*cmd, "app", str(run_dir), "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        first = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in first, first
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        msg = f"{CHROMIUM} is missing: `make setup` installs Debian's chromium (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        yield b
+        b.close()
+
+
+def _settled_metrics(page, timeout: float = 90.0, differ_from: list[str] | None = None) -> list[str]:
+    """Metric texts once they stop changing for a second (and differ from ``differ_from`` if given)."""
+    deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        now = page.locator(METRIC).all_inner_texts()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif now and (differ_from is None or now != differ_from) and time.monotonic() - since > 1.0:
+            return now
+        page.wait_for_timeout(200)
+    return last or []
+
+
+@pytest.mark.parametrize("slug", PAGES)
+def test_page_in_browser(server, browser, slug, tmp_path):
+    out = Path(os.environ.get("MLMSCOPE_SCREENSHOTS", tmp_path))
+    out.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    try:
+        page.goto(f"{server}/?page={slug}")
+        page.wait_for_selector(METRIC, timeout=120_000)
+        before = _settled_metrics(page)
+        assert before, f"{slug}: no metric rendered"
+        assert not page.locator('[data-testid="stException"]').count()
+        slider = page.locator('[data-testid="stSidebar"] [data-testid="stSlider"] input[type="range"]')
+        last = slider.get_attribute("aria-valuetext")
+        slider.focus()
+        page.keyboard.press("ArrowLeft")  # one checkpoint earlier
+        after = _settled_metrics(page, differ_from=before)
+        assert after != before, f"{slug}: the visible values did not change after moving the slider ({before})"
+        assert slider.get_attribute("aria-valuetext") != last
+        assert "step=" in page.url  # the step is bound to the URL
+        assert not page.locator('[data-testid="stException"]').count()
+        page.screenshot(path=str(out / f"{slug}.png"), full_page=True)
+    finally:
+        page.close()
