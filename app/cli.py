@@ -162,46 +162,32 @@ def demo(
 
 
 def _demo_analyses(run: Path) -> None:
-    try:
-        from analyses.runner import analyze_run
-    except ImportError:
-        console.print("[yellow]analyses runner not installed; skipping analyses[/]")
-        return
-    analyze_run(run)
+    """Every registered analysis over every checkpoint (cached: a re-run computes only what is missing)."""
+    from analyses.runner import analyze_run
+
+    summary = analyze_run(run, workers=2)
+    if summary.failures:
+        console.print(f"[yellow]{len(summary.failures)} analysis results failed; the dashboard shows the rest[/]")
 
 
 _DEMO_STEPS = [_demo_analyses]
 
 
 def _serve(runs: list[Path], host: str, port: int) -> None:
-    try:
-        from app.serve import serve
-    except ImportError:
-        console.print("[yellow]dashboard not available yet[/]")
-        return
+    from app.serve import serve
+
     serve(runs, host=host, port=port)
 
 
 # Sub-command groups owned by their packages.
-try:
-    from probes.cli import app as probes_app
+from analyses.cli import analyze_command, app as analyses_app  # noqa: E402
+from app.serve import app_command  # noqa: E402
+from probes.cli import app as probes_app  # noqa: E402
 
-    app.add_typer(probes_app, name="probes", help="Build probe sets; benchmark capture.")
-except ImportError:  # pragma: no cover - during development only
-    pass
-try:
-    from analyses.cli import analyze_command, app as analyses_app
-
-    app.add_typer(analyses_app, name="analyses", help="List the registered analyses.")
-    app.command("analyze")(analyze_command)
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from app.serve import app_command
-
-    app.command("app")(app_command)
-except ImportError:  # pragma: no cover
-    pass
+app.add_typer(probes_app, name="probes", help="Build probe sets; benchmark capture.")
+app.add_typer(analyses_app, name="analyses", help="List analyses, show failures, benchmark the runner.")
+app.command("analyze")(analyze_command)
+app.command("app")(app_command)
 
 
 class UserError(Exception):
