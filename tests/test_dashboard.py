@@ -232,7 +232,7 @@ def test_lens_topk_matches_the_model(monkeypatch, analysed):
     with torch.no_grad():
         probs = model(**enc).logits[0, enc["input_ids"][0] == tok.mask_token_id].softmax(-1)[0]
     p, i = probs.max(-1)
-    assert final["top 1"] == f"{tok.convert_ids_to_tokens(int(i))} ({float(p):.2f})"
+    assert final["top 1"] == f"{tok.convert_ids_to_tokens(int(i))} ({float(p):.3f})"
     assert set(top["lens"]) == {"logit", "tuned"}  # the stored tuned-lens translators are used
 
 

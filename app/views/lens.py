@@ -131,13 +131,13 @@ def _topk(view: View) -> None:
     except (model.LiveInputError, OSError, ValueError) as e:
         st.error(f"Cannot run {path}: {e}")
         return
-    show_topk(top, f"lens_topk", f"gold word: **{words[masked_at]}**; tuned lens: "
+    show_topk(top, "lens_topk", f"gold word: **{words[masked_at]}**; tuned lens: "
                                  f"{'translators of this checkpoint' if translators is not None else 'not stored'}")
 
 
 def show_topk(top: pd.DataFrame, key: str, caption: str) -> None:
     """One row per (mask, lens, depth): the top-k tokens with probabilities."""
-    top = top.assign(pred=top["token"] + " (" + top["prob"].map("{:.2f}".format) + ")")
+    top = top.assign(pred=top["token"] + " (" + top["prob"].map("{:.3f}".format) + ")")
     wide = top.pivot_table(index=["mask", "lens", "depth", "site"], columns="rank", values="pred",
                            aggfunc="first").reset_index()
     wide.columns = [f"top {c}" if isinstance(c, (int, np.integer)) else c for c in wide.columns]

@@ -39,7 +39,7 @@ def render(view: View) -> None:
     view.step_note(used, ANALYSIS)
     last = at[at["layer"] == at["layer"].max()].iloc[0]
     common.metric_row([
-        (f"gap, last layer", float(last["gap"]), "rank(masked_all) − rank(clean_real): Meng et al.'s [MASK] "
+        ("gap, last layer", float(last["gap"]), "rank(masked_all) − rank(clean_real): Meng et al.'s [MASK] "
                                                   "rank gap (positive = [MASK] inputs use extra dimensions)."),
         ("equal-n gap, last layer", float(last["gap_equal_n"]), "rank([MASK] vectors) − rank(the same positions "
                                                                 "unmasked): the equal-n control."),
