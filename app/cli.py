@@ -181,6 +181,8 @@ def _serve(runs: list[Path], host: str, port: int) -> None:
 
 # Sub-command groups owned by their packages.
 from analyses.cli import analyze_command, app as analyses_app  # noqa: E402
+from app.bench import bench_command  # noqa: E402
+from app.report import report_command  # noqa: E402
 from app.serve import app_command  # noqa: E402
 from probes.cli import app as probes_app  # noqa: E402
 
@@ -188,6 +190,8 @@ app.add_typer(probes_app, name="probes", help="Build probe sets; benchmark captu
 app.add_typer(analyses_app, name="analyses", help="List analyses, show failures, benchmark the runner.")
 app.command("analyze")(analyze_command)
 app.command("app")(app_command)
+app.command("report")(report_command)
+bench_app.command("app")(bench_command)
 
 
 class UserError(Exception):
