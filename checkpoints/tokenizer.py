@@ -41,7 +41,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 8192, lowercase: boo
     if got < 0.9 * vocab_size:
         raise TokenizerError(
             f"the corpus supports only {got} WordPiece entries but vocab_size={vocab_size} was asked for; "
-            f"use a larger corpus or --vocab-size {max(64, got // 64 * 64)}")
+            f"use a larger corpus or --vocab-size {got}")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",

@@ -217,7 +217,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("setup, args, message", [
     ("missing", ["--corpus", "{tmp}/nope.txt"], "does not exist"),
     ("empty", ["--corpus", "{tmp}/empty.txt"], "is empty"),
-    ("small", ["--corpus", "{tmp}/small.txt", "--vocab-size", "64", "--seq-len", "16"], "fewer than one batch"),
+    ("small", ["--corpus", "{tmp}/small.txt", "--vocab-size", "40", "--seq-len", "16"], "fewer than one batch"),
     ("small", ["--corpus", "{tmp}/small.txt"], "supports only"),
     ("none", ["--steps", "0,5,3"], "strictly increasing"),
     ("none", ["--precision", "fp8"], "precision"),
