@@ -259,6 +259,10 @@ class ResultStore:
         """
         idx = self._read_index()
         changed = False
+        present = {adir.name for adir in self._analysis_dirs()}
+        for gone in [name for name in idx if name not in present]:  # a whole analysis folder was deleted
+            del idx[gone]
+            changed = True
         for adir in self._analysis_dirs():
             if analysis is not None and adir.name != _safe_name(analysis):
                 continue
