@@ -56,7 +56,7 @@ def _hf_round(cfg, tok, data: torch.Tensor, steps: int, warmup: int) -> float:
 
 def _our_round(cfg, tok, data: torch.Tensor, steps: int, warmup: int, device: str) -> float:
     tc = cfg.train
-    model = _build_model(cfg, len(tok)).to(device)
+    model = _build_model(cfg, len(tok), device).to(device)
     model.train()
     objective = SparseMLM(model)
     opt = _optimizer(model, tc)
