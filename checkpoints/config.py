@@ -45,9 +45,10 @@ class TrainConfig:
         mask_rate: Fraction of non-special tokens selected for prediction (BERT: 0.15).
         mask_replace: ``"80/10/10"`` (BERT default: [MASK] / random / unchanged) or ``"mask"`` (100 % [MASK]).
         precision: ``"fp32"`` or ``"bf16"`` (autocast; weights and optimiser state stay fp32).
-        attn: HF attention implementation while training: ``"sdpa"``, ``"eager"`` or ``"auto"`` = SDPA on CUDA,
-            eager on CPU (measured on the 2-core CPU at the ``tiny`` shape under bf16: eager 0.70–0.79 s/step vs
-            SDPA 0.90–1.03 s/step). Checkpoints load with any implementation.
+        attn: HF attention implementation while training: ``"sdpa"``, ``"eager"``, ``"eager_fp32"``
+            (``checkpoints.attention``) or ``"auto"`` = SDPA on CUDA, ``eager_fp32`` on CPU (measured on the 2-core
+            CPU under bf16: eager 0.70–0.79 s/step vs SDPA 0.90–1.03 s/step at ``tiny``, 68–75 vs 83–104 ms at
+            ``demo``). Checkpoints load with any implementation.
         compile: ``torch.compile`` the model (CUDA only; on CPU it did not help).
         init_seed: Seed of the weight initialisation (MultiBERTs-style, separate from ``data_seed``).
         data_seed: Seed of the data order and masking.

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import BertForMaskedLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from checkpoints import distributed
+from checkpoints import attention, distributed
 from checkpoints.config import RunConfig, TrainConfig
 from checkpoints.corpus import cache_root, load_corpus, source_description
 from checkpoints.data import Masker, StepBatches, pack, unigram_entropy
@@ -88,7 +88,8 @@ class SparseMLM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, heads: torch.Tensor | None = None,
                 lam: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (mean cross-entropy over masked positions [+ SAS term], number of correct top-1 predictions)."""
+        """Return (mean cross-entropy over masked positions [+ SAS term], number of correct top-1 predictions in
+        eval mode, else None)."""
         with_reg = heads is not None and lam != 0.0
         out = self.model.bert(input_ids=input_ids, output_attentions=with_reg)
         sel = labels != -100
@@ -99,7 +100,8 @@ class SparseMLM(torch.nn.Module):
             from checkpoints.sas_reg import sas_regularizer
 
             loss = loss + sas_regularizer(out.attentions, heads, lam, self.reg.directions, self.reg.reduction)
-        return loss, (logits.argmax(-1) == target).sum()
+        correct = (logits.argmax(-1) == target).sum() if not self.training else None  # eval only: ~2 % of a step
+        return loss, correct
 
 
 @dataclass
@@ -205,7 +207,7 @@ def _build_model(cfg: RunConfig, vocab_size: int, device: str = "cpu") -> BertFo
     bert_cfg = cfg.model.to_bert_config(vocab_size=vocab_size)
     attn = cfg.train.attn
     if attn == "auto":
-        attn = "sdpa" if device.startswith("cuda") else "eager"
+        attn = "sdpa" if device.startswith("cuda") else attention.NAME
     # The SAS regulariser needs attention probabilities, which only eager attention returns.
     bert_cfg._attn_implementation = "eager" if cfg.sas_reg.active else attn
     return BertForMaskedLM(bert_cfg)
@@ -227,7 +229,7 @@ def evaluate(model: BertForMaskedLM, val_inputs: torch.Tensor, val_labels: torch
     """Validation MLM loss (nats per masked token) and top-1 accuracy on fixed masks, fp32."""
     was_training = model.training
     model.eval()
-    objective = SparseMLM(model)
+    objective = SparseMLM(model).eval()
     loss_sum, correct, n = 0.0, 0, 0
     for x, y in zip(val_inputs.split(batch_size), val_labels.split(batch_size)):
         m = int((y != -100).sum())
