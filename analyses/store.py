@@ -259,8 +259,7 @@ class ResultStore:
         """
         idx = self._read_index()
         changed = False
-        present = {adir.name for adir in self._analysis_dirs()}
-        for gone in [name for name in idx if name not in present]:  # a whole analysis folder was deleted
+        for gone in [name for name in idx if not (self.root / name).is_dir()]:  # a whole analysis folder was deleted
             del idx[gone]
             changed = True
         for adir in self._analysis_dirs():

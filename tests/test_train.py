@@ -20,6 +20,7 @@ from checkpoints.train import TrainingError, checkpoint_steps, lr_factor, train
 from checkpoints.verify import verify_run
 
 REPO = Path(__file__).resolve().parents[1]
+_THREADS_AT_START = torch.get_num_threads()
 @pytest.fixture(scope="module")
 def micro(small_corpus):
     """make_config("micro", ...) on the small test corpus."""
@@ -177,7 +178,9 @@ train(sys.argv[1], make_config("micro", corpus=sys.argv[2], max_steps=120, linea
 
 def test_resume_after_kill_is_bit_exact(tmp_path, micro, small_corpus):
     cfg = micro(max_steps=120, linear_every=25)
-    ref = train(tmp_path / "ref", cfg, progress=False)
+    # The reference runs in a fresh process like the killed run: same thread count, whatever earlier tests set here.
+    subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "ref"), small_corpus], cwd=REPO, check=True)
+    ref = Manifest.load(tmp_path / "ref")
     ref_losses = [r["loss"] for r in read_train_log(tmp_path / "ref")]
 
     run = tmp_path / "killed"
@@ -192,6 +195,7 @@ def test_resume_after_kill_is_bit_exact(tmp_path, micro, small_corpus):
     child.wait()
     killed_at = len(read_train_log(run))
     assert 50 < killed_at < 120, killed_at
+    torch.set_num_threads(_THREADS_AT_START)  # resume with the children's thread count (a test may have changed it)
     resumed = train(run, cfg, resume=True, progress=False)
     assert [r["loss"] for r in read_train_log(run)] == ref_losses  # bit-identical loss sequence
     assert resumed.checkpoints[-1].sha256 == ref.checkpoints[-1].sha256  # bit-identical final weights
