@@ -13,24 +13,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 
+from app.bench import PROBE_TEXT  # noqa: E402 - the dashboard's micro fixture uses the same sentences
+
 #: A few hundred words of varied English, enough to train a small WordPiece vocab for fixtures.
-FIXTURE_TEXT = [
-    "The cat sat on the mat while the dog slept near the warm fire.",
-    "Scientists discovered that the river changes its course every few hundred years.",
-    "She gave her brother a book about the history of ancient Rome.",
-    "The committee approved the new budget after a long and heated debate.",
-    "In the morning, the birds sing loudly in the tall trees behind the house.",
-    "Many people believe that music can improve memory and concentration.",
-    "The old bridge was closed because engineers found cracks in its supports.",
-    "He quickly wrote a letter to the mayor, asking for better public transport.",
-    "Photosynthesis converts light energy into chemical energy stored in sugars.",
-    "The museum displays paintings, sculptures and coins from many centuries.",
-    "After the storm, volunteers cleaned the streets and repaired the damaged roofs.",
-    "Mathematics is the study of numbers, shapes, patterns and their relations.",
-    "The city of Paris is the capital of France and lies on the river Seine.",
-    "Children learn languages faster than adults, according to several studies.",
-    "The company announced that its profits had doubled during the last year.",
-] * 4
+FIXTURE_TEXT = PROBE_TEXT * 4
 
 
 def _save_micro(tmp, model_cls_name: str = "BertForMaskedLM", seed: int = 0, **cfg_overrides):
