@@ -66,3 +66,12 @@ def small_corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "wiki600.jsonl"
     path.write_text("\n".join(json.dumps({"text": t}) for t in _wiki_texts()[:600]))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one torch thread avoids thread contention on a shared 2-core machine (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

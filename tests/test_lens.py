@@ -31,13 +31,7 @@ def _words(text: str) -> list[str]:
 SENTS = [_words(t) for t in FIXTURE_TEXT[:15]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids spin-wait contention on the shared 2-core machine (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- a tiny pre-LN MLM with the adapter API of probes.model.ArchAdapter (+ pre_ln / final_norm) ------------------

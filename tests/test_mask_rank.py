@@ -19,13 +19,7 @@ CLS, SEP, PAD, MASK = 1, 2, 0, 3
 D, R, M, LAYERS = 16, 4, 3, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread avoids spin-wait contention on the shared 2-core machine (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _basis(seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,13 +26,7 @@ D, LAYERS, MAXPOS = 16, 2, 32
 MAX_DIM, MIN_DIM = 7, 5  # planted: dim 7 = +10 everywhere (argmax), dim 5 = -10 - pos/2 (argmin, follows position)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread avoids spin-wait contention on the shared 2-core machine (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_batches(n_sent: int = 80, batch_size: int = 16, seed: int = 0) -> list[CaptureBatch]:

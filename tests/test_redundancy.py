@@ -14,13 +14,7 @@ from probes.batch import CaptureBatch
 from test_lens import SENTS, lm_ctx, make_ctx, prel_batch, prel_model, run_analysis
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids spin-wait contention on the shared 2-core machine (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _direct_cka(x: torch.Tensor, y: torch.Tensor) -> float:
