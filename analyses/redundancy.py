@@ -38,7 +38,6 @@ Reference: /work/shared/reference/redundancy.md. Two registered analyses:
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -244,19 +243,10 @@ class Redundancy(Analysis):
 
 
 def _envoy(net: Any, root: torch.nn.Module, module: torch.nn.Module) -> Any:
-    """The nnsight envoy of ``module`` inside ``net`` (= NNsight(root)), found by its path under ``root``.
+    """The nnsight envoy of ``module`` inside ``net`` (= NNsight(root)), found by its path under ``root``."""
+    from probes.capture import envoy_at
 
-    nnsight serves ``.output``/``.input`` on every envoy, so a submodule *named* ``output`` (every BERT layer has
-    one) is mounted as ``E_output``; the same resolution as ``probes.capture``.
-    """
-    from nnsight.intervention.envoy import Envoy
-
-    path = next(p for p, m in root.named_modules() if m is module)
-    envoy = net
-    for part in filter(None, path.split(".")):
-        serves = inspect.isdatadescriptor(getattr(Envoy, part, None))
-        envoy = getattr(envoy, Envoy.OVERLOAD_PREFIX + part if serves else part)
-    return envoy
+    return envoy_at(net, next(p for p, m in root.named_modules() if m is module))
 
 
 class _DropRunner:

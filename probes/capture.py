@@ -126,6 +126,21 @@ def _check_names(lm: LoadedModel, names: Sequence[str] | None) -> list[str]:
     return sorted(names, key=order.__getitem__)
 
 
+def envoy_at(net: Any, path: str) -> Any:
+    """The nnsight envoy at a dotted module ``path`` inside ``net`` (an ``NNsight`` wrapper).
+
+    nnsight serves ``.output``/``.input`` on every envoy, so a submodule *named* ``output`` (every BERT layer has
+    one) is mounted as ``E_output``; this resolves such names.
+    """
+    from nnsight.intervention.envoy import Envoy
+
+    envoy = net
+    for part in filter(None, path.split(".")):
+        serves = inspect.isdatadescriptor(getattr(Envoy, part, None))
+        envoy = getattr(envoy, Envoy.OVERLOAD_PREFIX + part if serves else part)
+    return envoy
+
+
 class _Tracer:
     """An nnsight wrapper of the bare encoder plus the envoys of the requested taps."""
 
@@ -154,11 +169,7 @@ class _Tracer:
             self.plan.append(("_final", self._envoy_of(last, paths, Envoy), last.kind, last.index))
 
     def _envoy_of(self, tap: _Tap, paths: dict[int, str], envoy_cls: Any) -> Any:
-        envoy = self.net
-        for part in filter(None, paths[id(tap.module())].split(".")):
-            serves = inspect.isdatadescriptor(getattr(envoy_cls, part, None))
-            envoy = getattr(envoy, envoy_cls.OVERLOAD_PREFIX + part if serves else part)
-        return envoy
+        return envoy_at(self.net, paths[id(tap.module())])
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """One traced forward pass; returns the saved tensors by name."""
