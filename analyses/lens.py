@@ -36,15 +36,21 @@ __all__ = [
     "NoMaskedPositionsError",
     "LensSite",
     "LogitLens",
+    "FinalRef",
     "LogitLensAccumulator",
     "METRICS",
+    "final_reference",
     "checkpoint_label",
     "decode_hidden",
     "is_pre_ln",
     "lens_metric_sums",
     "lens_sites",
     "require_mlm_head",
+    "site_metric_sums",
 ]
+
+#: Capture name of the model's own MLM logits at the [MASK] positions (shared final distribution).
+MLM_HEAD = "mlm_head.hook_out"
 
 #: Per-layer lens metrics (lens.md §4). ``top1_agree`` is precision@1 (Din et al.); ``p_at_k`` for the other k.
 METRICS = ("kl", "top1_agree", "p_at_5", "p_at_10", "surprisal", "ce", "acc", "gold_rank", "entropy")
@@ -139,39 +145,87 @@ def lens_sites(n_layers: int, include_mid: bool = True) -> list[LensSite]:
     return sites
 
 
-def lens_metric_sums(logits: torch.Tensor, final_logits: torch.Tensor, gold: torch.Tensor,
+@dataclass(frozen=True)
+class FinalRef:
+    """The final distribution at N masked positions, pre-computed once and compared against every lens site.
+
+    Attributes:
+        logits: (N, V) final logits (fp32).
+        logp: (N, V) ``logits − logsumexp(logits)`` (the same op the sites use, so a site equal to the final layer
+            gets a KL of exactly 0).
+        p: (N, V) final probabilities.
+        top: (N,) final top-1 token.
+        topk: (N, kmax) final top-kmax tokens (kmax = largest precision@k cut-off).
+        plogp: (N,) Σ_v p log p (minus the final entropy; the constant part of every site's KL).
+    """
+
+    logits: torch.Tensor
+    logp: torch.Tensor
+    p: torch.Tensor
+    top: torch.Tensor
+    topk: torch.Tensor
+    plogp: torch.Tensor
+
+    @classmethod
+    def from_logits(cls, final_logits: torch.Tensor, kmax: int = 10) -> "FinalRef":
+        fin = final_logits.float()
+        logp = torch.log_softmax(fin, -1)
+        p = logp.exp()
+        return cls(fin, logp, p, fin.argmax(-1), fin.topk(min(kmax, fin.shape[-1]), -1).indices,
+                   torch.einsum("nv,nv->n", p, logp))
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a[n, v]·b[n, v] without an (N, V) temporary (a batched matrix product)."""
+    return torch.einsum("nv,nv->n", a, b)
+
+
+def site_metric_sums(logits: torch.Tensor, ref: FinalRef, gold: torch.Tensor,
                      ks: tuple[int, ...] = (5, 10)) -> dict[str, torch.Tensor]:
-    """Per-layer sums (over positions) of the lens metrics of lens.md §4, vectorised over layers and positions.
+    """Sums over N positions of the lens metrics (lens.md §4) of one site's (N, V) logits against ``ref``.
+
+    Six passes over the (N, V) logits (log-softmax, argmax, gold comparison, exp and two row dot products);
+    callers keep N·V cache-sized (one capture batch) — on a 2-core CPU an (N, V) pass is ~10× slower per row once
+    the tensor no longer fits in cache.
+
+    Returns:
+        Metric name -> 0-d float64 sum; keys are ``kl, top1_agree, p_at_{k}…, surprisal, ce, acc, gold_rank,
+        entropy``.
+    """
+    z = logits.float()
+    logq = torch.log_softmax(z, -1)
+    top = z.argmax(-1)
+    g = gold.unsqueeze(-1)
+    per_pos = {
+        "kl": ref.plogp - _rowdot(ref.p, logq),
+        "top1_agree": top == ref.top,
+        **{f"p_at_{k}": (ref.topk[:, :k] == top.unsqueeze(-1)).any(-1) for k in ks},
+        "surprisal": -ref.logp.gather(-1, top.unsqueeze(-1)).squeeze(-1),
+        "ce": -logq.gather(-1, g).squeeze(-1),
+        "acc": top == gold,
+        "gold_rank": 1 + (z > z.gather(-1, g)).sum(-1, dtype=torch.int32),
+        "entropy": -_rowdot(logq.exp(), logq),
+    }
+    return {k: v.double().sum() for k, v in per_pos.items()}
+
+
+def lens_metric_sums(logits: torch.Tensor, final_logits: torch.Tensor | FinalRef, gold: torch.Tensor,
+                     ks: tuple[int, ...] = (5, 10)) -> dict[str, torch.Tensor]:
+    """Per-layer sums (over positions) of the lens metrics of lens.md §4.
 
     Args:
         logits: (S, N, V) or (N, V) lens logits of S layers at N masked positions.
-        final_logits: (N, V) the model's final logits at the same positions.
+        final_logits: (N, V) the model's final logits at the same positions, or their :class:`FinalRef`.
         gold: (N,) gold token ids.
         ks: Precision@k cut-offs besides k = 1 (``top1_agree``).
 
     Returns:
         Metric name -> (S,) float64 sums (divide by N for means); the keys are :data:`METRICS` for the default ks.
     """
-    squeeze = logits.ndim == 2
-    lg = (logits.unsqueeze(0) if squeeze else logits).float()
-    fin = final_logits.float()
-    logp_fin = torch.log_softmax(fin, -1)
-    logp = torch.log_softmax(lg, -1)                                   # (S, N, V)
-    top = lg.argmax(-1)                                                # (S, N)
-    top_fin = fin.argmax(-1)                                           # (N,)
-    gold_logit = lg.gather(-1, gold.expand(lg.shape[0], -1).unsqueeze(-1))   # (S, N, 1)
-    fin_topk = fin.topk(max(ks), -1).indices if ks else None           # (N, kmax)
-    per_pos = {
-        "kl": (logp_fin.exp() * (logp_fin - logp)).sum(-1),
-        "top1_agree": (top == top_fin).double(),
-        **{f"p_at_{k}": (fin_topk[:, :k].unsqueeze(0) == top.unsqueeze(-1)).any(-1).double() for k in ks},
-        "surprisal": -logp_fin.expand_as(logp).gather(-1, top.unsqueeze(-1)).squeeze(-1),
-        "ce": -logp.gather(-1, gold.expand(lg.shape[0], -1).unsqueeze(-1)).squeeze(-1),
-        "acc": (top == gold).double(),
-        "gold_rank": 1.0 + (lg > gold_logit).sum(-1).double(),
-        "entropy": -(logp.exp() * logp).sum(-1),
-    }
-    return {k: v.double().sum(-1) for k, v in per_pos.items()}
+    lg = logits.unsqueeze(0) if logits.ndim == 2 else logits
+    ref = final_logits if isinstance(final_logits, FinalRef) else FinalRef.from_logits(final_logits, max(ks, default=1))
+    sums = [site_metric_sums(z, ref, gold, ks) for z in lg]
+    return {m: torch.stack([s[m] for s in sums]) for m in sums[0]}
 
 
 class LensSums:
@@ -204,15 +258,34 @@ def masked_states(batch: CaptureBatch, names: list[str]) -> tuple[torch.Tensor, 
     return torch.stack([batch[n][mm] for n in names]), batch.labels[mm]
 
 
+def final_reference(batch: CaptureBatch, arch: Any, n_layers: int, device: str = "cpu") -> FinalRef:
+    """The final distribution at the batch's masked positions, computed once per batch and shared by every analysis
+    fed from the same capture (:meth:`CaptureBatch.memo`): the logit lens, the tuned lens and layer drop.
+
+    Uses the capture's own MLM logits (``mlm_head.hook_out``) when they were recorded at exactly the masked
+    positions of a post-LN model, else decodes ``blocks.{L-1}.hook_resid_post`` with :func:`decode_hidden`.
+    """
+    def make() -> FinalRef:
+        mm = batch.masked_mask
+        head = batch.acts.get(MLM_HEAD)
+        if head is not None and not is_pre_ln(arch) and torch.equal(batch.head_positions, mm.nonzero()):
+            logits = head.to(device)
+        else:
+            with torch.no_grad():
+                logits = decode_hidden(arch, batch[f"blocks.{n_layers - 1}.hook_resid_post"][mm].to(device))
+        return FinalRef.from_logits(logits)
+
+    return batch.memo(f"lens.final_ref:{device}", make)
+
+
 class LogitLensAccumulator:
     """Streams ``mask15`` batches: decodes every site at masked positions, accumulates metric sums.
 
     Memory: O(N_batch·V) per batch (sites are decoded one at a time); nothing is kept across batches but the sums.
     """
 
-    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], sites: list[LensSite], label: str,
-                 device: str = "cpu") -> None:
-        self.decode = decode
+    def __init__(self, arch: Any, sites: list[LensSite], label: str, device: str = "cpu") -> None:
+        self.arch = arch
         self.sites = sites
         self.label = label
         self.device = device
@@ -223,12 +296,14 @@ class LogitLensAccumulator:
             return
         hs, gold = masked_states(batch, [s.name for s in self.sites])
         check_finite(hs[-1], f"the final layer ({self.sites[-1].name}) at masked positions", self.label)
-        hs, gold = hs.to(self.device), gold.to(self.device)
+        ref = final_reference(batch, self.arch, self.sites[-1].block + 1, self.device)
+        gold = gold.to(self.device)
         with torch.no_grad():
-            final = self.decode(hs[-1])
-            # one site at a time: peak memory O(N_batch·V), not O(S·N_batch·V) (S ≤ 2L + 1 sites, a short loop)
-            sums = [lens_metric_sums(self.decode(h), final, gold) for h in hs]
-        self.stats.add({m: torch.cat([s[m] for s in sums]) for m in METRICS}, int(gold.numel()))
+            # one site at a time: peak memory O(N_batch·V), not O(S·N_batch·V) (S ≤ 2L + 1 sites, a short loop);
+            # the last site is the final layer, whose logits the reference already holds
+            sums = [site_metric_sums(decode_hidden(self.arch, h.to(self.device)), ref, gold) for h in hs[:-1]]
+            sums.append(site_metric_sums(ref.logits, ref, gold))
+        self.stats.add({m: torch.stack([s[m] for s in sums]) for m in METRICS}, int(gold.numel()))
 
     def result(self) -> dict[str, pd.DataFrame]:
         if self.stats.n == 0:
@@ -259,13 +334,12 @@ class LogitLens(Analysis):
         include_mid: bool = True
 
     def names(self, ctx: AnalysisContext) -> list[str]:
-        return [s.name for s in lens_sites(ctx.n_layers, self.params.include_mid)]
+        return [s.name for s in lens_sites(ctx.n_layers, self.params.include_mid)] + [MLM_HEAD]
 
     def accumulator(self, ctx: AnalysisContext) -> LogitLensAccumulator:
         require_mlm_head(ctx, self.name)
-        arch = ctx.arch
-        return LogitLensAccumulator(lambda h: decode_hidden(arch, h), lens_sites(ctx.n_layers, self.params.include_mid),
-                                    checkpoint_label(ctx), ctx.device)
+        return LogitLensAccumulator(ctx.arch, lens_sites(ctx.n_layers, self.params.include_mid), checkpoint_label(ctx),
+                                    ctx.device)
 
 
 # The tuned lens is registered from its own module; importing it here lets ``analyses.base.load_all`` find it.

@@ -29,8 +29,9 @@ Reference: /work/shared/reference/redundancy.md. Two registered analyses:
 ``layer_drop`` (variant ``mask15``; needs the MLM head)
     Masked-LM loss at the probe set's [MASK] positions with one block / attention sub-layer / FFN sub-layer skipped,
     one-shot (each unit removed alone from the full model), done as an nnsight intervention on the unmodified model.
-    This analysis **runs its own forward passes by nature** (1 + 3L traced passes per batch, on at most
-    ``max_sentences`` sentences) — the shared capture cannot provide counterfactual runs. Conventions
+    This analysis **runs its own forward passes by nature** (one traced pass per batch over the batch repeated for
+    the 1 + 3L configurations, on at most ``max_sentences`` sentences) — the shared capture cannot provide
+    counterfactual runs. Conventions
     (redundancy.md §4): post-LN block skip h_out := h_in; attention skip h_mid := h_in (LN1 removed with the
     sub-layer); FFN skip h_out := h_mid (LN2 removed). Pre-LN: the sub-layer's output projection is zeroed (its
     residual contribution removed); the final norm stays.
@@ -250,7 +251,8 @@ def _envoy(net: Any, root: torch.nn.Module, module: torch.nn.Module) -> Any:
 
 
 class _DropRunner:
-    """Runs the encoder with one unit skipped (nnsight intervention) and returns the last block's output."""
+    """Runs every skip configuration in ONE traced forward pass over the batch repeated once per configuration
+    (rows ``c·B … (c+1)·B − 1`` carry configuration ``c``), so a batch costs one pass, not 1 + 3L."""
 
     def __init__(self, arch: Any) -> None:
         from nnsight import NNsight
@@ -264,29 +266,44 @@ class _DropRunner:
         self._env: Callable[[torch.nn.Module], Any] = lambda m: _envoy(self.net, enc, m)
         self.last = self._env(arch.layer(arch.n_layers - 1))
 
-    def _intervene(self, unit: str, l: int) -> None:
+    def _intervene(self, l: int, rows: dict[str, list[slice]]) -> None:
+        """Skip the units of block ``l`` in their row slices, touching the envoys in execution order."""
         a, env = self.arch, self._env
         if self.pre_ln:
-            targets = {"block": [a.attn_out_dense(l), a.mlp_out_dense(l)], "attn": [a.attn_out_dense(l)],
-                       "ffn": [a.mlp_out_dense(l)]}[unit]
-            for m in targets:
-                e = env(m)
-                e.output = torch.zeros_like(e.output)
+            zero = {"attn": rows["attn"] + rows["block"], "ffn": rows["ffn"] + rows["block"]}
+            for unit, m in (("attn", a.attn_out_dense(l)), ("ffn", a.mlp_out_dense(l))):
+                if zero[unit]:
+                    out = env(m).output
+                    for s in zero[unit]:
+                        out[s] = 0
             return
-        if unit == "ffn":
+        h_in = env(a.layer(l)).input if rows["attn"] or rows["block"] else None
+        ffn_keep: list[torch.Tensor] = []
+        if rows["attn"] or rows["ffn"]:
             mid = env(a.ln1(l)).output
-            env(a.ln2(l)).output = mid
-        else:
-            h_in = env(a.layer(l)).input
-            env(a.ln2(l) if unit == "block" else a.ln1(l)).output = h_in
+            ffn_keep = [mid[s].clone() for s in rows["ffn"]]
+            for s in rows["attn"]:
+                mid[s] = h_in[s]                        # attention skipped: the FFN reads the block's input
+        if rows["ffn"] or rows["block"]:
+            out = env(a.ln2(l)).output
+            for s, m in zip(rows["ffn"], ffn_keep):
+                out[s] = m                              # FFN skipped: the block returns its mid state
+            for s in rows["block"]:
+                out[s] = h_in[s]                        # block skipped: identity
 
-    def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, unit: str, l: int) -> torch.Tensor:
-        """(B, T, D) raw output of the last block with ``unit`` of block ``l`` skipped (``unit="none"``: intact)."""
-        with torch.no_grad(), self.net.trace(input_ids, attention_mask=attention_mask):
+    def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    configs: list[tuple[str, int]]) -> torch.Tensor:
+        """(C, B, T, D) raw output of the last block under each ``(unit, block)`` configuration (``"none"``: intact)."""
+        C, (B, T) = len(configs), input_ids.shape
+        per_layer: dict[int, dict[str, list[slice]]] = {}
+        for c, (unit, l) in enumerate(configs):
             if unit != "none":
-                self._intervene(unit, l)
+                per_layer.setdefault(l, {u: [] for u in UNITS})[unit].append(slice(c * B, (c + 1) * B))
+        with torch.no_grad(), self.net.trace(input_ids.repeat(C, 1), attention_mask=attention_mask.repeat(C, 1)):
+            for l in sorted(per_layer):
+                self._intervene(l, per_layer[l])
             out = self.last.output.save()
-        return out
+        return out.view(C, B, T, -1)
 
 
 class LayerDropAccumulator:
@@ -320,9 +337,11 @@ class LayerDropAccumulator:
         self._runner = self._runner or _DropRunner(self.arch)
         ids, am, mm = ids.to(self.device), am.to(self.device), mm.to(self.device)
         gold = labels.to(self.device)[mm]
-        for c, (unit, l) in enumerate(self.configs):
+        with torch.no_grad():
+            last = self._runner.last_hidden(ids, am, self.configs)
+        for c in range(len(self.configs)):
             with torch.no_grad():
-                logits = decode_hidden(self.arch, self._runner.last_hidden(ids, am, unit, l)[mm]).float()
+                logits = decode_hidden(self.arch, last[c][mm]).float()
             if c == 0:
                 check_finite(logits, "the final layer's MLM logits", self.label)
             self.ce[c] += float(torch.nn.functional.cross_entropy(logits, gold, reduction="sum"))
@@ -363,8 +382,8 @@ class LayerDrop(Analysis):
 
         Attributes:
             units: Which units to skip, comma-separated subset of ``block,attn,ffn``.
-            max_sentences: Use the probe set's sentences with id < max_sentences (each costs 1 + len(units)·L
-                forward passes); a fixed subset, independent of batching, so every checkpoint sees the same.
+            max_sentences: Use the probe set's sentences with id < max_sentences (each is run 1 + len(units)·L
+                times, in one pass per batch); a fixed subset, independent of batching, so every checkpoint sees the same.
         """
 
         units: str = "block,attn,ffn"

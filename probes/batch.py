@@ -26,8 +26,11 @@ into an analysis that forgets the mask; analyses should still use ``token_mask``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
 
 import torch
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -46,6 +49,7 @@ class CaptureBatch:
         labels: (B, T) gold token id at masked positions, -100 elsewhere (all -100 for ``clean``).
         head_positions: (N, 2) (batch row, position) pairs at which ``mlm_head.hook_out`` was recorded, in row order.
         acts: activation name -> tensor (float32, on CPU unless the capture was asked to keep them on device).
+        derived: quantities derived from ``acts`` that several analyses need (see :meth:`memo`).
     """
 
     variant: str
@@ -57,6 +61,17 @@ class CaptureBatch:
     labels: torch.Tensor
     head_positions: torch.Tensor
     acts: dict[str, torch.Tensor] = field(default_factory=dict)
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def memo(self, key: str, make: Callable[[], _T]) -> _T:
+        """``make()`` computed once per batch and shared by every analysis fed from it (one capture, many analyses).
+
+        Example: the final MLM distribution at the [MASK] positions, which the logit lens, the tuned lens and layer
+        drop all compare against. ``key`` must name everything the value depends on besides this batch.
+        """
+        if key not in self.derived:
+            self.derived[key] = make()
+        return self.derived[key]
 
     @property
     def token_mask(self) -> torch.Tensor:

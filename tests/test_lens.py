@@ -462,3 +462,16 @@ def test_runner_end_to_end_warm_start_chain(tmp_path):
     for name, table in (("logit_lens", "per_layer"), ("redundancy", "cka"), ("layer_drop", "per_unit")):
         assert sorted(load_results(run, name, table=table)["step"].unique()) == [0, 1, 2]
     assert len(list(run.rglob(TRANSLATORS_FILE))) == 3
+
+
+def test_logit_lens_shared_final_reference_equals_own_decode(micro, micro_mask15):
+    """The final distribution taken from the capture's head output (shared across analyses through the batch memo)
+    gives the same table as decoding the last hidden state inside the lens."""
+    _, shared = run_analysis(LogitLens(), lm_ctx(micro), micro_mask15)
+    own = [CaptureBatch(b.variant, b.sentence_ids, b.input_ids, b.attention_mask, b.special_mask, b.word_ids,
+                        b.labels, b.head_positions, {k: v for k, v in b.acts.items() if k != "mlm_head.hook_out"})
+           for b in micro_mask15]
+    _, alone = run_analysis(LogitLens(), lm_ctx(micro), own)
+    assert all("lens.final_ref:cpu" in b.derived for b in micro_mask15)
+    for m in ("kl", "ce", "entropy", "surprisal", "gold_rank", "top1_agree"):
+        assert list(shared["per_layer"][m]) == pytest.approx(list(alone["per_layer"][m]), rel=1e-5, abs=1e-6), m
