@@ -120,14 +120,22 @@ def bench_command(
     """Time shared capture vs. naive (one capture per analysis), and 1 vs N workers, into scratch stores."""
     timings = _guard(lambda: run_bench(run, _names(analyses), steps, str(probes) if probes else None, batch_size,
                                        workers))
-    table = Table("mode", "seconds", "capture s", "analyses s", "checkpoints", "failed")
+    out_console = Console()
+    table = Table("mode", "seconds", "load s", "capture s", "analyses s", "checkpoints", "failed")
     for mode, t in timings["modes"].items():
-        table.add_row(mode, f"{t['seconds']:.1f}", f"{t['capture_s']:.1f}", f"{sum(t['compute_s'].values()):.1f}",
-                      str(t["checkpoints"]), str(t["failed"]))
-    Console().print(table)
-    Console().print(f"naive / shared = {timings['naive_over_shared']:.2f}x   "
-                    f"1 worker / {workers} workers = {timings['speedup_workers']:.2f}x   "
-                    f"shared and naive results identical: {timings['identical']}")
+        table.add_row(mode, f"{t['seconds']:.1f}", f"{t['load_s']:.1f}", f"{t['capture_s']:.1f}",
+                      f"{sum(t['compute_s'].values()):.1f}", str(t["checkpoints"]), str(t["failed"]))
+    out_console.print(table)
+    per = Table("analysis", "shared: compute s", "naive: compute s", title="analysis compute (summed over workers)")
+    shared, naive = timings["modes"]["shared"]["compute_s"], timings["modes"]["naive"]["compute_s"]
+    for name in sorted(shared, key=shared.get, reverse=True):
+        per.add_row(name, f"{shared[name]:.1f}", f"{naive.get(name, 0.0):.1f}")
+    out_console.print(per)
+    out_console.print(f"naive / shared = {timings['naive_over_shared']:.2f}x   "
+                      f"capture alone: naive / shared = {timings['capture_ratio']:.2f}x   "
+                      f"analysis compute = {timings['compute_share']:.0%} of the shared run\n"
+                      f"1 worker / {workers} workers = {timings['speedup_workers']:.2f}x   "
+                      f"shared and naive results identical: {timings['identical']}")
     if out:
         out.write_text(json.dumps(timings, indent=1))
 
@@ -136,10 +144,12 @@ def run_bench(run: Path, analyses: Optional[list[str]], steps: Optional[str], pr
               batch_size: int, workers: int) -> dict[str, Any]:
     """Analyse RUN three times into scratch result stores: shared capture, naive, shared with N workers.
 
-    The probe set is resolved once beforehand (not timed); each mode starts from an empty store (``force``).
+    The probe set is resolved and one checkpoint analysed once beforehand (not timed, so imports and first-call
+    costs land on no mode); each mode starts from an empty store (``force``).
 
     Returns:
-        ``{"modes": {mode: {seconds, checkpoints, failed}}, "naive_over_shared", "speedup_workers", "identical"}``.
+        ``{"modes": {mode: {seconds, checkpoints, failed, load_s, capture_s, compute_s}}, "naive_over_shared",
+        "capture_ratio", "compute_share", "speedup_workers", "identical"}``.
     """
     base = dict(analyses=analyses, steps=steps, probes=probes, batch_size=batch_size, force=True)
     probe_set = Runner(run, RunnerConfig(**base)).probe_set()
@@ -147,6 +157,13 @@ def run_bench(run: Path, analyses: Optional[list[str]], steps: Optional[str], pr
              f"shared, {workers} workers": dict(workers=workers)}
     out: dict[str, Any] = {"modes": {}}
     with tempfile.TemporaryDirectory(prefix="mlmscope-bench-") as scratch:
+        # untimed warm-up on the first checkpoint: imports and first-call costs would otherwise land on one mode
+        from analyses.runner import parse_steps
+        from checkpoints.manifest import list_checkpoints
+
+        first = next((c.step for c in list_checkpoints(run) if parse_steps(steps)(c.step)), 0)
+        Runner(run, RunnerConfig(**{**base, "steps": str(first)},
+                                 results_dir=os.path.join(scratch, "warmup")), probe_set=probe_set).run()
         stores = {}
         for mode, extra in modes.items():
             cfg = RunnerConfig(**base, **extra, results_dir=os.path.join(scratch, mode.replace(" ", "_")))
@@ -160,6 +177,9 @@ def run_bench(run: Path, analyses: Optional[list[str]], steps: Optional[str], pr
         out["identical"] = _same_results(stores["shared"], stores["naive"])
     t = {m: v["seconds"] for m, v in out["modes"].items()}
     out["naive_over_shared"] = t["naive"] / t["shared"]
+    sh, nv = out["modes"]["shared"], out["modes"]["naive"]
+    out["capture_ratio"] = nv["capture_s"] / sh["capture_s"] if sh["capture_s"] else float("nan")
+    out["compute_share"] = sum(sh["compute_s"].values()) / t["shared"]
     out["speedup_workers"] = t["shared"] / t[f"shared, {workers} workers"]
     return out
 
