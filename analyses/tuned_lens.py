@@ -417,8 +417,11 @@ class TunedLens(Analysis):
 
         Attributes:
             max_positions: Masked positions kept for fitting + evaluation (bounds memory; keep ≫ d_model, lens.md §5).
-                1024 and ``max_steps=100`` (tuned-lens uses 250) keep one fit at ~1 min per checkpoint of the
-                ``demo`` model on one CPU core; warm starts from the previous checkpoint need fewer steps.
+            max_steps, tol, patience: At most 100 steps (tuned-lens uses 250), stopped when the training KL improved
+                by less than 1 % over the last 10 steps. On 1,024 positions longer fits overfit: along a warm-started
+                chain of five ``demo`` checkpoints (10,800–12,000) the held-out KL of the embedding translator was
+                0.91–1.07 with this rule (10–31 steps, 9.9 s for the chain) and 0.95–1.21 with the stricter
+                0.1 %/20 steps (48–99 steps, 41.6 s).
             heldout_every: Sentences with ``sentence_id % heldout_every == 0`` are held out for evaluation
                 (0 = evaluate on the training positions).
             compare_cold: With a warm start, also fit from zero and report the step saving (doubles the cost).
@@ -431,8 +434,8 @@ class TunedLens(Analysis):
         optimizer: str = "sgd"
         lr: float | None = None
         max_steps: int = 100
-        tol: float = 1e-3
-        patience: int = 20
+        tol: float = 1e-2
+        patience: int = 10
         weight_decay: float = 1e-3
         compare_cold: bool = False
         warm_tolerance: float = 0.02
