@@ -18,8 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from analyses.runner import Runner, RunnerConfig, RunnerError, RichReporter, print_summary
-from analyses.store import ResultStore, StoreError
+# analyses.runner / analyses.store (torch, pandas) are imported inside the commands so `mlmscope --help` stays fast.
 
 app = typer.Typer(help="The registered analyses: list them, show recorded failures, benchmark the runner.",
                   no_args_is_help=True)
@@ -28,6 +27,8 @@ console = Console(stderr=True)
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception classes whose message is user-facing (printed without a traceback)."""
+    from analyses.runner import RunnerError
+    from analyses.store import StoreError
     from probes.model import ProbeError
 
     return RunnerError, StoreError, ProbeError, FileNotFoundError
@@ -71,6 +72,9 @@ def analyze_command(
     verify_hash: bool = typer.Option(True, help="Re-hash weights against the manifest before analysing."),
 ) -> None:
     """Run every requested analysis over every checkpoint of RUN: cached, resumable, in parallel, with progress."""
+    from analyses.runner import Runner, RunnerConfig, RichReporter, print_summary
+    from analyses.store import ResultStore
+
     cfg = RunnerConfig(analyses=_names(analyses), steps=steps, workers=workers, backend=backend, address=address,
                        force=force, follow=follow, poll_s=poll, idle_timeout_s=idle_timeout,
                        probes=str(probes) if probes else None, batch_size=batch_size, device=device,
@@ -98,6 +102,8 @@ def list_command() -> None:
 @app.command("failures")
 def failures_command(run: Path = typer.Argument(..., help="Run folder.")) -> None:
     """Recorded failures of RUN (checkpoint, analysis, error); exit 1 if there are any."""
+    from analyses.store import ResultStore
+
     recs = ResultStore(run).failures()
     table = Table("step", "checkpoint", "analysis", "error")
     for r in sorted(recs, key=lambda r: (r.get("step") or 0, r["analysis"])):
@@ -151,6 +157,8 @@ def run_bench(run: Path, analyses: Optional[list[str]], steps: Optional[str], pr
         ``{"modes": {mode: {seconds, checkpoints, failed, load_s, capture_s, compute_s}}, "naive_over_shared",
         "capture_ratio", "compute_share", "speedup_workers", "identical"}``.
     """
+    from analyses.runner import RichReporter, Runner, RunnerConfig
+
     base = dict(analyses=analyses, steps=steps, probes=probes, batch_size=batch_size, force=True)
     probe_set = Runner(run, RunnerConfig(**base)).probe_set()
     modes = {"shared": dict(shared_capture=True), "naive": dict(shared_capture=False),
@@ -184,7 +192,7 @@ def run_bench(run: Path, analyses: Optional[list[str]], steps: Optional[str], pr
     return out
 
 
-def _same_results(a: ResultStore, b: ResultStore) -> bool:
+def _same_results(a: Any, b: Any) -> bool:
     """Every table of every analysis equal (to float tolerance) between two stores."""
     import pandas as pd
 

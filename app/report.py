@@ -26,8 +26,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import typer
-from typing_extensions import Annotated
 
 from analyses.onset import OnsetParams, detect_onset
 from analyses.store import ResultStore, StoreError
@@ -529,20 +527,3 @@ def build_report(run: str | os.PathLike, max_rows: int = 12, onset: OnsetParams 
              mask_rank_section(traj, max_rows), outliers_section(traj, max_rows),
              redundancy_section(traj, max_rows), lens_section(traj, max_rows)]
     return "\n\n".join(parts) + "\n"
-
-
-def report_command(
-    run: Annotated[Path, typer.Argument(help="Run folder analysed with `mlmscope analyze`.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the Markdown to this file.")] = None,
-    max_rows: Annotated[int, typer.Option("--max-rows", help="Checkpoints per table (log-spaced, first and last "
-                                          "included).")] = 12,
-    onset_min_step: Annotated[float, typer.Option("--onset-min-step", help="Onsets ignore checkpoints before this "
-                                                  "step (e.g. to skip the initial fall to the unigram loss).")] = 0.0,
-) -> None:
-    """Print a Markdown report of a run's analysed trajectory (to paste into README.md)."""
-    text = build_report(run, max_rows=max_rows, onset=OnsetParams(min_step=onset_min_step))
-    typer.echo(text, nl=False)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, text)
-        typer.echo(f"wrote {out}", err=True)

@@ -122,7 +122,8 @@ def test_page_in_browser(server, browser, slug, tmp_path):
         slider = page.locator('[data-testid="stSidebar"] [data-testid="stSlider"] input[type="range"]')
         last = slider.get_attribute("aria-valuetext")
         slider.focus()
-        page.keyboard.press("ArrowLeft")  # one checkpoint earlier
+        for _ in range(5):  # five checkpoints earlier: adjacent late checkpoints of a real run can share a value
+            page.keyboard.press("ArrowLeft")
         after = _settled_metrics(page, differ_from=before)
         assert after != before, f"{slug}: the visible values did not change after moving the slider ({before})"
         assert slider.get_attribute("aria-valuetext") != last

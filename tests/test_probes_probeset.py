@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from conftest import FIXTURE_TEXT
 from probes import ProbeError, capture, load_model, prepare
 from probes.align import SKIP_EMPTY_WORD, SKIP_TOO_LONG, empty_words, encode_words, piece_to_word_matrix
-from probes.cli import app
+from app.probes_cli import app
 from probes.probeset import (BuildConfig, ProbeSetError, build_probe_set, load_parser, load_probe_set, read_conllu,
                              sentences_of)
 

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from app.report import NA, ReportError, build_report, fmt, md_table, report_command, select_steps
+from app.report import NA, ReportError, build_report, fmt, md_table, select_steps
+from app.report_cli import report_command
 
 STEPS = [0, 1, 2, 4, 8, 10, 20]
 SECTIONS = ["### Training", "### Syntactic attention structure (SAS)", "### [MASK] rank deficiency",

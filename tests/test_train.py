@@ -346,3 +346,12 @@ def test_ddp_two_cpu_processes(tmp_path, small_corpus):
     from transformers import AutoModelForMaskedLM
 
     AutoModelForMaskedLM.from_pretrained(str(run / m.checkpoints[-1].path))
+
+
+def test_cli_import_is_light():
+    """`mlmscope --help` must not pay for torch/pandas/transformers (4.7 s before; the commands import them)."""
+    code = "import sys, app.cli; print(sorted(m for m in ('torch', 'pandas', 'transformers') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    assert "analyze" in _cli("--help").stdout

@@ -8,7 +8,6 @@ from typing import Optional
 
 import typer
 
-from probes.model import ProbeError
 
 app = typer.Typer(help="Probe sets (parsed held-out sentences) and activation capture.", no_args_is_help=True)
 
@@ -34,6 +33,7 @@ def build(
                                                      "parsing text."),
 ) -> None:
     """Build a probe set from held-out validation text (spaCy silver parses) or import a CoNLL-U file."""
+    from probes.model import ProbeError
     from probes.probeset import BuildConfig, build_default, read_conllu
 
     try:
@@ -85,7 +85,7 @@ def bench(
     import torch
 
     from probes.bench import run_bench, synthetic_sentences
-    from probes.model import load_model
+    from probes.model import ProbeError, load_model
     from probes.probeset import load_probe_set
 
     if names not in NAME_GROUPS or route not in ("nnsight", "hf", "both"):
