@@ -11,6 +11,8 @@ trajectory sees the same masked inputs.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from probes.model import ProbeError
@@ -37,11 +39,17 @@ def mask_positions(variant: str, n_pieces: int, sentence_id: int, seed: int = 0)
         seed: Global masking seed.
     """
     check_variant(variant)
+    return np.array(_positions(variant, n_pieces, sentence_id, seed), dtype=np.int64)
+
+
+@lru_cache(maxsize=1 << 16)
+def _positions(variant: str, n_pieces: int, sentence_id: int, seed: int) -> tuple[int, ...]:
+    """Memoised: a trajectory asks for the same sentences at every checkpoint (a generator costs ~50 µs to seed)."""
     if variant == "clean" or n_pieces == 0:
-        return np.zeros(0, dtype=np.int64)
+        return ()
     k = 1 if variant == "mask1" else max(1, int(round(MASK15_RATE * n_pieces)))
     rng = np.random.default_rng([seed, _VARIANT_CODE[variant], sentence_id])
-    return np.sort(rng.choice(n_pieces, size=min(k, n_pieces), replace=False))
+    return tuple(np.sort(rng.choice(n_pieces, size=min(k, n_pieces), replace=False)).tolist())
 
 
 def apply_mask(input_ids: list[int], special: list[bool], variant: str, sentence_id: int, mask_id: int,
