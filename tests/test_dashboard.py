@@ -339,3 +339,19 @@ def test_benchmark_store_and_timing(analysed, tmp_path, monkeypatch):
     monkeypatch.setenv("MLMSCOPE_RUNS", str(store))
     times = bench_pages(store, moves=2, pages=("syntax", "lens"))
     assert set(times) == {"syntax", "lens"} and all(len(t) == 2 and min(t) > 0 for t in times.values())
+
+
+def test_analyses_bench_scratch_stores_identical_results(analysed):
+    """`mlmscope analyses bench`: three modes on the same checkpoints, shared and naive results identical, and the
+    run's own results store untouched (the bench writes to scratch stores only)."""
+    from analyses.cli import run_bench
+
+    index = analysed / "results" / "index.json"
+    before = index.read_bytes() if index.exists() else None
+    out = run_bench(analysed, ["sas", "redundancy"], "0,30", None, 32, 2)
+    assert set(out["modes"]) == {"shared", "naive", "shared, 2 workers"}
+    assert all(m["checkpoints"] == 2 and m["failed"] == 0 for m in out["modes"].values())
+    assert out["identical"] is True
+    assert set(out["modes"]["naive"]["compute_s"]) == {"sas", "redundancy"}
+    assert out["naive_over_shared"] > 0 and 0 < out["compute_share"] < 1
+    assert (index.read_bytes() if index.exists() else None) == before
