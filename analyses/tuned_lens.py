@@ -41,7 +41,7 @@ from torch import nn
 
 from analyses.base import Analysis, AnalysisContext, register
 from analyses.lens import (
-    METRICS, LensSite, LensSums, NoMaskedPositionsError, check_finite, checkpoint_label, decode_hidden,
+    METRICS, FinalRef, LensSite, LensSums, NoMaskedPositionsError, check_finite, checkpoint_label, decode_hidden,
     lens_metric_sums, masked_states, require_mlm_head,
 )
 from probes.batch import CaptureBatch
@@ -337,8 +337,8 @@ class TunedLensAccumulator:
     def _score(self, hs: torch.Tensor, gold: torch.Tensor, tr: AffineTranslators | None) -> LensSums:
         stats = LensSums(len(self.sites))
         with torch.no_grad():
-            final = self._decode(hs[-1])
-            sums = [lens_metric_sums(self._decode(h if tr is None or k >= tr.n else tr.translate(k, h)), final, gold)
+            ref = FinalRef.from_logits(self._decode(hs[-1]))
+            sums = [lens_metric_sums(self._decode(h if tr is None or k >= tr.n else tr.translate(k, h)), ref, gold)
                     for k, h in enumerate(hs)]
         stats.add({m: torch.cat([s[m] for s in sums]) for m in METRICS}, int(gold.numel()))
         return stats
