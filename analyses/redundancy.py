@@ -30,7 +30,8 @@ Reference: /work/shared/reference/redundancy.md. Two registered analyses:
     Masked-LM loss at the probe set's [MASK] positions with one block / attention sub-layer / FFN sub-layer skipped,
     one-shot (each unit removed alone from the full model), done as an nnsight intervention on the unmodified model.
     This analysis **runs its own forward passes by nature** (one traced pass per batch over the batch repeated for
-    the 1 + 3L configurations, on at most ``max_sentences`` sentences) — the shared capture cannot provide
+    the 1 + 3L configurations — split when that exceeds ``MAX_STACKED_ROWS`` rows — on at most ``max_sentences``
+    sentences) — the shared capture cannot provide
     counterfactual runs. Conventions
     (redundancy.md §4): post-LN block skip h_out := h_in; attention skip h_mid := h_in (LN1 removed with the
     sub-layer); FFN skip h_out := h_mid (LN2 removed). Pre-LN: the sub-layer's output projection is zeroed (its
@@ -61,6 +62,11 @@ __all__ = ["LayerDrop", "LayerDropAccumulator", "Redundancy", "RedundancyAccumul
 
 _F64 = torch.float64
 UNITS = ("block", "attn", "ffn")
+
+#: Rows (sentences × skip configurations) of one stacked layer-drop pass. Bounds its memory, which grows with
+#: rows × heads × T²: 256 rows of a 12-head model at T = 128 hold 200 MB of fp32 attention probabilities per layer.
+#: The ``demo`` model's 7 configurations × 32 sentences fit in one pass; BERT-base's 37 take five.
+MAX_STACKED_ROWS = 256
 
 #: What skipping a unit means, stored with every layer-drop result (redundancy.md §4 asks to record it).
 DROP_CONVENTIONS = {
@@ -337,15 +343,18 @@ class LayerDropAccumulator:
         self._runner = self._runner or _DropRunner(self.arch)
         ids, am, mm = ids.to(self.device), am.to(self.device), mm.to(self.device)
         gold = labels.to(self.device)[mm]
-        with torch.no_grad():
-            last = self._runner.last_hidden(ids, am, self.configs)
-        for c in range(len(self.configs)):
+        per_pass = max(1, MAX_STACKED_ROWS // ids.shape[0])
+        for first in range(0, len(self.configs), per_pass):
             with torch.no_grad():
-                logits = decode_hidden(self.arch, last[c][mm]).float()
-            if c == 0:
-                check_finite(logits, "the final layer's MLM logits", self.label)
-            self.ce[c] += float(torch.nn.functional.cross_entropy(logits, gold, reduction="sum"))
-            self.correct[c] += float((logits.argmax(-1) == gold).sum())
+                last = self._runner.last_hidden(ids, am, self.configs[first: first + per_pass])
+            for i, h in enumerate(last):
+                c = first + i
+                with torch.no_grad():
+                    logits = decode_hidden(self.arch, h[mm]).float()
+                if c == 0:
+                    check_finite(logits, "the final layer's MLM logits", self.label)
+                self.ce[c] += float(torch.nn.functional.cross_entropy(logits, gold, reduction="sum"))
+                self.correct[c] += float((logits.argmax(-1) == gold).sum())
         self.n_masked += int(gold.numel())
 
     def result(self) -> dict[str, pd.DataFrame]:
@@ -383,7 +392,7 @@ class LayerDrop(Analysis):
         Attributes:
             units: Which units to skip, comma-separated subset of ``block,attn,ffn``.
             max_sentences: Use the probe set's sentences with id < max_sentences (each is run 1 + len(units)·L
-                times, in one pass per batch); a fixed subset, independent of batching, so every checkpoint sees the same.
+                times, stacked into one pass per batch or a few, see ``MAX_STACKED_ROWS``); a fixed subset, independent of batching, so every checkpoint sees the same.
         """
 
         units: str = "block,attn,ffn"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -236,3 +237,14 @@ def test_layer_drop_no_masked_positions_and_cap(micro):
     _, res = run_analysis(LayerDrop(LayerDrop.Params(units="block", max_sentences=3)), lm_ctx(micro), batches)
     df = res["per_unit"]
     assert df["n_sentences"].iloc[0] == 3 and set(df["unit"]) == {"none", "block"}
+
+
+def test_layer_drop_same_in_one_or_many_stacked_passes(micro, monkeypatch):
+    """Splitting the skip configurations over several stacked passes (large models) changes no number."""
+    import analyses.redundancy as red
+
+    batches = list(capture(micro, SENTS, variants=("mask15",), names=[], batch_size=8))
+    _, one = run_analysis(LayerDrop(), lm_ctx(micro), batches)
+    monkeypatch.setattr(red, "MAX_STACKED_ROWS", 8)          # one configuration per pass
+    _, many = run_analysis(LayerDrop(), lm_ctx(micro), batches)
+    pd.testing.assert_frame_equal(one["per_unit"], many["per_unit"], rtol=1e-5)
