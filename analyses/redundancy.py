@@ -392,7 +392,8 @@ class LayerDrop(Analysis):
         Attributes:
             units: Which units to skip, comma-separated subset of ``block,attn,ffn``.
             max_sentences: Use the probe set's sentences with id < max_sentences (each is run 1 + len(units)·L
-                times, stacked into one pass per batch or a few, see ``MAX_STACKED_ROWS``); a fixed subset, independent of batching, so every checkpoint sees the same.
+                times, stacked into one pass per batch or a few, see ``MAX_STACKED_ROWS``); a fixed subset,
+                independent of batching, so every checkpoint sees the same.
         """
 
         units: str = "block,attn,ffn"
