@@ -259,8 +259,9 @@ def masked_states(batch: CaptureBatch, names: list[str]) -> tuple[torch.Tensor, 
 
 
 def final_reference(batch: CaptureBatch, arch: Any, n_layers: int, device: str = "cpu") -> FinalRef:
-    """The final distribution at the batch's masked positions, computed once per batch and shared by every analysis
-    fed from the same capture (:meth:`CaptureBatch.memo`): the logit lens, the tuned lens and layer drop.
+    """The final distribution at the batch's masked positions, computed once per batch (:meth:`CaptureBatch.memo`)
+    so that every analysis fed from the same capture that compares against it pays for it once (the logit lens;
+    any analysis added later that reads the final [MASK] distribution should use this too).
 
     Uses the capture's own MLM logits (``mlm_head.hook_out``) when they were recorded at exactly the masked
     positions of a post-LN model, else decodes ``blocks.{L-1}.hook_resid_post`` with :func:`decode_hidden`.
