@@ -104,6 +104,9 @@ def failures_command(run: Path = typer.Argument(..., help="Run folder.")) -> Non
     """Recorded failures of RUN (checkpoint, analysis, error); exit 1 if there are any."""
     from analyses.store import ResultStore
 
+    if not run.is_dir():
+        console.print(f"[bold red]error:[/] run folder {str(run)!r} does not exist", highlight=False)
+        raise typer.Exit(1)
     recs = ResultStore(run).failures()
     table = Table("step", "checkpoint", "analysis", "error")
     for r in sorted(recs, key=lambda r: (r.get("step") or 0, r["analysis"])):

@@ -203,7 +203,9 @@ class UserError(Exception):
 def main() -> None:
     """Console entry point: run the typer app, turning any error into one clear message and exit code 1."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)   # click returns (not raises) the code of a `typer.Exit(n)` in this mode
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except SystemExit:
         raise
     except KeyboardInterrupt:

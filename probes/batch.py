@@ -66,8 +66,9 @@ class CaptureBatch:
     def memo(self, key: str, make: Callable[[], _T]) -> _T:
         """``make()`` computed once per batch and shared by every analysis fed from it (one capture, many analyses).
 
-        Example: the final MLM distribution at the [MASK] positions, which the logit lens, the tuned lens and layer
-        drop all compare against. ``key`` must name everything the value depends on besides this batch.
+        Example: the final MLM distribution at the [MASK] positions (``analyses.lens.final_reference``), which the
+        logit lens compares every layer against. ``key`` must name everything the value depends on besides this
+        batch.
         """
         if key not in self.derived:
             self.derived[key] = make()

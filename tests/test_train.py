@@ -355,3 +355,12 @@ def test_cli_import_is_light():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
     assert "analyze" in _cli("--help").stdout
+
+
+@pytest.mark.parametrize("args", [["analyze", "/nonexistent/run"], ["analyses", "failures", "/nonexistent/run"],
+                                  ["probes", "build", "--conllu", "/nonexistent.conllu"]])
+def test_cli_errors_exit_nonzero(args):
+    """Commands that end in typer.Exit(1) must exit 1 through the console entry point (click returns the code)."""
+    r = _cli(*args)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "error" in (r.stderr + r.stdout).lower() and "Traceback" not in r.stderr
