@@ -194,11 +194,14 @@ def _fit_one(h: torch.Tensor, logp_final: torch.Tensor, head_fn: Callable[[torch
     while True:
         opt.zero_grad(set_to_none=True)
         total = 0.0
+        last = steps >= cfg.max_steps                  # the final evaluation needs no gradient
         for c in chunks:
             hc = h[c]
-            loss = torch.nn.functional.cross_entropy(head_fn(hc + hc @ weight.T + bias).float(), p_final[c],
-                                                     reduction="sum") / n
-            loss.backward()
+            with torch.set_grad_enabled(not last):
+                loss = torch.nn.functional.cross_entropy(head_fn(hc + hc @ weight.T + bias).float(), p_final[c],
+                                                         reduction="sum") / n
+            if not last:
+                loss.backward()
             total += float(loss.detach())
         history.append(total - entropy)
         if steps >= cfg.max_steps or _plateaued(history, cfg):

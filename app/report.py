@@ -414,22 +414,28 @@ def redundancy_section(traj: Trajectory, max_rows: int) -> str:
     out = ["### Layer redundancy and layer drop",
            "1 − cos(input, output) of each block (attn = block input → after attention + LN1, ffn = after attention "
            "→ block output), averaged over real tokens: 0 = the unit leaves its input's direction unchanged."]
-    per = _results(traj, "redundancy", "per_layer")
-    if per is None:
-        out.append(no_results(traj, "redundancy"))
-    else:
-        table, narrowed = _unit_table(per, "redundancy", max_rows)
-        out += ["", table] + (["(attention / FFN columns omitted: too many layers.)"] if narrowed else [])
+    out += _wide_table(traj, "redundancy", "per_layer", lambda per: _unit_table(per, "redundancy", max_rows),
+                       "attention / FFN")
     out += ["", "Layer drop: increase of the masked-LM loss (nats, masked positions of the probe set) when one unit "
             "is skipped; loss = the intact model's loss on the same positions."]
-    drop = _results(traj, "layer_drop", "per_unit")
-    if drop is None:
-        out.append(no_results(traj, "layer_drop"))
-        return "\n".join(out)
-    base = {int(r["step"]): fmt(r["loss"]) for _, r in drop[drop["unit"] == "none"].iterrows()}
-    table, narrowed = _unit_table(drop[drop["unit"] != "none"], "delta_loss", max_rows, base, "loss")
-    out += ["", table] + (["(attention / FFN columns omitted: too many layers.)"] if narrowed else [])
+
+    def drop_table(drop: pd.DataFrame) -> tuple[str, bool]:
+        base = {int(r["step"]): fmt(r["loss"]) for _, r in drop[drop["unit"] == "none"].iterrows()}
+        return _unit_table(drop[drop["unit"] != "none"], "delta_loss", max_rows, base, "loss")
+
+    out += _wide_table(traj, "layer_drop", "per_unit", drop_table, "attention / FFN")
     return "\n".join(out)
+
+
+def _wide_table(traj: Trajectory, analysis: str, table: str, build: Callable[[pd.DataFrame], tuple[str, bool]],
+                omitted: str) -> list[str]:
+    """Lines for one step × unit table: ``build(results)`` with a note when it dropped columns, or the no-results
+    line."""
+    df = _results(traj, analysis, table)
+    if df is None:
+        return [no_results(traj, analysis)]
+    text, narrowed = build(df)
+    return ["", text] + ([f"({omitted} columns omitted: too many layers.)"] if narrowed else [])
 
 
 def _site_label(site: str, block: int) -> str:
@@ -458,12 +464,7 @@ def lens_section(traj: Trajectory, max_rows: int) -> str:
            "KL(final ‖ layer): KL divergence (nats) from the model's output distribution at [MASK] positions to the "
            "distribution read from an intermediate layer through the full MLM head (logit lens), or through a "
            "fitted affine translator first (tuned lens); 0 = the layer already predicts what the model outputs."]
-    logit = _results(traj, "logit_lens", "per_layer")
-    if logit is None:
-        out.append(no_results(traj, "logit_lens"))
-    else:
-        table, narrowed = _kl_table(logit, max_rows)
-        out += ["", table] + (["(after-attention columns omitted: too many layers.)"] if narrowed else [])
+    out += _wide_table(traj, "logit_lens", "per_layer", lambda logit: _kl_table(logit, max_rows), "after-attention")
     out += ["", "Logit vs tuned lens, KL(final ‖ layer) on held-out masked positions:"]
     tuned = _results(traj, "tuned_lens", "per_layer")
     if tuned is None:
