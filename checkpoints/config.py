@@ -44,11 +44,12 @@ class TrainConfig:
             to 0 at ``max_steps``.
         mask_rate: Fraction of non-special tokens selected for prediction (BERT: 0.15).
         mask_replace: ``"80/10/10"`` (BERT default: [MASK] / random / unchanged) or ``"mask"`` (100 % [MASK]).
-        precision: ``"fp32"`` or ``"bf16"`` (autocast; weights and optimiser state stay fp32).
+        precision: ``"auto"`` (bf16 autocast where the device computes bf16 natively, else fp32;
+            ``checkpoints.hardware``), ``"fp32"`` or ``"bf16"`` (autocast; weights and optimiser state stay fp32).
+            What ``auto`` chose, and why, is saved in the manifest (``run.levers``).
         attn: HF attention implementation while training: ``"sdpa"``, ``"eager"``, ``"eager_fp32"``
-            (``checkpoints.attention``) or ``"auto"`` = SDPA on CUDA, ``eager_fp32`` on CPU (measured on the 2-core
-            CPU under bf16: eager 0.70–0.79 s/step vs SDPA 0.90–1.03 s/step at ``tiny``, 68–75 vs 83–104 ms at
-            ``demo``). Checkpoints load with any implementation.
+            (``checkpoints.attention``) or ``"auto"`` (``checkpoints.hardware.resolve_attention``: SDPA on CUDA,
+            eager kernels on CPU). Checkpoints load with any implementation.
         compile: ``torch.compile`` the model (CUDA only; on CPU it did not help).
         init_seed: Seed of the weight initialisation (MultiBERTs-style, separate from ``data_seed``).
         data_seed: Seed of the data order and masking.
@@ -68,7 +69,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     mask_rate: float = 0.15
     mask_replace: str = "80/10/10"
-    precision: str = "bf16"
+    precision: str = "auto"
     attn: str = "auto"
     compile: bool = False
     init_seed: int = 0

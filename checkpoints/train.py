@@ -3,7 +3,8 @@
 Read top to bottom: ``train()`` prepares the run folder, data and model, then loops over optimiser steps, saving a
 checkpoint (plus a rolling resumable state) at every step of the schedule. Speed levers on CPU (see README
 "Benchmark"): packed sequences with no padding mask, sparse prediction (the MLM head only at masked positions),
-SDPA attention, bf16 autocast, batches built by pure functions of the step (no data-loader workers).
+attention and precision chosen by what the hardware computes natively (``checkpoints.hardware``: bf16 autocast only
+where bf16 is native), batches built by pure functions of the step (no data-loader workers).
 
 Exact resume: each step's batch and masks are functions of (data_seed, step) (``checkpoints.data``); the optimiser,
 scheduler, RNG and loss-EMA states are saved with the latest checkpoint, so a run killed at any moment and resumed
@@ -12,6 +13,7 @@ from it reproduces the uninterrupted per-step losses and final weights bit for b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from transformers import BertForMaskedLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from checkpoints import attention, distributed
+from checkpoints import attention, distributed, hardware  # noqa: F401 (attention registers eager_fp32)
 from checkpoints.config import RunConfig, TrainConfig
 from checkpoints.corpus import cache_root, load_corpus, source_description
 from checkpoints.data import Masker, StepBatches, pack, unigram_entropy
@@ -118,8 +120,33 @@ def _autocast(precision: str, device: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
     if precision != "fp32":
-        raise TrainingError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
+        raise TrainingError(f"precision must be 'fp32' or 'bf16' once resolved, not {precision!r}")
     return nullcontext()
+
+
+def resolve_levers(tc: TrainConfig, device: str, recorded: dict | None = None) -> tuple[TrainConfig, dict]:
+    """Turn ``auto`` precision/attention into concrete choices for this device (``checkpoints.hardware``).
+
+    Args:
+        tc: The run's training config (may say ``auto``).
+        device: Where the run trains.
+        recorded: The choices a resumed run made originally (``manifest.run["levers"]``): reused, so a resume
+            computes exactly what the original run did even on another machine.
+
+    Returns:
+        (a copy of ``tc`` with concrete ``precision`` and ``attn``, the choices with their reasons).
+    """
+    if recorded:
+        prec = hardware.Choice(**recorded["precision"])
+        attn = hardware.Choice(**recorded["attention"])
+    else:
+        try:
+            prec = hardware.resolve_precision(tc.precision, device)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+        attn = hardware.resolve_attention(tc.attn, device, prec.value)
+    levers = {"precision": prec.to_dict(), "attention": attn.to_dict(), "hardware": hardware.describe()}
+    return dataclasses.replace(tc, precision=prec.value, attn=attn.value), levers
 
 
 def _versions() -> dict[str, str]:
@@ -207,7 +234,7 @@ def _build_model(cfg: RunConfig, vocab_size: int, device: str = "cpu") -> BertFo
     bert_cfg = cfg.model.to_bert_config(vocab_size=vocab_size)
     attn = cfg.train.attn
     if attn == "auto":
-        attn = "sdpa" if device.startswith("cuda") else attention.NAME
+        attn = resolve_levers(cfg.train, device)[0].attn
     # The SAS regulariser needs attention probabilities, which only eager attention returns.
     bert_cfg._attn_implementation = "eager" if cfg.sas_reg.active else attn
     return BertForMaskedLM(bert_cfg)
@@ -344,7 +371,9 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
     if resume:
         manifest = manifest or Manifest.load(run_dir)
         cfg = RunConfig.from_dict(manifest.run["config"])
-    tc = cfg.train
+    requested_cfg = cfg
+    tc, levers = resolve_levers(cfg.train, device, manifest.run.get("levers") if resume else None)
+    cfg = dataclasses.replace(cfg, train=tc)
     schedule = checkpoint_steps(tc)
     if tc.max_steps < 1:
         raise TrainingError("max_steps must be >= 1")
@@ -383,7 +412,8 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
     else:
         state = TrainState()
         manifest = Manifest(run={
-            "config": cfg.to_dict(), "corpus": source_description(cfg.data), "corpus_fingerprint": fingerprint,
+            "config": requested_cfg.to_dict(), "levers": levers, "corpus": source_description(cfg.data),
+            "corpus_fingerprint": fingerprint,
             "tokenizer_sha256": tokenizer_hash(tok), "n_train_sequences": len(train_data),
             "n_val_sequences": len(val_data), "val_unigram_entropy": unigram_entropy(val_all, special),
             "n_params": sum(p.numel() for p in model.parameters()), "schedule": schedule,
@@ -397,7 +427,9 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
     if progress and dist.is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {run_dir.name}", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {run_dir.name} [{tc.precision}, {tc.attn}]",
+                   unit="step", dynamic_ncols=True)
+        bar.write(f"precision {tc.precision} ({levers['precision']['reason']}); attention {tc.attn}")
     t0 = time.perf_counter() - state.wall_clock_s
 
     def checkpoint() -> None:
