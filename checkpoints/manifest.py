@@ -28,6 +28,8 @@ from typing import Any
 MANIFEST = "manifest.json"
 TRAIN_LOG = "train_log.jsonl"
 WEIGHTS = "model.safetensors"
+#: Weight files that make a folder a checkpoint (``pytorch_model.bin``: older ``save_pretrained`` folders).
+WEIGHT_FILES = (WEIGHTS, "pytorch_model.bin")
 _STEP_RE = re.compile(r"(?:step|checkpoint)[_-]?0*(\d+)")
 
 
@@ -135,8 +137,9 @@ def step_dirname(step: int) -> str:
 def list_checkpoints(run_dir: str | os.PathLike) -> list[CheckpointEntry]:
     """Finished checkpoints of a run, sorted by step.
 
-    With a manifest, exactly its entries; without one, every sub-folder holding a ``config.json`` whose name
-    contains a step number (``step_123``, ``checkpoint-123``), hash left empty.
+    With a manifest, exactly its entries; without one, every sub-folder holding a ``config.json`` and a weights file
+    (:data:`WEIGHT_FILES`) whose name contains a step number (``step_123``, ``checkpoint-123``), hash left empty: a
+    folder with only a tokenizer or only a config is not a checkpoint.
     """
     run_dir = Path(run_dir)
     if (run_dir / MANIFEST).exists():
@@ -144,9 +147,14 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[CheckpointEntry]:
     out = []
     for d in sorted(run_dir.iterdir()) if run_dir.is_dir() else []:
         m = _STEP_RE.search(d.name)
-        if d.is_dir() and m and (d / "config.json").exists():
+        if d.is_dir() and m and (d / "config.json").exists() and has_weights(d):
             out.append(CheckpointEntry(step=int(m.group(1)), path=d.name))
     return sorted(out, key=lambda c: c.step)
+
+
+def has_weights(folder: str | os.PathLike) -> bool:
+    """True if ``folder`` holds one of :data:`WEIGHT_FILES`."""
+    return any((Path(folder) / w).is_file() for w in WEIGHT_FILES)
 
 
 def read_train_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
