@@ -1,8 +1,10 @@
-"""``mlmscope analyze RUN`` and ``mlmscope analyses list|failures|bench`` (mounted by app/cli.py).
+"""``mlmscope analyze PATH`` and ``mlmscope analyses list|failures|bench`` (mounted by app/cli.py).
 
 ``analyze_command`` is the typer-annotated function behind ``mlmscope analyze``; ``app`` holds the ``analyses``
-sub-commands. User errors (bad run folder, unknown analysis, bad --steps, unreachable Ray cluster, bad probe set)
-print one line and exit 1; a run where any checkpoint failed also exits 1 after the summary.
+sub-commands. PATH is a run, a folder of checkpoint folders, or one model folder (analysed as a trajectory of one
+into a results folder outside it: see :mod:`analyses.target`). User errors (bad or empty folder, unknown analysis,
+bad --steps, unreachable Ray cluster, bad probe set) print one line and exit 1; a run where any checkpoint failed
+also exits 1 after the summary.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from analyses.runner import RunnerConfig
 
 # analyses.runner / analyses.store (torch, pandas) are imported inside the commands so `mlmscope --help` stays fast.
 
@@ -29,9 +34,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception classes whose message is user-facing (printed without a traceback)."""
     from analyses.runner import RunnerError
     from analyses.store import StoreError
+    from analyses.target import TargetError
     from probes.model import ProbeError
 
-    return RunnerError, StoreError, ProbeError, FileNotFoundError
+    return RunnerError, StoreError, TargetError, ProbeError, FileNotFoundError
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
@@ -51,11 +57,16 @@ def _names(values: Optional[list[str]]) -> Optional[list[str]]:
 
 
 def analyze_command(
-    run: Path = typer.Argument(..., help="Run folder, or any folder of step_*/checkpoint-* checkpoint folders."),
+    run: Path = typer.Argument(..., help="Run folder, any folder of step_*/checkpoint-* checkpoint folders, or one "
+                                         "model folder (HF BERT/RoBERTa MLM, head-less BertModel, a run's step_*)."),
     analyses: Optional[list[str]] = typer.Option(None, "--analyses", "-a",
                                                  help="Analyses to run (comma-separated or repeated; default all)."),
     steps: Optional[str] = typer.Option(None, help="Steps to analyse, e.g. '0,100,400-2000,5000-' (default all)."),
     workers: int = typer.Option(1, help="Local worker processes (torch threads are split between them)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads in all (split between --workers; default: one "
+                                                     "per core)."),
+    out: Optional[Path] = typer.Option(None, help="Results folder for a single model folder (default: "
+                                                  "runs/models/<name>-<hash8>); not for a run."),
     backend: str = typer.Option("local", help="local | ray."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address: auto or HOST:PORT (default: start a "
                                                      "local Ray instance)."),
@@ -66,25 +77,55 @@ def analyze_command(
     idle_timeout: Optional[float] = typer.Option(None, help="With --follow, stop after this many seconds without "
                                                             "a new checkpoint."),
     probes: Optional[Path] = typer.Option(None, help="Probe set folder or CoNLL-U file (default: the run's default "
-                                                     "probe set, built once into RUN/probes/default)."),
+                                                     "probe set, built once into RUN/probes/default; for a single "
+                                                     "model, into its results folder)."),
     batch_size: int = typer.Option(32, help="Probe sentences per forward pass."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:1 ..."),
     verify_hash: bool = typer.Option(True, help="Re-hash weights against the manifest before analysing."),
 ) -> None:
-    """Run every requested analysis over every checkpoint of RUN: cached, resumable, in parallel, with progress."""
+    """Run every requested analysis over every checkpoint of RUN (or on one model): cached, resumable, in parallel."""
     from analyses.runner import Runner, RunnerConfig, RichReporter, print_summary
     from analyses.store import ResultStore
+    from analyses.target import resolve_target
 
     cfg = RunnerConfig(analyses=_names(analyses), steps=steps, workers=workers, backend=backend, address=address,
                        force=force, follow=follow, poll_s=poll, idle_timeout_s=idle_timeout,
                        probes=str(probes) if probes else None, batch_size=batch_size, device=device,
-                       verify_hash=verify_hash)
-    summary = _guard(lambda: Runner(run, cfg, reporter=RichReporter(console)).run())
+                       verify_hash=verify_hash, threads=threads)
+    probe_set = _guard(lambda: _check_options(cfg, probes))
+    target = _guard(lambda: resolve_target(run, out, follow))
+    if target.kind == "model":
+        console.print(f"single model {str(target.path)!r}: a trajectory of one checkpoint; results in "
+                      f"{str(target.run_dir)!r} (then: mlmscope report {target.run_dir})", highlight=False,
+                      soft_wrap=True)
+    summary = _guard(lambda: Runner(target.run_dir, cfg, probe_set=probe_set, reporter=RichReporter(console)).run())
     print_summary(summary, Console())
     if summary.failed:
         console.print(f"[red]{summary.failed} (checkpoint, analysis) pairs failed[/]; errors are recorded in "
-                      f"{ResultStore(run, cfg.results_dir).root / '_failures'}; re-run to retry only those")
+                      f"{ResultStore(target.run_dir, cfg.results_dir).root / '_failures'}; re-run to retry only those")
         raise typer.Exit(1)
+
+
+def _check_options(cfg: RunnerConfig, probes: Optional[Path]) -> Any:
+    """Check the options before any folder is created; return the ``--probes`` probe set (loaded once) or None.
+
+    Raises:
+        RunnerError, ProbeError: with a one-line message.
+    """
+    from analyses.runner import Runner, RunnerError, parse_steps
+    from probes.probeset import load_probe_set
+
+    if cfg.threads is not None and cfg.threads < 1:
+        raise RunnerError(f"--threads must be at least 1, got {cfg.threads}")
+    if cfg.workers < 1:
+        raise RunnerError("--workers must be at least 1")
+    if cfg.batch_size < 1:
+        raise RunnerError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if probes is not None and not probes.exists():
+        raise RunnerError(f"probe set {str(probes)!r} does not exist")
+    parse_steps(cfg.steps)
+    Runner._make_analyses(cfg.analyses)
+    return load_probe_set(probes) if probes is not None else None
 
 
 @app.command("list")

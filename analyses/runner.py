@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from analyses.base import Analysis, AnalysisContext, SkipAnalysis, get, load_all
 from analyses.store import CHECKPOINT_SCOPE, ResultKey, ResultStore, stable_hash
-from checkpoints.manifest import MANIFEST, CheckpointEntry, Manifest, list_checkpoints, weights_sha256
+from checkpoints.manifest import MANIFEST, WEIGHTS, CheckpointEntry, Manifest, list_checkpoints, weights_sha256
 
 #: Order in which capture variants are run (the probes package's variant names).
 VARIANT_ORDER = ("clean", "mask15", "mask1")
@@ -83,6 +83,8 @@ class RunnerConfig:
         verify_hash: Re-hash each checkpoint's weights and refuse it if they differ from the manifest's hash.
         gpu_fraction: GPU share per Ray task when the cluster has GPUs.
         results_dir: Store location; None = ``RUN/results``.
+        threads: torch threads in all (split between ``workers``; per task with Ray); None = torch's default
+            (one per core; with several local workers, the cores split between them).
     """
 
     analyses: list[str] | None = None
@@ -101,6 +103,7 @@ class RunnerConfig:
     verify_hash: bool = True
     gpu_fraction: float = 0.25
     results_dir: str | None = None
+    threads: int | None = None
 
 
 # --- jobs and outcomes ---------------------------------------------------------------------------------------------
@@ -393,7 +396,7 @@ def execute_job(job: Job, env: WorkerEnv) -> JobResult:
     device = resolve_device(env.device)
     t0 = time.perf_counter()
     try:
-        if job.verify_hash:
+        if job.verify_hash and (Path(job.path) / WEIGHTS).is_file():  # a .bin-only model's hash is of the file
             actual = weights_sha256(job.path)
             if actual != job.ckpt_hash:
                 raise CheckpointError(f"weights hash {actual[:12]} differs from the manifest's {job.ckpt_hash[:12]} "
@@ -441,6 +444,11 @@ class InlineExecutor:
         self.env = env
         self.pending: deque[tuple[int, list[Job]]] = deque()
         self._n = 0
+        self._threads_before: int | None = None
+        if env.torch_threads:  # execute_job sets them in this process: put them back on close
+            import torch
+
+            self._threads_before = torch.get_num_threads()
 
     def submit(self, jobs: list[Job]) -> int:
         self._n += 1
@@ -452,7 +460,10 @@ class InlineExecutor:
         return handle, execute_jobs(jobs, self.env)
 
     def close(self) -> None:
-        pass
+        if self._threads_before is not None:
+            import torch
+
+            torch.set_num_threads(self._threads_before)
 
 
 class ProcessExecutor:
@@ -584,7 +595,7 @@ class RichReporter:
         self.progress.advance(self.task, n)
 
     def message(self, text: str) -> None:
-        self.progress.console.print(text)
+        self.progress.console.print(text, soft_wrap=True, highlight=False)
 
     def stop(self) -> None:
         self.progress.stop()
@@ -597,6 +608,7 @@ class Summary:
     counts: Counter = field(default_factory=Counter)  # (analysis, status) -> n
     seconds: Counter = field(default_factory=Counter)  # analysis -> compute seconds
     failures: list[Outcome] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     checkpoints: int = 0
     load_s: float = 0.0
     capture_s: float = 0.0
@@ -652,6 +664,8 @@ class Runner:
             raise RunnerError(f"unknown backend {self.config.backend!r}; choose local or ray")
         if self.config.workers < 1:
             raise RunnerError("--workers must be at least 1")
+        if self.config.threads is not None and self.config.threads < 1:
+            raise RunnerError(f"--threads must be at least 1, got {self.config.threads}")
         self.store = ResultStore(self.run_dir, self.config.results_dir)
         self.analyses = list(analyses) if analyses is not None else self._make_analyses(self.config.analyses)
         self._probe_set = probe_set
@@ -737,11 +751,14 @@ class Runner:
 
     # --- running ------------------------------------------------------------------------------------------------
     def _executor(self, env: WorkerEnv) -> Executor:
+        threads = self.config.threads
         if self.config.backend == "ray":
+            env.torch_threads = threads
             return RayExecutor(env, self.config.address, self.config.gpu_fraction)
         if self.config.workers == 1:
+            env.torch_threads = threads
             return InlineExecutor(env)
-        env.torch_threads = max(1, (os.cpu_count() or 1) // self.config.workers)
+        env.torch_threads = max(1, (threads or os.cpu_count() or 1) // self.config.workers)
         return ProcessExecutor(env, self.config.workers)
 
     def _env(self, probe_set: Any, probe_hash: str) -> WorkerEnv:
@@ -753,11 +770,63 @@ class Runner:
     def _entries(self) -> list[CheckpointEntry]:
         return [e for e in list_checkpoints(self.run_dir) if self.step_ok(e.step)]
 
+    def check_input(self) -> None:
+        """Refuse a run that would do nothing: no checkpoint at all, or none matching ``--steps`` (not with follow).
+
+        Raises:
+            RunnerError: with what was looked for and where.
+        """
+        if self.config.follow:
+            return
+        entries = list_checkpoints(self.run_dir)
+        if not entries:
+            from analyses.target import nothing_found_message
+
+            raise RunnerError(nothing_found_message(self.run_dir))
+        if not any(self.step_ok(e.step) for e in entries):
+            raise RunnerError(f"no checkpoint of {str(self.run_dir)!r} matches --steps {self.config.steps!r} "
+                              f"(it has {len(entries)}, steps {entries[0].step}-{entries[-1].step})")
+
+    def check_probe_fit(self, probe_set: Any) -> list[str]:
+        """Warnings about the probe set against the latest checkpoint's tokenizer (see :mod:`probes.fit`).
+
+        Skipped when the probe set has no word lists or the tokenizer cannot be loaded (that checkpoint's load
+        failure is then recorded by the run itself).
+
+        Raises:
+            RunnerError: no probe sentence is usable, or every one is mostly [UNK].
+        """
+        from probes.fit import fit_report, load_tokenizer
+        from probes.model import ModelLoadError
+
+        model_dir = self._latest_checkpoint_dir()
+        sentences = getattr(probe_set, "sentences", probe_set)
+        if model_dir is None or not isinstance(sentences, list):
+            return []
+        try:
+            tok, max_length = load_tokenizer(model_dir)
+        except ModelLoadError:
+            return []
+        report = fit_report(tok, probe_set, max_length, model=str(model_dir))
+        refusal = report.refusal()
+        if refusal:
+            raise RunnerError(refusal)
+        return report.warnings()
+
     def run(self) -> Summary:
-        """Analyse every selected checkpoint (and, with ``follow``, new ones until training finishes)."""
+        """Analyse every selected checkpoint (and, with ``follow``, new ones until training finishes).
+
+        Raises:
+            RunnerError: nothing to analyse, or a probe set that does not fit the model (see :meth:`check_input`,
+                :meth:`check_probe_fit`).
+        """
         t_start = time.perf_counter()
         summary = Summary()
+        self.check_input()
         probe_set = self.probe_set()
+        summary.warnings = self.check_probe_fit(probe_set)
+        for w in summary.warnings:
+            self.reporter.message(f"[yellow]warning:[/yellow] {w}")
         probe_hash = probe_set_hash(probe_set)
         executor = self._executor(self._env(probe_set, probe_hash))
         done_steps: set[tuple[int, str]] = set()
@@ -893,7 +962,9 @@ def analyze_run(run_dir: str | os.PathLike, config: RunnerConfig | None = None, 
 
 
 def print_summary(summary: Summary, console: Any) -> None:
-    """The summary table plus one line per failure."""
+    """The summary table, one line per probe-set warning, one line per failure."""
     console.print(summary.table())
+    for w in summary.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
     for o in summary.failures:
         console.print(f"[red]failed[/red] step {o.step} ({o.rel}) {o.analysis}: {o.error}", highlight=False)

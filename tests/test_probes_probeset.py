@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import FIXTURE_TEXT
 from probes import ProbeError, capture, load_model, prepare
-from probes.align import SKIP_EMPTY_WORD, SKIP_TOO_LONG, empty_words, encode_words, piece_to_word_matrix
+from probes.align import SKIP_EMPTY, SKIP_EMPTY_WORD, SKIP_TOO_LONG, empty_words, encode_words, piece_to_word_matrix
 from app.probes_cli import app
 from probes.probeset import (BuildConfig, ProbeSetError, build_probe_set, load_parser, load_probe_set, read_conllu,
                              sentences_of)
@@ -134,11 +134,11 @@ def test_empty_and_missing_conllu(tmp_path):
 
 def test_words_without_pieces_are_skipped(micro_model_dir):
     lm = load_model(micro_model_dir)
-    sents = [["the", "cat", "\u200b", "sat"], ["the", "cat", "sat"], ["the"] * 70]
+    sents = [["the", "cat", "\u200b", "sat"], ["the", "cat", "sat"], ["the"] * 70, []]
     assert empty_words(lm.tokenizer, sents[0]) == ["\u200b"]
     enc = encode_words(lm.tokenizer, sents, lm.arch.max_length)
-    assert enc.sentence_ids == [1] and enc.skipped == {SKIP_TOO_LONG: 1, SKIP_EMPTY_WORD: 1}
-    assert enc.skipped_ids == {SKIP_TOO_LONG: [2], SKIP_EMPTY_WORD: [0]}
+    assert enc.sentence_ids == [1] and enc.skipped == {SKIP_TOO_LONG: 1, SKIP_EMPTY_WORD: 1, SKIP_EMPTY: 1}
+    assert enc.skipped_ids == {SKIP_TOO_LONG: [2], SKIP_EMPTY_WORD: [0], SKIP_EMPTY: [3]}
     with pytest.raises(ProbeError, match="no probe sentence fits"):
         prepare(lm, [sents[0]])
 
