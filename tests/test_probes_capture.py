@@ -10,8 +10,7 @@ import torch
 from conftest import FIXTURE_TEXT
 from probes import activation_names, capture, load_model, prepare
 from probes.masking import apply_mask, mask_positions
-
-ATOL = 1e-5
+from tolerance import assert_close_scaled
 
 #: Our name -> the TransformerLens 4.3 bridge's name for the same tensor on BERT. The bridge's own
 #: ``hook_attn_out`` / ``hook_resid_mid`` on BERT are the post-LN block outputs, so they are mapped explicitly.
@@ -75,11 +74,10 @@ def test_hf_parity(lm, batched):
             out = lm.arch.encoder_model(ids, output_attentions=True, output_hidden_states=True)
         for l in range(lm.n_layers):
             got = _by_sentence(batched, f"blocks.{l}.attn.hook_pattern")[sid]
-            torch.testing.assert_close(got, out.attentions[l][0], atol=ATOL, rtol=0)
+            assert_close_scaled(got, out.attentions[l][0])
             got = _by_sentence(batched, f"blocks.{l}.hook_resid_post")[sid]
-            torch.testing.assert_close(got, out.hidden_states[l + 1][0], atol=ATOL, rtol=0)
-        torch.testing.assert_close(_by_sentence(batched, "embed.hook_out")[sid], out.hidden_states[0][0],
-                                   atol=ATOL, rtol=0)
+            assert_close_scaled(got, out.hidden_states[l + 1][0])
+        assert_close_scaled(_by_sentence(batched, "embed.hook_out")[sid], out.hidden_states[0][0])
 
 
 def test_transformer_lens_bridge_parity(lm, batched):
@@ -92,8 +90,8 @@ def test_transformer_lens_bridge_parity(lm, batched):
         sid = enc.sentence_ids[i]
         _, cache = bridge.run_with_cache(torch.tensor([enc.input_ids[i]]))
         for name in names:
-            torch.testing.assert_close(_by_sentence(batched, name)[sid], cache[_tl_name(name)][0], atol=ATOL, rtol=0,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+            assert_close_scaled(_by_sentence(batched, name)[sid], cache[_tl_name(name)][0],
+                                msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_padding_invariance_every_name(micro):
@@ -107,15 +105,14 @@ def test_padding_invariance_every_name(micro):
             s = _by_sentence([b for b in single if b.variant == v], name)
             assert a.keys() == s.keys()
             for sid in a:
-                torch.testing.assert_close(a[sid], s[sid], atol=ATOL, rtol=0)
+                assert_close_scaled(a[sid], s[sid])
     # MLM logits at every token position: same rows (in order) as one-by-one.
     for v in kw["variants"]:
         big = [b for b in batched if b.variant == v][0]
         rows = big.head_positions[:, 0]
         for r, sid in enumerate(big.sentence_ids.tolist()):
             one = next(b for b in single if b.variant == v and b.sentence_ids.item() == sid)
-            torch.testing.assert_close(big["mlm_head.hook_out"][rows == r], one["mlm_head.hook_out"], atol=ATOL,
-                                       rtol=0)
+            assert_close_scaled(big["mlm_head.hook_out"][rows == r], one["mlm_head.hook_out"])
 
 
 def test_padding_is_zero(micro):
@@ -136,13 +133,11 @@ def test_sublayer_identities(lm, batched):
         torch.testing.assert_close(b["embed.hook_out"], b["blocks.0.hook_resid_pre"], atol=0, rtol=0)
         for l in range(lm.n_layers):
             p = f"blocks.{l}."
-            torch.testing.assert_close(b[p + "ln1.hook_in"], b[p + "hook_resid_pre"] + b[p + "hook_attn_out"],
-                                       atol=ATOL, rtol=0)
-            torch.testing.assert_close(b[p + "ln2.hook_in"], b[p + "hook_resid_mid"] + b[p + "hook_mlp_out"],
-                                       atol=ATOL, rtol=0)
+            assert_close_scaled(b[p + "ln1.hook_in"], b[p + "hook_resid_pre"] + b[p + "hook_attn_out"])
+            assert_close_scaled(b[p + "ln2.hook_in"], b[p + "hook_resid_mid"] + b[p + "hook_mlp_out"])
             ln = lm.arch.ln2(l)
             expect = ln(b[p + "ln2.hook_in"]) * b.attention_mask[..., None]
-            torch.testing.assert_close(b[p + "hook_resid_post"], expect, atol=ATOL, rtol=0)
+            assert_close_scaled(b[p + "hook_resid_post"], expect)
             if l + 1 < lm.n_layers:
                 torch.testing.assert_close(b[p + "hook_resid_post"], b[f"blocks.{l + 1}.hook_resid_pre"], atol=0,
                                            rtol=0)
@@ -161,7 +156,7 @@ def test_mlm_head_logits_match_hf(micro):
     with torch.no_grad():
         hf = micro.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
     r, t = b.head_positions.T
-    torch.testing.assert_close(b["mlm_head.hook_out"], hf[r, t], atol=ATOL, rtol=0)
+    assert_close_scaled(b["mlm_head.hook_out"], hf[r, t])
     # gold labels are the clean ids at the masked positions
     clean = next(capture(micro, SENTS, names=["embed.hook_out"], batch_size=16))
     order = {s: i for i, s in enumerate(clean.sentence_ids.tolist())}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from probes import ModelLoadError, ProbeError, capture, load_model
+from tolerance import assert_close_scaled
 
 
 def test_mlm_and_headless(micro_model_dir, micro_headless_dir, minilm_dir):
@@ -18,7 +19,7 @@ def test_mlm_and_headless(micro_model_dir, micro_headless_dir, minilm_dir):
     ids = lm.tokenizer("the cat sat", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         hidden = lm.arch.encoder_model(ids).last_hidden_state
-        torch.testing.assert_close(lm.arch.apply_mlm_head(hidden), lm.model(ids).logits, atol=1e-5, rtol=0)
+        assert_close_scaled(lm.arch.apply_mlm_head(hidden), lm.model(ids).logits)
     assert lm.arch.unembedding().shape == (lm.model.config.vocab_size, 64)
     for d in (micro_headless_dir, minilm_dir):
         h = load_model(d)
@@ -47,9 +48,9 @@ def test_roberta(tmp_path, micro_model_dir):
     with torch.no_grad():
         out = lm.model(b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True)
     n = int(b.attention_mask[1].sum())
-    torch.testing.assert_close(b["blocks.1.hook_resid_post"][1, :n], out.hidden_states[2][1, :n], atol=1e-5, rtol=0)
+    assert_close_scaled(b["blocks.1.hook_resid_post"][1, :n], out.hidden_states[2][1, :n])
     r, t = b.head_positions.T
-    torch.testing.assert_close(b["mlm_head.hook_out"], out.logits[r, t], atol=1e-5, rtol=0)
+    assert_close_scaled(b["mlm_head.hook_out"], out.logits[r, t])
 
 
 def test_non_bert_folder_names_what_was_found(tmp_path):

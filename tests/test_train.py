@@ -18,6 +18,7 @@ from checkpoints.data import Masker, StepBatches, unigram_entropy
 from checkpoints.manifest import CheckpointEntry, Manifest, list_checkpoints, read_train_log, weights_sha256
 from checkpoints.train import TrainingError, checkpoint_steps, lr_factor, train
 from checkpoints.verify import verify_run
+from tolerance import assert_close_scaled
 
 REPO = Path(__file__).resolve().parents[1]
 _THREADS_AT_START = torch.get_num_threads()
@@ -131,7 +132,7 @@ def test_checkpoint_loads_with_hf_and_transformerlens(micro_run):
         bridge = tlb.TransformerBridge.boot_transformers(path, device="cpu")
         out = bridge(enc["input_ids"])
     out = out.logits if hasattr(out, "logits") else out
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert_close_scaled(out, ref)
 
 
 def test_zero_lr_flags_duplicates(tmp_path, micro):
