@@ -221,6 +221,46 @@ def header_section(traj: Trajectory) -> str:
     return "\n".join(lines)
 
 
+def is_single_model(traj: Trajectory) -> bool:
+    """True for a single-model results folder (``mlmscope analyze MODEL``), see :mod:`analyses.target`."""
+    from analyses.target import SINGLE_MODEL_KIND
+
+    return _manifest_run(traj).get("kind") == SINGLE_MODEL_KIND
+
+
+def single_model_section(traj: Trajectory) -> str:
+    """Title and what a one-checkpoint report shows (it replaces the header and training sections)."""
+    run = _manifest_run(traj)
+    shape = run.get("shape") or {}
+    desc = [f"`{run.get('architecture', '?')}`"]
+    if shape.get("n_layers"):
+        desc.append(f"{shape['n_layers']} layers × {shape.get('d_model')} d × {shape.get('n_heads')} heads")
+    return "\n".join([
+        f"## Single-model report: `{run.get('model_dir', traj.run_dir)}`", "",
+        "; ".join(desc) + f"; results in `{traj.run_dir}`.",
+        "Single checkpoint: every table has one row, and onsets, loss curves and warm starts (which need a "
+        "trajectory) are not shown. Layers and heads are 0-based, layer 0 = embeddings where a table has an embedding "
+        "row."])
+
+
+def results_folder(path: str | os.PathLike) -> Path:
+    """The folder to report on: ``path`` itself, or for a model folder its default single-model results folder.
+
+    Raises:
+        ReportError: a model folder that was not analysed yet.
+    """
+    from analyses.target import find_single_results, is_model_dir
+
+    p = Path(path)
+    if p.is_dir() and not (p / "manifest.json").exists() and is_model_dir(p):
+        found = find_single_results(p)
+        if found is None:
+            raise ReportError(f"{str(p)!r} is a model folder without results yet: run `mlmscope analyze {p}` "
+                              "first (or pass the results folder it printed)")
+        return found
+    return p
+
+
 def _manifest_run(traj: Trajectory) -> dict[str, Any]:
     try:
         m = traj.manifest
@@ -262,8 +302,11 @@ def _head_label(row: Mapping[str, Any]) -> str:
     return f"L{int(row['layer'])}H{int(row['head'])} {row.get('direction', '')}".strip()
 
 
-def sas_section(traj: Trajectory, max_rows: int, onset: OnsetParams) -> str:
-    """Held-out SAS and in-sample max beside val loss, structure onset vs loss drop, best head vs offset."""
+def sas_section(traj: Trajectory, max_rows: int, onset: OnsetParams, trajectory: bool = True) -> str:
+    """Held-out SAS and in-sample max beside val loss, structure onset vs loss drop, best head vs offset.
+
+    With ``trajectory=False`` (one checkpoint) the onset and coincidence lines are left out.
+    """
     from analyses.sas import sas_curve, sas_onsets
 
     out = ["### Syntactic attention structure (SAS)"]
@@ -282,6 +325,9 @@ def sas_section(traj: Trajectory, max_rows: int, onset: OnsetParams) -> str:
             for _, r in _rows_at(curve, sel).iterrows()]
     out += ["", md_table(["step", "SAS (held-out)", "in-sample max", "offset baseline (k)", "best head", "kind",
                           "val loss"], rows), ""]
+    if not trajectory:
+        best = _results(traj, "sas", "best")
+        return "\n".join(out + (["", _sas_best_table(best, max_rows)] if best is not None else []))
     o = sas_onsets(curve, onset).iloc[0].to_dict()
     out.append(f"- Structure onset on the held-out SAS ({o.get('method')}): {onset_text(o, 'sas_', onset)}.")
     out.append(f"- Classification of the structure: {o.get('structure_kind', NA)}.")
@@ -458,8 +504,9 @@ def _kl_table(df: pd.DataFrame, max_rows: int) -> tuple[str, bool]:
     return md_table(header, rows), narrowed
 
 
-def lens_section(traj: Trajectory, max_rows: int) -> str:
-    """KL(final ‖ layer) of the logit lens over steps; logit vs tuned lens; tuned-lens warm-start saving."""
+def lens_section(traj: Trajectory, max_rows: int, trajectory: bool = True) -> str:
+    """KL(final ‖ layer) of the logit lens over steps; logit vs tuned lens; tuned-lens warm-start saving (only with
+    ``trajectory``: a single checkpoint has no warm start)."""
     out = ["### Logit lens and tuned lens",
            "KL(final ‖ layer): KL divergence (nats) from the model's output distribution at [MASK] positions to the "
            "distribution read from an intermediate layer through the full MLM head (logit lens), or through a "
@@ -470,7 +517,7 @@ def lens_section(traj: Trajectory, max_rows: int) -> str:
     if tuned is None:
         out.append(no_results(traj, "tuned_lens"))
         return "\n".join(out)
-    out += ["", _logit_vs_tuned(tuned, max_rows), "", _warm_start(traj, max_rows)]
+    out += ["", _logit_vs_tuned(tuned, max_rows)] + (["", _warm_start(traj, max_rows)] if trajectory else [])
     return "\n".join(out)
 
 
@@ -524,7 +571,11 @@ def build_report(run: str | os.PathLike, max_rows: int = 12, onset: OnsetParams 
     except FileNotFoundError as e:
         raise ReportError(str(e)) from None
     p = onset or OnsetParams()
-    parts = [header_section(traj), training_section(traj, max_rows, p), sas_section(traj, max_rows, p),
+    single = len(traj.checkpoints) == 1
+    head = ([single_model_section(traj)] if is_single_model(traj) else
+            [header_section(traj) + ("\n\nSingle checkpoint: every table has one row; onsets need a trajectory."
+                                     if single else ""), training_section(traj, max_rows, p)])
+    parts = [*head, sas_section(traj, max_rows, p, trajectory=not single),
              mask_rank_section(traj, max_rows), outliers_section(traj, max_rows),
-             redundancy_section(traj, max_rows), lens_section(traj, max_rows)]
+             redundancy_section(traj, max_rows), lens_section(traj, max_rows, trajectory=not single)]
     return "\n\n".join(parts) + "\n"

@@ -11,7 +11,8 @@ from typing_extensions import Annotated
 
 
 def report_command(
-    run: Annotated[Path, typer.Argument(help="Run folder analysed with `mlmscope analyze`.")],
+    run: Annotated[Path, typer.Argument(help="Run folder analysed with `mlmscope analyze`, a single model's results "
+                                        "folder, or the model folder itself (its default results folder is found).")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the Markdown to this file.")] = None,
     max_rows: Annotated[int, typer.Option("--max-rows", help="Checkpoints per table (log-spaced, first and last "
                                           "included).")] = 12,
@@ -20,10 +21,15 @@ def report_command(
 ) -> None:
     """Print a Markdown report of a run's analysed trajectory (to paste into README.md)."""
     from analyses.onset import OnsetParams
-    from app.report import build_report
+    from analyses.target import TargetError
+    from app.report import ReportError, build_report, results_folder
     from checkpoints.manifest import atomic_write_text
 
-    text = build_report(run, max_rows=max_rows, onset=OnsetParams(min_step=onset_min_step))
+    try:
+        text = build_report(results_folder(run), max_rows=max_rows, onset=OnsetParams(min_step=onset_min_step))
+    except (ReportError, TargetError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(text, nl=False)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
