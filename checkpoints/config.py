@@ -6,8 +6,14 @@ They double as CLI options (``mlmscope train --preset demo --lr 1e-3 ...``) and 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot train (message is user-facing: every problem, one line)."""
 
 
 @dataclass
@@ -106,6 +112,17 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Check every field and every combination of fields before anything touches the disk.
+
+        Raises:
+            ConfigError: listing every problem found, in one line (e.g. ``batch_size must be an integer >= 1, got
+                0; seq_len=128 exceeds max_position=64 ...``).
+        """
+        problems = config_problems(self)
+        if problems:
+            raise ConfigError("invalid configuration: " + "; ".join(problems))
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         t = dict(d["train"])
@@ -179,3 +196,167 @@ def make_config(preset: str = "demo", **overrides: Any) -> RunConfig:
         if key == "vocab_size":
             cfg.model.vocab_size = cfg.data.vocab_size = value
     return cfg
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Validation: every field's range and the combinations that cannot train, checked before the disk is touched
+# ------------------------------------------------------------------------------------------------------------------
+
+#: [PAD] [UNK] [CLS] [SEP] [MASK] (``checkpoints.tokenizer.SPECIAL_TOKENS``): a vocabulary must hold more than these.
+N_SPECIAL_TOKENS = 5
+#: ``checkpoints.data.pack`` needs [CLS] + [SEP] + a few tokens per sequence.
+MIN_SEQ_LEN = 8
+#: Attention implementations the trainer knows (``TrainConfig.attn``; ``checkpoints.attention`` adds eager_fp32).
+ATTN_CHOICES = ("auto", "sdpa", "eager", "eager_fp32")
+MASK_REPLACE_CHOICES = ("80/10/10", "mask")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(lo: int) -> Callable[[Any], bool]:
+    return lambda v: _is_int(v) and v >= lo
+
+
+def _in_open_unit(v: Any) -> bool:
+    return _is_num(v) and 0 < v < 1
+
+
+#: (section, field, test, what the value must be). ``lr`` may be 0: a frozen-weights control run (every checkpoint
+#: is then flagged as a duplicate of step 0), but not negative.
+_RULES: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
+    ("model", "n_layers", _int_at_least(1), "an integer >= 1"),
+    ("model", "d_model", _int_at_least(1), "an integer >= 1"),
+    ("model", "n_heads", _int_at_least(1), "an integer >= 1"),
+    ("model", "d_ffn", _int_at_least(1), "an integer >= 1"),
+    ("model", "max_position", _int_at_least(MIN_SEQ_LEN), f"an integer >= {MIN_SEQ_LEN}"),
+    ("model", "dropout", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("train", "seq_len", _int_at_least(MIN_SEQ_LEN), f"an integer >= {MIN_SEQ_LEN}"),
+    ("train", "batch_size", _int_at_least(1), "an integer >= 1"),
+    ("train", "grad_accum", _int_at_least(1), "an integer >= 1"),
+    ("train", "lr", lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+    ("train", "warmup_steps", _int_at_least(0), "an integer >= 0"),
+    ("train", "max_steps", _int_at_least(1), "an integer >= 1"),
+    ("train", "weight_decay", lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+    ("train", "grad_clip", lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+    ("train", "betas", lambda v: isinstance(v, (tuple, list)) and len(v) == 2
+     and all(_is_num(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. 0.9,0.98"),
+    ("train", "mask_rate", _in_open_unit, "a number strictly between 0 and 1"),
+    ("train", "mask_replace", lambda v: v in MASK_REPLACE_CHOICES, f"one of {', '.join(MASK_REPLACE_CHOICES)}"),
+    ("train", "attn", lambda v: v in ATTN_CHOICES, f"one of {', '.join(ATTN_CHOICES)}"),
+    ("train", "compile", lambda v: isinstance(v, bool), "true or false"),
+    ("train", "init_seed", _int_at_least(0), "an integer >= 0"),
+    ("train", "data_seed", _int_at_least(0), "an integer >= 0"),
+    ("train", "linear_every", _int_at_least(1), "an integer >= 1"),
+    ("train", "steps", lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0
+                                                and all(_is_int(s) and s >= 0 for s in v)),
+     "a non-empty list of integers >= 0"),
+    ("train", "val_batches", _int_at_least(1), "an integer >= 1"),
+    ("train", "log_every", _int_at_least(1), "an integer >= 1"),
+    ("data", "corpus", lambda v: isinstance(v, str) and v.strip() != "", "'wiki' or a path"),
+    ("data", "text_field", lambda v: isinstance(v, str) and v != "", "a field name"),
+    ("data", "val_fraction", _in_open_unit, "a number strictly between 0 and 1"),
+    ("data", "split_seed", _is_int, "an integer"),
+    ("data", "vocab_size", _int_at_least(N_SPECIAL_TOKENS + 1), f"an integer > {N_SPECIAL_TOKENS} (the special "
+                                                                 f"tokens)"),
+    ("data", "lowercase", lambda v: isinstance(v, bool), "true or false"),
+    ("sas_reg", "lam", _is_num, "a finite number"),
+    ("sas_reg", "release_step", lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0 or none"),
+)
+
+
+def config_problems(cfg: RunConfig) -> list[str]:
+    """Every problem of ``cfg`` as a user-facing phrase (empty if it can train). See :meth:`RunConfig.validate`."""
+    from checkpoints.hardware import PRECISIONS
+
+    problems, bad = [], set()
+    for section, name, ok, what in _RULES:
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            problems.append(f"{name} must be {what}, got {value!r}")
+            bad.add(name)
+    if cfg.train.precision not in PRECISIONS:
+        problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}")
+    if not bad & {"d_model", "n_heads"} and cfg.model.d_model % cfg.model.n_heads:
+        problems.append(f"d_model={cfg.model.d_model} is not divisible by n_heads={cfg.model.n_heads}")
+    if not bad & {"seq_len", "max_position"} and cfg.train.seq_len > cfg.model.max_position:
+        problems.append(f"seq_len={cfg.train.seq_len} exceeds the model's max_position={cfg.model.max_position} "
+                        f"(lower --seq-len or --set max_position={cfg.train.seq_len})")
+    steps = cfg.train.steps
+    if steps and "steps" not in bad:
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            problems.append(f"checkpoint steps must be strictly increasing, got {list(steps)}")
+        if "max_steps" not in bad and steps[-1] > cfg.train.max_steps:
+            problems.append(f"checkpoint step {steps[-1]} is beyond max_steps={cfg.train.max_steps}")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ``--set FIELD=VALUE``: text cast to the field's declared type
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def field_type(key: str) -> Any:
+    """The declared type of the config field ``key`` (``sas_``-prefixed names are ``SASRegConfig`` fields).
+
+    Raises:
+        KeyError: no such field.
+    """
+    from checkpoints.sas_reg import SASRegConfig
+
+    if key.startswith("sas_"):
+        hints = get_type_hints(SASRegConfig)
+        if key[4:] in hints:
+            return hints[key[4:]]
+    else:
+        for cls in (ModelConfig, TrainConfig, DataConfig):
+            hints = get_type_hints(cls)
+            if key in hints:
+                return hints[key]
+    raise KeyError(f"unknown config field {key!r}")
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def _cast(text: str, tp: Any, key: str) -> Any:
+    """``text`` as a value of type ``tp`` (int, float, str, bool, Optional, tuple/list of those)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if type(None) in args and text.strip().lower() in ("none", "null", ""):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _cast(text, inner[0], key)
+    if origin in (tuple, list):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise ConfigError(f"--set {key}={text}: expected {len(args)} comma-separated values")
+            return tuple(_cast(t, a, key) for t, a in zip(items, args))
+        value = [_cast(t, args[0] if args else str, key) for t in items]
+        return tuple(value) if origin is tuple else value
+    try:
+        if tp is bool:
+            return _BOOLS[text.strip().lower()]
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+    except (KeyError, ValueError):
+        what = {bool: "true or false", int: "an integer", float: "a number"}[tp]
+        raise ConfigError(f"--set {key}={text}: expected {what}") from None
+    return text
+
+
+def parse_field_value(key: str, text: str) -> Any:
+    """Cast the text of ``--set key=text`` to the field's declared type (lists/tuples: comma-separated).
+
+    Raises:
+        KeyError: unknown field. ConfigError: a value that does not parse as the field's type.
+    """
+    return _cast(text, field_type(key), key)

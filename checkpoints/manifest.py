@@ -33,6 +33,10 @@ WEIGHT_FILES = (WEIGHTS, "pytorch_model.bin")
 _STEP_RE = re.compile(r"(?:step|checkpoint)[_-]?0*(\d+)")
 
 
+class ManifestError(ValueError):
+    """A run's ``manifest.json`` is unreadable, truncated or not a manifest (message names the file)."""
+
+
 @dataclass
 class CheckpointEntry:
     """One finished checkpoint as listed in the manifest.
@@ -69,9 +73,30 @@ class Manifest:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> "Manifest":
+        """Read ``run_dir/manifest.json``.
+
+        Raises:
+            FileNotFoundError: no manifest there.
+            ManifestError: the file is unreadable, truncated, not JSON or not a manifest (the message names it).
+        """
         path = Path(run_dir) / MANIFEST
-        data = json.loads(path.read_text())
-        return cls(run=data.get("run", {}), checkpoints=[CheckpointEntry(**c) for c in data.get("checkpoints", [])])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise
+        except (OSError, UnicodeDecodeError) as e:
+            raise ManifestError(f"cannot read the run manifest {path}: {e}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"the run manifest {path} is truncated or damaged (invalid JSON at line {e.lineno}, "
+                                f"column {e.colno}: {e.msg}); restore it from a copy, or retrain the run with "
+                                f"--force") from None
+        try:
+            return cls(run=dict(data.get("run", {})),
+                       checkpoints=[CheckpointEntry(**c) for c in data.get("checkpoints", [])])
+        except (AttributeError, TypeError, ValueError) as e:
+            raise ManifestError(f"the run manifest {path} is not an mlmscope manifest ({e})") from None
 
     def save(self, run_dir: str | os.PathLike) -> None:
         atomic_write_text(Path(run_dir) / MANIFEST, json.dumps(
