@@ -80,7 +80,7 @@ def bench_train(preset: str = "tiny", steps: int = 8, rounds: int = 2, warmup: i
     corpus, fingerprint = load_corpus(cfg.data)
     texts = list(corpus["train"]["text"])
     with tempfile.TemporaryDirectory() as tmp:
-        tok = _build_tokenizer(Path(tmp), cfg, texts, fingerprint, resume=False)
+        tok, _ = _build_tokenizer(Path(tmp), cfg, texts, fingerprint, resume=False)
     data = pack(tok, texts, cfg.train.seq_len)
     hf, ours = [], []
     for r in range(rounds):

@@ -96,6 +96,7 @@ class DataConfig:
     split_seed: int = 0
     vocab_size: int = 8192
     lowercase: bool = True
+    tokenizer: str | None = None  # reuse a tokenizer: a path, or the hash a run's manifest records (tokenizer_sha256)
 
 
 @dataclass

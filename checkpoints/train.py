@@ -14,7 +14,6 @@ from it reproduces the uninterrupted per-step losses and final weights bit for b
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -38,7 +37,8 @@ from checkpoints.corpus import cache_root, load_corpus, source_description
 from checkpoints.data import Masker, StepBatches, pack, unigram_entropy
 from checkpoints.manifest import (TRAIN_LOG, CheckpointEntry, Manifest, atomic_write_text, step_dirname,
                                   weights_sha256)
-from checkpoints.tokenizer import tokenizer_hash, train_wordpiece
+from checkpoints.tokenizer import (load_tokenizer_ref, shipped_tokenizer, store_by_hash, tokenizer_hash,
+                                   tokenizer_key, train_wordpiece)
 
 RESUME_DIR = "resume"
 TOKENIZER_DIR = "tokenizer"
@@ -168,12 +168,27 @@ def _git_commit() -> str | None:
 
 
 def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, force: bool) -> Manifest | None:
-    """Refuse to clobber a run with another config; return the existing manifest when resuming."""
+    """Check everything that can be checked, then make the run folder ready; return the manifest when resuming.
+
+    Nothing on disk changes before the config (``RunConfig.validate``) and the corpus (readable, text, splittable:
+    ``load_corpus``, whose result is cached for the run itself) have passed. ``force`` never deletes first: the old
+    run is renamed to a hidden sibling (:func:`_replaced_path`), deleted once the new run's first checkpoint is in
+    its manifest (:func:`_drop_replaced`), and moved back if the new run fails before that (:func:`recover_replaced`:
+    at once by ``mlmscope train``, and by the next ``train`` on the folder after a kill).
+
+    Raises:
+        ConfigError / CorpusError / ManifestError / TrainingError with a user-facing message.
+    """
+    recover_replaced(run_dir)  # a --force replacement killed before its first checkpoint: the old run comes back
     manifest_path = run_dir / "manifest.json"
     if resume:
         if not manifest_path.exists() or not (run_dir / RESUME_DIR / "state.pt").exists():
             raise TrainingError(f"cannot resume {run_dir}: no manifest or resumable state there")
         return Manifest.load(run_dir)
+    cfg.validate()
+    load_corpus(cfg.data)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"{run_dir} is a file, not a run folder")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
             if manifest_path.exists():
@@ -185,8 +200,54 @@ def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, force: bool) -
                                         f"({diff}); use --resume to continue it or --force to overwrite it")
             raise TrainingError(f"run folder {run_dir} already exists; use --resume to continue it or --force to "
                                 f"overwrite it")
-        shutil.rmtree(run_dir)
+        if not any((run_dir / name).exists() for name in _RUN_MARKERS) and not any(run_dir.glob("step_*")):
+            raise TrainingError(f"{run_dir} is not an mlmscope run folder (no manifest.json, tokenizer/ or step_* "
+                                f"folders); --force replaces only runs: delete it yourself or choose another folder")
+        os.replace(run_dir, _replaced_path(run_dir))
     return None
+
+
+#: What a run folder holds from its first seconds on (``--force`` replaces only folders that look like a run).
+_RUN_MARKERS = ("manifest.json", TRAIN_LOG, TOKENIZER_DIR, RESUME_DIR)
+
+
+def _replaced_path(run_dir: Path) -> Path:
+    """Where ``--force`` keeps the run it replaces until the new run's first checkpoint: a hidden sibling."""
+    run_dir = Path(run_dir).resolve()
+    return run_dir.with_name(f".{run_dir.name}.replaced")
+
+
+def _drop_replaced(run_dir: Path) -> None:
+    """Delete the run that ``--force`` replaced (called once the new run has listed a checkpoint)."""
+    old = _replaced_path(run_dir)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_replaced(run_dir: str | os.PathLike) -> bool:
+    """Finish or undo an interrupted ``--force`` replacement of ``run_dir``.
+
+    If the new run listed a checkpoint, the old run is deleted (it was due to be); otherwise the new, unusable
+    start is deleted and the old run is moved back.
+
+    Returns:
+        True if the old run was moved back into ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    old = _replaced_path(run_dir)
+    if not old.exists():
+        return False
+    try:
+        started = bool(Manifest.load(run_dir).checkpoints)
+    except (OSError, ValueError):  # no manifest yet, or an unreadable one: the new run never got going
+        started = False
+    if started:
+        _drop_replaced(run_dir)
+        return False
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    os.replace(old, run_dir)
+    return True
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> str:
@@ -203,30 +264,51 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> str:
 
 
 def _build_tokenizer(run_dir: Path, cfg: RunConfig, train_texts, fingerprint: str,
-                     resume: bool) -> PreTrainedTokenizerFast:
-    """The run's tokenizer: reloaded on resume; else from the corpus-level cache; else trained and cached.
+                     resume: bool) -> tuple[PreTrainedTokenizerFast, str]:
+    """The run's tokenizer and where it came from, first match wins:
 
-    HF ``tokenizers``' WordPiece trainer breaks frequency ties non-deterministically (measured: three trainings
-    on the same texts gave three vocabularies), so the first tokenizer trained for a (corpus fingerprint,
-    vocab size, casing) is cached and reused: runs on one corpus share one tokenizer, and its hash is recorded.
+    1. on resume, the run's own ``tokenizer/``;
+    2. ``cfg.data.tokenizer``: a path or the hash of a tokenizer kept by an earlier run (reuse across runs);
+    3. the tokenizer shipped for this (corpus, vocab size, casing) — the default corpus's, so that the same command
+       trains the same model on every machine (``checkpoints.tokenizer.shipped_tokenizer``);
+    4. the per-machine cache for this key; else trained now and cached.
+
+    Every tokenizer used is also kept content-addressed under the cache's ``tokenizers/sha256/`` so a later run can
+    name it by the hash its manifest records.
     """
     tok_dir = run_dir / TOKENIZER_DIR
     if resume and tok_dir.exists():
-        return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
-    key = hashlib.sha256(f"{fingerprint}|{cfg.data.vocab_size}|{cfg.data.lowercase}".encode()).hexdigest()[:16]
-    cached = cache_root() / "tokenizers" / key
-    if (cached / "tokenizer.json").exists():
-        tok = PreTrainedTokenizerFast.from_pretrained(str(cached))
+        return PreTrainedTokenizerFast.from_pretrained(str(tok_dir)), "run"
+    root = cache_root() / "tokenizers"
+    key = tokenizer_key(fingerprint, cfg.data.vocab_size, cfg.data.lowercase)
+    cached = root / key
+    if cfg.data.tokenizer:
+        tok, source = load_tokenizer_ref(cfg.data.tokenizer, root), f"given: {cfg.data.tokenizer}"
+    elif (tok := shipped_tokenizer(key)) is not None:
+        source = f"shipped: checkpoints/assets/tokenizers/{key}.json"
+    elif (cached / "tokenizer.json").exists():
+        tok, source = PreTrainedTokenizerFast.from_pretrained(str(cached)), f"cache: {cached}"
     else:
-        tok = train_wordpiece(train_texts, vocab_size=cfg.data.vocab_size, lowercase=cfg.data.lowercase)
-        try:
-            tmp = cached.with_name(f"{key}.tmp{os.getpid()}")
-            tok.save_pretrained(str(tmp))
-            os.replace(tmp, cached)
-        except OSError:
-            pass  # the cache is an optimisation
+        tok, source = train_wordpiece(train_texts, vocab_size=cfg.data.vocab_size, lowercase=cfg.data.lowercase), \
+            "trained"
+        _keep(lambda: _save_atomic(tok, cached))
+    _keep(lambda: store_by_hash(tok, root))
     tok.save_pretrained(str(tok_dir))
-    return tok
+    return tok, source
+
+
+def _save_atomic(tok: PreTrainedTokenizerFast, folder: Path) -> None:
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    tok.save_pretrained(str(tmp))
+    os.replace(tmp, folder)
+
+
+def _keep(write: Callable[[], object]) -> None:
+    """Run a cache write; the cache is an optimisation, so an unwritable cache must not stop the run."""
+    try:
+        write()
+    except OSError:
+        pass
 
 
 def _build_model(cfg: RunConfig, vocab_size: int, device: str = "cpu") -> BertForMaskedLM:
@@ -382,10 +464,10 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
     corpus, fingerprint = load_corpus(cfg.data)
     train_texts, val_texts = list(corpus["train"]["text"]), list(corpus["validation"]["text"])
     if dist.is_main:
-        tok = _build_tokenizer(run_dir, cfg, train_texts, fingerprint, resume)
+        tok, tok_source = _build_tokenizer(run_dir, cfg, train_texts, fingerprint, resume)
     distributed.barrier(dist)
     if not dist.is_main:
-        tok = PreTrainedTokenizerFast.from_pretrained(str(run_dir / TOKENIZER_DIR))
+        tok, tok_source = PreTrainedTokenizerFast.from_pretrained(str(run_dir / TOKENIZER_DIR)), "rank 0"
     special = tuple(tok.all_special_ids)
     masker = Masker(tok.mask_token_id, len(tok), special, tc.mask_rate, tc.mask_replace)
     train_data = pack(tok, train_texts, tc.seq_len)
@@ -414,11 +496,11 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
         manifest = Manifest(run={
             "config": requested_cfg.to_dict(), "levers": levers, "corpus": source_description(cfg.data),
             "corpus_fingerprint": fingerprint,
-            "tokenizer_sha256": tokenizer_hash(tok), "n_train_sequences": len(train_data),
+            "tokenizer_sha256": tokenizer_hash(tok), "tokenizer_source": tok_source, "n_train_sequences": len(train_data),
             "n_val_sequences": len(val_data), "val_unigram_entropy": unigram_entropy(val_all, special),
             "n_params": sum(p.numel() for p in model.parameters()), "schedule": schedule,
             "versions": _versions(), "git_commit": _git_commit(), "world_size": dist.world_size,
-            "device": device, "status": "training"})
+            "device": device, "threads": torch.get_num_threads(), "status": "training"})
     manifest.run["status"] = "training"
     manifest.run.pop("error", None)
     last_good = manifest.checkpoints[-1].step if manifest.checkpoints else None
@@ -443,6 +525,7 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
                 step=state.step, path=name, tokens_seen=state.tokens_seen, wall_clock_s=round(state.wall_clock_s, 3),
                 train_loss=state.loss_ema, val_loss=val_loss, val_acc=val_acc, sha256=digest))
             manifest.save(run_dir)
+            _drop_replaced(run_dir)  # --force: the replaced run goes once the new one lists a checkpoint
             last_good = state.step
             if bar is not None:
                 bar.set_postfix(val_loss=f"{val_loss:.3f}")
