@@ -74,7 +74,7 @@ def is_single_model_results(path: Path) -> bool:
     """True if ``path`` is a results folder written for one model (``manifest.json`` with the single-model kind)."""
     try:
         return Manifest.load(path).run.get("kind") == SINGLE_MODEL_KIND
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError):  # ValueError includes ManifestError (a damaged manifest)
         return False
 
 

@@ -69,6 +69,10 @@ def pick_step(runs: list[str], fps: dict[str, tuple[int, ...]]) -> int | None:
     steps = sorted({int(s) for run in runs for s in checkpoints(run, fps[run])["step"]})
     if not steps:
         return None
+    if len(steps) == 1:  # a single model or a one-checkpoint run: nothing to slide over
+        st.session_state.pop("step", None)
+        st.sidebar.caption(f"Step {steps[0]} (single checkpoint)")
+        return steps[0]
     if "step" in st.session_state and st.session_state["step"] not in steps:
         del st.session_state["step"]
     return st.sidebar.select_slider("Step", options=steps, value=steps[-1], key="step", bind="query-params",
@@ -94,6 +98,10 @@ def status_banner(view: View) -> None:
         st.warning(f"`{view.focus}` has no finished checkpoints yet" +
                    (" (training is running; the first checkpoint appears once written)." if status == "training"
                     else "."))
+    elif n == 1 and status != "training":
+        single = meta.get("model_dir")
+        st.info(("Single model `" + str(single) + "`: " if single else "") + "a single checkpoint, so every curve "
+                "over steps is one point; read the values from the tables and per-layer figures.")
     elif status == "training":
         last = int(view.checkpoints()["step"].max())
         total = meta.get("config", {}).get("train", {}).get("max_steps", "?")

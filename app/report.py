@@ -571,8 +571,9 @@ def build_report(run: str | os.PathLike, max_rows: int = 12, onset: OnsetParams 
     except FileNotFoundError as e:
         raise ReportError(str(e)) from None
     p = onset or OnsetParams()
+    single_model = is_single_model(traj)  # reads the manifest first: a damaged one is a ReportError naming it
     single = len(traj.checkpoints) == 1
-    head = ([single_model_section(traj)] if is_single_model(traj) else
+    head = ([single_model_section(traj)] if single_model else
             [header_section(traj) + ("\n\nSingle checkpoint: every table has one row; onsets need a trajectory."
                                      if single else ""), training_section(traj, max_rows, p)])
     parts = [*head, sas_section(traj, max_rows, p, trajectory=not single),

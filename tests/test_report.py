@@ -322,4 +322,4 @@ def test_command_prints_and_writes(run, tmp_path):
     assert out.read_text() in res.stdout
     assert _table_after(out.read_text(), "### Training")["step"].astype(int).tolist() == [0, 4, 20]
     bad = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
-    assert bad.exit_code != 0 and isinstance(bad.exception, ReportError)
+    assert bad.exit_code == 1 and "error:" in bad.output and "does not exist" in bad.output

@@ -216,3 +216,40 @@ def test_report_of_an_unanalysed_model_says_what_to_do(cli, micro_model_dir, tmp
     res = cli("report", micro_model_dir)
     assert res.exit_code == 1
     assert "mlmscope analyze" in _one_error_line(res.output)
+
+
+# --- dashboard ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def single_results(tmp_path_factory, micro_model_dir):
+    """A single-model results folder of the micro MLM with four real analyses (a few seconds)."""
+    from analyses.target import prepare_single_model
+
+    out = prepare_single_model(Path(micro_model_dir), tmp_path_factory.mktemp("single") / "res")
+    words = [s * 3 for s in PROBES]  # longer sentences: the rank and outlier statistics need some tokens
+    summary = Runner(out, RunnerConfig(analyses=["mask_rank", "redundancy", "logit_lens", "outliers"], batch_size=4,
+                                       threads=1), probe_set=sentences_of(words)).run()
+    assert summary.failed == 0, summary.failures
+    return out
+
+
+def _pages() -> list[str]:
+    from app.views import PAGES
+
+    return list(PAGES)
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_dashboard_pages_render_a_single_model(monkeypatch, single_results, page):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("MLMSCOPE_RUNS", str(single_results))
+    at = AppTest.from_file(str(REPO / "app" / "dashboard.py"), default_timeout=180)
+    at.run()
+    at.sidebar.radio(key="page").set_value(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("single checkpoint" in str(i.value) for i in at.info), [i.value for i in at.info]
+    assert any("single checkpoint" in str(c.value) for c in at.sidebar.caption)
+    for el in at.get("plotly_chart"):  # a curve of one point is drawn as markers, never as an invisible line
+        for trace in json.loads(el.proto.spec)["data"]:
+            if trace.get("type", "scatter") == "scatter" and trace.get("showlegend", True) is not False:
+                assert trace.get("mode") != "lines", trace.get("name")

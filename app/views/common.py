@@ -236,6 +236,9 @@ def line_figure(curve: pd.DataFrame, view: View, y_title: str, series: Sequence[
         dash_by: Optional column whose values get different dash styles (e.g. with vs without [MASK]).
     """
     dashes = ("solid", "dash", "dot", "dashdot")
+    # One step (a single model): a line of one point is invisible, so draw large markers (see dashboard.status_banner)
+    single = curve["step"].nunique() == 1
+    mode, size = ("markers", 10) if single else ("lines+markers", 4)
     dash_of = {v: dashes[i % len(dashes)] for i, v in enumerate(curve[dash_by].unique())} if dash_by else {}
     colors: dict[Any, str] = {}
     traces: list[dict[str, Any]] = []
@@ -254,8 +257,8 @@ def line_figure(curve: pd.DataFrame, view: View, y_title: str, series: Sequence[
                            "fill": "toself", "fillcolor": rgba(color, 0.18), "line": {"width": 0},
                            "hoverinfo": "skip", "showlegend": False, "legendgroup": name})
         dash = dash_of.get(key[list(series).index(dash_by)]) if dash_by else None
-        traces.append({"type": "scatter", "x": x, "y": d[y].to_numpy(float), "name": name, "mode": "lines+markers",
-                       "legendgroup": name, "line": {"color": color, "dash": dash}, "marker": {"size": 4}})
+        traces.append({"type": "scatter", "x": x, "y": d[y].to_numpy(float), "name": name, "mode": mode,
+                       "legendgroup": name, "line": {"color": color, "dash": dash}, "marker": {"size": size}})
     layout = {"title": {"text": title}, "yaxis": {"title": {"text": y_title}}, "margin": {"t": 40, "b": 40},
               "height": 360, "legend": {"font": {"size": 10}}, **view.step_axis()}
     return go.Figure(data=traces, layout=layout)

@@ -37,7 +37,11 @@ def _curves(view: View) -> None:
     with col_loss:
         parts = [view.curve(None, "", "val_loss").assign(curve="validation"),
                  view.curve(None, "", "train_loss").assign(curve="train (EMA)")]
-        curve = pd.concat([p for p in parts if len(p)], ignore_index=True)
+        parts = [p for p in parts if len(p)]
+        if not parts:  # a single model folder (or a suite without a manifest) has no training record
+            st.caption("No training or validation loss recorded for this run (e.g. a single model folder).")
+            return
+        curve = pd.concat(parts, ignore_index=True)
         fig = common.line_figure(curve, view, "MLM loss (nats)", series=("source", "curve"), dash_by="curve",
                                  title="Loss over training")
         common.show(fig, curve, "overview_loss",
