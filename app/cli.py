@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,31 +32,71 @@ console = Console(stderr=True)
 DEFAULT_RUN = Path("runs/demo")
 
 
-def _int_list(text: Optional[str]) -> Optional[list[int]]:
+def _int_list(text: Optional[str], option: str = "") -> Optional[list[int]]:
+    """``"0,10,100"`` as ``[0, 10, 100]`` (None for no text).
+
+    Raises:
+        UserError: anything but comma-separated integers.
+    """
     if not text:
         return None
     try:
         return [int(s) for s in text.replace(" ", "").split(",") if s]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+        raise UserError(f"{option or 'option'}: expected comma-separated integers, got {text!r}") from None
 
 
-def _parse_set(pairs: list[str]) -> dict:
-    """``--set key=value`` overrides for any config field (value parsed as int, float, bool or string)."""
-    out = {}
+def _parse_set(pairs: list[str]) -> dict[str, Any]:
+    """``--set key=value`` overrides for any config field, each value cast to the field's declared type.
+
+    ``key`` may use dashes (``max-steps``); lists and tuples are comma-separated (``--set betas=0.9,0.98``),
+    ``none`` clears an optional field.
+
+    Raises:
+        UserError: a pair without ``=`` or an unknown field. ConfigError: a value of the wrong type.
+    """
+    from checkpoints.config import parse_field_value
+
+    out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise typer.BadParameter(f"--set expects key=value, got {pair!r}")
-        k, v = pair.split("=", 1)
-        for cast in (int, float):
-            try:
-                out[k] = cast(v)
-                break
-            except ValueError:
-                continue
-        else:
-            out[k] = {"true": True, "false": False}.get(v.lower(), v)
+            raise UserError(f"--set expects key=value, got {pair!r}")
+        key, text = pair.split("=", 1)
+        key = key.strip().replace("-", "_")
+        try:
+            value = parse_field_value(key, text)
+        except KeyError as e:
+            raise UserError(f"--set {pair}: {e.args[0]}") from None
+        if key in out and out[key] != value:
+            raise UserError(f"--set {key} given twice with different values ({out[key]!r} and {value!r})")
+        out[key] = value
     return out
+
+
+def _merge_overrides(options: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
+    """Options and ``--set`` values in one dict; the same field from both must agree.
+
+    Raises:
+        UserError: a field given by its option and by ``--set`` with different values.
+    """
+    merged = {k: v for k, v in options.items() if v is not None}
+    for key, value in sets.items():
+        if key in merged and merged[key] != value:
+            flag = "--" + {"sas_lam": "sas_lambda"}.get(key, key).replace("_", "-")
+            raise UserError(f"{key} is given twice with different values: {flag} {merged[key]!r} and --set "
+                            f"{key}={value!r}; give it once")
+        merged[key] = value
+    return merged
+
+
+def _show_warnings() -> None:
+    """Library warnings (e.g. ``CorpusWarning``) as one yellow line each, not Python's two-line format."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 (stdlib signature)
+        console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    warnings.showwarning = show
 
 
 @app.command()
@@ -64,7 +104,9 @@ def train(
     run: Path = typer.Argument(DEFAULT_RUN, help="Run folder (created under runs/ by convention)."),
     preset: str = typer.Option("demo", help="Model/training preset: micro, demo, tiny, small, base."),
     resume: bool = typer.Option(False, help="Continue an interrupted run exactly from its latest checkpoint."),
-    force: bool = typer.Option(False, help="Overwrite an existing run folder."),
+    force: bool = typer.Option(False, help="Replace an existing run: once every option and the corpus have been "
+                               "checked, the old run is moved aside; it is deleted when the new run's first "
+                               "checkpoint is written, and moved back if the new run fails before that."),
     seeds: Optional[str] = typer.Option(None, help="Train several seeds (init and data) into RUN/seed_<s>/."),
     corpus: Optional[str] = typer.Option(None, help="'wiki' (default), a .txt/.jsonl file or folder, or a datasets dir."),
     text_field: Optional[str] = typer.Option(None, help="Text field for JSONL / datasets corpora."),
@@ -85,30 +127,68 @@ def train(
     sas_lambda: Optional[float] = typer.Option(None, help="SAS regulariser λ (Chen et al.): >0 suppresses, <0 "
                                                "promotes syntactic attention; 0 = off."),
     sas_release_step: Optional[int] = typer.Option(None, help="Step from which λ = 0 (Chen's SAS−(k) runs)."),
-    set_: list[str] = typer.Option([], "--set", help="Any other config field: --set n_layers=4 --set dropout=0.1"),
+    set_: list[str] = typer.Option([], "--set", help="Any config field: --set n_layers=4 --set dropout=0.1 "
+                                   "(cast to the field's type; lists comma-separated)."),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads (default: torch's choice; a resumed "
+                                          "run reuses its recorded count). Recorded in the manifest."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train a BERT MLM into RUN with a dense, verifiable checkpoint trajectory (works under torchrun)."""
     from checkpoints.config import make_config
-    from checkpoints.train import train as run_train
 
-    overrides = dict(corpus=corpus, text_field=text_field, vocab_size=vocab_size, max_steps=max_steps,
-                     batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
-                     mask_rate=mask_rate, mask_replace=mask_replace, precision=precision, init_seed=init_seed,
-                     data_seed=data_seed, steps=_int_list(steps), linear_every=linear_every, sas_lam=sas_lambda,
-                     sas_release_step=sas_release_step, **_parse_set(set_))
-    seed_list = _int_list(seeds)
+    _show_warnings()
+    options = dict(corpus=corpus, text_field=text_field, vocab_size=vocab_size, max_steps=max_steps,
+                   batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
+                   mask_rate=mask_rate, mask_replace=mask_replace, precision=precision, init_seed=init_seed,
+                   data_seed=data_seed, steps=_int_list(steps, "--steps"), linear_every=linear_every,
+                   sas_lam=sas_lambda, sas_release_step=sas_release_step)
+    overrides = _merge_overrides(options, _parse_set(set_))
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    if resume and force:
+        raise UserError("--resume and --force exclude each other: --resume continues RUN, --force replaces it")
+    seed_list = _int_list(seeds, "--seeds")
     targets = [(run / f"seed_{s}", dict(init_seed=s, data_seed=s)) for s in seed_list] if seed_list else [(run, {})]
-    for run_dir, seed_over in targets:
+    configs = []
+    for run_dir, seed_over in targets:  # every config is checked before the first run touches the disk
         try:
             cfg = make_config(preset, **{**overrides, **seed_over})
         except KeyError as e:
             raise UserError(str(e.args[0])) from None
-        m = run_train(run_dir, cfg, resume=resume, force=force, device=device, progress=progress)
+        if not resume:
+            cfg.validate()
+        configs.append((run_dir, cfg))
+    for run_dir, cfg in configs:
+        _set_threads(threads, run_dir if resume else None)
+        m = _train_one(run_dir, cfg, resume=resume, force=force, device=device, progress=progress)
         last = m.checkpoints[-1]
         console.print(f"[green]done[/] {run_dir}: {len(m.checkpoints)} checkpoints, final val loss "
                       f"{last.val_loss:.3f} (unigram entropy {m.run.get('val_unigram_entropy', float('nan')):.3f})")
+
+
+def _set_threads(threads: Optional[int], resumed_run: Optional[Path]) -> None:
+    """torch intra-op threads: ``--threads``, else (on resume) the count the run recorded, else torch's default."""
+    import torch
+
+    if threads is None and resumed_run is not None and (resumed_run / "manifest.json").exists():
+        from checkpoints.manifest import Manifest
+
+        threads = Manifest.load(resumed_run).run.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def _train_one(run_dir: Path, cfg: Any, **kw: Any) -> Any:
+    """``checkpoints.train.train`` for one run; a failed ``--force`` replacement puts the old run back at once."""
+    from checkpoints.train import recover_replaced, train as run_train
+
+    try:
+        return run_train(run_dir, cfg, **kw)
+    except BaseException as e:
+        if kw.get("force") and recover_replaced(run_dir) and isinstance(e, Exception):
+            raise UserError(f"{e} ({run_dir} was left as it was before --force)") from None
+        raise
 
 
 @app.command()
@@ -117,6 +197,9 @@ def verify(run: Path = typer.Argument(..., help="Run folder or folder of checkpo
     from checkpoints.verify import verify_run
 
     results = verify_run(run)
+    if not results:
+        raise UserError(f"no checkpoints in {run}: looked for the entries of {run / 'manifest.json'} and, without "
+                        f"one, for step_*/checkpoint-* folders holding config.json and weights")
     table = Table("step", "folder", "status", "detail")
     for r in results:
         color = "green" if r.status == "ok" else "red"

@@ -337,7 +337,8 @@ def _cast(text: str, tp: Any, key: str) -> Any:
         items = [t.strip() for t in text.split(",") if t.strip()]
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(items) != len(args):
-                raise ConfigError(f"--set {key}={text}: expected {len(args)} comma-separated values")
+                kinds = {int: "integers", float: "numbers"}.get(args[0], "values")
+                raise ConfigError(f"--set {key}={text}: expected {len(args)} comma-separated {kinds}")
             return tuple(_cast(t, a, key) for t, a in zip(items, args))
         value = [_cast(t, args[0] if args else str, key) for t in items]
         return tuple(value) if origin is tuple else value
