@@ -7,9 +7,11 @@ prints the URL; ``app_command`` is the typer-annotated function the CLI mounts a
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +50,44 @@ def url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
+def _parent_death_signal():
+    """A ``preexec_fn`` that has Linux send SIGTERM to the child when this process dies, even by SIGKILL (else None).
+
+    libc is loaded here, in the parent, so the child only makes one system call between fork and exec.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_pdeathsig() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return set_pdeathsig
+
+
+def _stop_on_signal(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminate ``proc`` (SIGTERM, then SIGKILL after ``timeout`` seconds) and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def serve(runs: list[Path], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
     """Start the dashboard on ``runs`` and block until it stops (Ctrl-C).
 
@@ -68,13 +108,23 @@ def serve(runs: list[Path], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) 
     env = {**os.environ, "MLMSCOPE_RUNS": os.pathsep.join(str(r.resolve()) for r in runs), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     print(f"mlmscope dashboard: {url(host, port)}  (runs: {', '.join(map(str, runs))}; Ctrl-C to stop)", flush=True)
-    proc = subprocess.Popen(streamlit_command(host, port), env=env)
+    # The server never outlives this process: Ctrl-C, SIGTERM and SIGHUP stop it here, and if this process is killed
+    # outright (SIGKILL) Linux sends it SIGTERM (parent-death signal).
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, _stop_on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=10)
-    if proc.returncode not in (0, -15, None):
+        proc = subprocess.Popen(streamlit_command(host, port), env=env, preexec_fn=_parent_death_signal())
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop(proc)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if proc.returncode not in (0, -2, -15, None):
         raise DashboardError(f"streamlit exited with code {proc.returncode}")
 
 

@@ -75,3 +75,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+_GUARD = None  # the session's ProcessGuard (tests/process_guard.py)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_processes(tmp_path_factory):
+    """Fail the suite if any process a test started is still running at the end (it is killed first).
+
+    Set up before every other session fixture and so torn down after all of them: servers, workers and runs that
+    fixtures and tests stop properly are gone by then (five seconds' grace). Catches grandchildren reparented to
+    init and children started with ``start_new_session=True`` too; see tests/process_guard.py for how.
+    """
+    global _GUARD
+    from process_guard import ProcessGuard
+
+    _GUARD = ProcessGuard(tmp_path_factory.getbasetemp())
+    yield _GUARD
+    leaked = _GUARD.stop_leftovers()
+    _GUARD = None
+    if leaked:
+        pytest.fail("processes started by the tests were still running after the suite (now killed):\n  "
+                    + "\n  ".join(leaked), pytrace=False)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """After each test: remember the live descendants, so one reparented later is still found and attributed."""
+    if _GUARD is not None:
+        _GUARD.snapshot(nodeid)

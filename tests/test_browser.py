@@ -9,6 +9,7 @@ test's temporary folder. ``$MLMSCOPE_SCREENSHOT_RUN`` shows another run instead 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -58,9 +59,9 @@ def run_dir(tmp_path_factory) -> Path:
     return ensure_micro_run(root)
 
 
-@pytest.fixture(scope="module")
-def server(run_dir):
-    """`mlmscope app RUN --port P` (default host 127.0.0.1) in a child process; yields its URL."""
+def _start_app(run_dir: Path) -> tuple[subprocess.Popen, str]:
+    """`mlmscope app RUN --port P` (default host 127.0.0.1) in a child process of its own session; waits until the
+    server answers. Returns the process and the URL; stop it with :func:`_stop_group`."""
     port = _free_port()
     exe = Path(sys.executable).with_name("mlmscope")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "app.cli"]
@@ -71,13 +72,44 @@ def server(run_dir):
         assert f"http://127.0.0.1:{port}" in first, first
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc)
+    except BaseException:
+        _stop_group(proc)
+        raise
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    """`mlmscope app RUN --port P` in a child process; yields its URL."""
+    proc, url = _start_app(run_dir)
+    try:
         yield url
     finally:
-        proc.terminate()
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM the child's whole process group (`mlmscope app` and its streamlit server), SIGKILL what is left.
+
+    The group is the child's own (``start_new_session=True``), so this reaches the server even if `mlmscope app`
+    dies first; `mlmscope app` itself also stops the server on SIGTERM (app/serve.py).
+    """
+    def signal_group(sig) -> None:
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    signal_group(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    time.sleep(0.5)  # let the server finish its own shutdown before anything left is killed
+    signal_group(signal.SIGKILL)
+    proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +164,20 @@ def test_page_in_browser(server, browser, slug, tmp_path):
         page.screenshot(path=str(out / f"{slug}.png"), full_page=True)
     finally:
         page.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_app_never_leaves_its_server_running(run_dir, sig):
+    """Stopping `mlmscope app` alone (not its process group) stops the streamlit server it started: on SIGTERM it
+    stops the server itself; killed outright, Linux sends the server SIGTERM (parent-death signal)."""
+    psutil = pytest.importorskip("psutil")
+    proc, _ = _start_app(run_dir)
+    try:
+        servers = psutil.Process(proc.pid).children(recursive=True)
+        assert servers, "no streamlit child found"
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(servers, timeout=30)
+        assert not alive, f"still running after {sig.name} to `mlmscope app`: {[p.cmdline() for p in alive]}"
+    finally:
+        _stop_group(proc)
