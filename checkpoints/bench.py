@@ -1,12 +1,19 @@
 """``mlmscope bench train``: HF's standard route vs our loop, same shape and data, interleaved in one process.
 
-HF route: ``Trainer`` + ``BertForMaskedLM`` + ``DataCollatorForLanguageModeling`` (15 %, 80/10/10), fp32, default
-attention, dataset of packed sequences. Ours: ``checkpoints.train`` step (packed, no padding mask, sparse prediction,
-SDPA, the preset's precision). Rounds alternate HF/ours so machine noise hits both; the median round is reported.
+HF route: ``Trainer`` + ``BertForMaskedLM`` + ``DataCollatorForLanguageModeling`` (15 %, 80/10/10), fp32 (its
+default), default attention, dataset of packed sequences. Ours: ``checkpoints.train`` step (packed, no padding mask,
+sparse prediction, the precision and attention ``checkpoints.hardware`` picks for this machine). Rounds alternate
+HF/ours so machine noise hits both; the median round is reported.
+
+Besides tokens/s the table gives each route's achieved GFLOP/s (model FLOPs: 6 per parameter-MAC per token for
+forward + backward, attention score/mix products included, the MLM head counted where each route computes it) and the
+fraction of this machine's measured matmul peak at the precision the route runs in, so the distance to the physical
+limit is visible. The CPU capability (``checkpoints.hardware``) is printed with every number.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import statistics
 import tempfile
@@ -17,10 +24,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from checkpoints import hardware
 from checkpoints.config import make_config
 from checkpoints.corpus import load_corpus
 from checkpoints.data import Masker, StepBatches, pack
-from checkpoints.train import SparseMLM, _build_model, _build_tokenizer, _optimizer, _train_step, lr_factor
+from checkpoints.train import (SparseMLM, _build_model, _build_tokenizer, _optimizer, _train_step, lr_factor,
+                               resolve_levers)
 
 
 def _hf_round(cfg, tok, data: torch.Tensor, steps: int, warmup: int) -> float:
@@ -54,6 +63,21 @@ def _hf_round(cfg, tok, data: torch.Tensor, steps: int, warmup: int) -> float:
     return (len(timed) - 1) * cfg.train.batch_size * cfg.train.seq_len / (timed[-1] - timed[0])
 
 
+def train_flops_per_token(cfg, vocab: int, head_fraction: float) -> float:
+    """Forward + backward FLOPs per token (3 × forward, 2 FLOPs per multiply-add) of a BERT MLM step.
+
+    Args:
+        cfg: The run config (model shape, sequence length).
+        vocab: Vocabulary size (the decoder's width).
+        head_fraction: Share of positions where the MLM head runs: 1 for HF (logits everywhere), the mask rate for
+            sparse prediction.
+    """
+    m, t = cfg.model, cfg.train.seq_len
+    per_layer = 4 * m.d_model**2 + 2 * m.d_model * m.d_ffn + 2 * t * m.d_model   # projections, FFN, QKᵀ and AV
+    head = m.d_model**2 + m.d_model * vocab                                        # transform + tied decoder
+    return 3 * 2 * (m.n_layers * per_layer + head_fraction * head)
+
+
 def _our_round(cfg, tok, data: torch.Tensor, steps: int, warmup: int, device: str) -> float:
     tc = cfg.train
     model = _build_model(cfg, len(tok), device).to(device)
@@ -76,7 +100,11 @@ def bench_train(preset: str = "tiny", steps: int = 8, rounds: int = 2, warmup: i
     """Print and return tokens/s of both routes, their ratio and the process's peak RSS."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = make_config(preset)
+    tc, levers = resolve_levers(cfg.train, device)
+    cfg = dataclasses.replace(cfg, train=tc)
     console = Console()
+    console.print(f"CPU capability {hardware.cpu_capability()}, native bf16: {hardware.cpu_native_bf16()}; ours: "
+                  f"{tc.precision} ({levers['precision']['reason']}), attention {tc.attn}")
     corpus, fingerprint = load_corpus(cfg.data)
     texts = list(corpus["train"]["text"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,13 +118,43 @@ def bench_train(preset: str = "tiny", steps: int = 8, rounds: int = 2, warmup: i
     res = {"hf_tokens_per_s": statistics.median(hf), "ours_tokens_per_s": statistics.median(ours)}
     res["ratio"] = res["ours_tokens_per_s"] / res["hf_tokens_per_s"]
     res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    m = cfg.model
-    table = Table(title=f"bench train: preset {preset} ({m.n_layers}L x {m.d_model}d, vocab {len(tok)}, seq "
-                        f"{cfg.train.seq_len}, batch {cfg.train.batch_size}, {cfg.train.precision}, "
-                        f"{torch.get_num_threads()} threads, {device})")
-    for col in ("HF Trainer tok/s", "mlmscope tok/s", "ratio", "peak RSS (GB, whole process)"):
-        table.add_column(col)
-    table.add_row(f"{res['hf_tokens_per_s']:,.0f}", f"{res['ours_tokens_per_s']:,.0f}", f"{res['ratio']:.2f}x",
-                  f"{res['peak_rss_gb']:.2f}")
-    console.print(table)
+    res.update(_efficiency(cfg, len(tok), res, device))
+    res["cpu_capability"] = hardware.cpu_capability()
+    res["precision"] = tc.precision
+    _print_table(console, cfg, preset, len(tok), res, device)
     return res
+
+
+def _efficiency(cfg, vocab: int, res: dict[str, float], device: str) -> dict[str, float]:
+    """Achieved GFLOP/s of both routes and their share of the measured matmul peak at their precision."""
+    hf_flops = train_flops_per_token(cfg, vocab, 1.0)
+    our_flops = train_flops_per_token(cfg, vocab, cfg.train.mask_rate)
+    peaks = {"fp32": hardware.gemm_peak_gflops(torch.float32)} if device == "cpu" else {}
+    if device == "cpu" and cfg.train.precision == "bf16":
+        peaks["bf16"] = hardware.gemm_peak_gflops(torch.bfloat16)
+    out = {"hf_gflops": res["hf_tokens_per_s"] * hf_flops / 1e9, "ours_gflops": res["ours_tokens_per_s"] * our_flops / 1e9,
+           "hf_flops_per_token": hf_flops, "ours_flops_per_token": our_flops}
+    if peaks:
+        out["peak_fp32_gflops"] = peaks["fp32"]
+        out["peak_gflops"] = peaks.get(cfg.train.precision, peaks["fp32"])
+        out["hf_peak_fraction"] = out["hf_gflops"] / peaks["fp32"]
+        out["ours_peak_fraction"] = out["ours_gflops"] / out["peak_gflops"]
+    return out
+
+
+def _print_table(console: Console, cfg, preset: str, vocab: int, res: dict[str, float], device: str) -> None:
+    m, tc = cfg.model, cfg.train
+    table = Table(title=f"bench train: preset {preset} ({m.n_layers}L x {m.d_model}d, vocab {vocab}, seq "
+                        f"{tc.seq_len}, batch {tc.batch_size}; {torch.get_num_threads()} threads, {device}, CPU "
+                        f"capability {res['cpu_capability']})")
+    for col in ("route", "precision", "tok/s", "GFLOP/token", "GFLOP/s", "share of peak"):
+        table.add_column(col)
+    for route, name, prec in (("hf", "HF Trainer", "fp32"), ("ours", "mlmscope", tc.precision)):
+        share = f"{res[f'{route}_peak_fraction']:.0%}" if f"{route}_peak_fraction" in res else "n/a"
+        table.add_row(name, prec, f"{res[f'{route}_tokens_per_s']:,.0f}", f"{res[f'{route}_flops_per_token'] / 1e9:.4f}",
+                      f"{res[f'{route}_gflops']:.1f}", share)
+    console.print(table)
+    peak = (f"matmul peak (1024² GEMM, measured now): fp32 {res['peak_fp32_gflops']:.0f} GFLOP/s"
+            + (f", bf16 {res['peak_gflops']:.0f}" if tc.precision == "bf16" else "")) if "peak_fp32_gflops" in res else ""
+    console.print(f"ratio mlmscope / HF: [bold]{res['ratio']:.2f}x[/] tokens/s; peak RSS {res['peak_rss_gb']:.2f} GB "
+                  f"(whole process). {peak}")
