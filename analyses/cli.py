@@ -141,14 +141,16 @@ def list_command() -> None:
 
 
 @app.command("failures")
-def failures_command(run: Path = typer.Argument(..., help="Run folder.")) -> None:
+def failures_command(run: Path = typer.Argument(..., help="Run folder, or a model folder / its results folder.")
+                     ) -> None:
     """Recorded failures of RUN (checkpoint, analysis, error); exit 1 if there are any."""
     from analyses.store import ResultStore
+    from analyses.target import results_folder
 
     if not run.is_dir():
         console.print(f"[bold red]error:[/] run folder {str(run)!r} does not exist", highlight=False)
         raise typer.Exit(1)
-    recs = ResultStore(run).failures()
+    recs = ResultStore(_guard(lambda: results_folder(run))).failures()
     table = Table("step", "checkpoint", "analysis", "error")
     for r in sorted(recs, key=lambda r: (r.get("step") or 0, r["analysis"])):
         table.add_row(str(r.get("step", "")), r["checkpoint"], r["analysis"], r["error"])

@@ -118,10 +118,10 @@ def _check_model_dir(model_dir: Path) -> str:
     Raises:
         TargetError: unsupported architecture, unreadable config, or no fast tokenizer.
     """
-    from probes.model import ModelLoadError, _architecture, _read_config
+    from probes.model import ModelLoadError, check_model_folder
 
     try:
-        arch = _architecture(_read_config(model_dir), model_dir)
+        arch = check_model_folder(model_dir)
     except ModelLoadError as e:
         raise TargetError(str(e)) from None
     if not (model_dir / "tokenizer.json").is_file():
@@ -180,6 +180,22 @@ def find_single_results(model_dir: Path) -> Path | None:
     return d if is_single_model_results(d) else None
 
 
+def results_folder(path: str | os.PathLike) -> Path:
+    """Where the results of PATH are read from: PATH itself, or for a model folder its default results folder.
+
+    Raises:
+        TargetError: a model folder that was not analysed yet.
+    """
+    p = Path(path)
+    if p.is_dir() and not (p / MANIFEST).exists() and is_model_dir(p):
+        found = find_single_results(p)
+        if found is None:
+            raise TargetError(f"{str(p)!r} is a model folder without results yet: run `mlmscope analyze {p}` first "
+                              "(or pass the results folder it printed)")
+        return found
+    return p
+
+
 def resolve_target(path: str | os.PathLike, out: Path | None = None, follow: bool = False) -> Target:
     """Decide what PATH is, create the results folder of a single model, and check there is something to analyse.
 
@@ -202,10 +218,19 @@ def resolve_target(path: str | os.PathLike, out: Path | None = None, follow: boo
         return Target("model", p, prepare_single_model(p, out), 1)
     else:
         kind = "suite"
-    if out is not None and kind != "model":
-        raise TargetError(f"--out is for a single model folder; {str(p)!r} is a {kind} (its results go to "
+    if out is not None:
+        what = "single-model results folder" if kind == "model" else kind
+        raise TargetError(f"--out is for a model folder; {str(p)!r} is a {what} (its results go to "
                           f"{str(p / 'results')!r})")
-    n = len(list_checkpoints(p))
+    if kind == "model":
+        model_dir = Path(Manifest.load(p).run.get("model_dir", ""))
+        if not is_model_dir(model_dir):
+            raise TargetError(f"{str(p)!r} holds the results of the model folder {str(model_dir)!r}, which no longer "
+                              "holds a model; analyse the model folder itself (mlmscope analyze MODEL --out ...)")
+    try:
+        n = len(list_checkpoints(p))
+    except ValueError as e:  # checkpoints.manifest.ManifestError: a damaged manifest.json, named in the message
+        raise TargetError(str(e)) from None
     if n == 0 and not (follow and kind == "run"):
         raise TargetError(nothing_found_message(p))
     return Target(kind, p, p, n)

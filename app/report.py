@@ -243,24 +243,6 @@ def single_model_section(traj: Trajectory) -> str:
         "row."])
 
 
-def results_folder(path: str | os.PathLike) -> Path:
-    """The folder to report on: ``path`` itself, or for a model folder its default single-model results folder.
-
-    Raises:
-        ReportError: a model folder that was not analysed yet.
-    """
-    from analyses.target import find_single_results, is_model_dir
-
-    p = Path(path)
-    if p.is_dir() and not (p / "manifest.json").exists() and is_model_dir(p):
-        found = find_single_results(p)
-        if found is None:
-            raise ReportError(f"{str(p)!r} is a model folder without results yet: run `mlmscope analyze {p}` "
-                              "first (or pass the results folder it printed)")
-        return found
-    return p
-
-
 def _manifest_run(traj: Trajectory) -> dict[str, Any]:
     try:
         m = traj.manifest

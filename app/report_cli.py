@@ -21,8 +21,8 @@ def report_command(
 ) -> None:
     """Print a Markdown report of a run's analysed trajectory (to paste into README.md)."""
     from analyses.onset import OnsetParams
-    from analyses.target import TargetError
-    from app.report import ReportError, build_report, results_folder
+    from analyses.target import TargetError, results_folder
+    from app.report import ReportError, build_report
     from checkpoints.manifest import atomic_write_text
 
     try:

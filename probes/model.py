@@ -241,6 +241,16 @@ def _architecture(cfg: dict[str, Any], path: Path) -> str:
                          f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
+def check_model_folder(path: str | os.PathLike) -> str:
+    """The architecture name of a model folder, from its ``config.json`` alone (no weights are read).
+
+    Raises:
+        ModelLoadError: no folder, no or invalid ``config.json``, or an unsupported architecture.
+    """
+    p = Path(path)
+    return _architecture(_read_config(p), p)
+
+
 def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     """Load a BERT/RoBERTa checkpoint folder and its tokenizer for capture.
 

@@ -76,6 +76,8 @@ def test_analyze_mlm_folder_writes_a_one_checkpoint_run_outside_it(cli, micro_mo
     assert df["step"].unique().tolist() == [0] and len(df) == 2  # two layers
     res = cli("analyze", micro_model_dir, "-a", "_t_norm", "--probes", probes, "--out", out)
     assert res.exit_code == 0 and "cached" in res.output  # a re-run recomputes nothing
+    res = cli("analyze", out, "-a", "_t_norm", "--probes", probes)  # the results folder stands for the model too
+    assert res.exit_code == 0 and "single model" in res.output, res.output
     report = cli("report", out)
     assert report.exit_code == 0, report.output
     assert "single checkpoint" in report.output.lower()
@@ -113,7 +115,7 @@ def test_step_dir_of_a_run_keeps_its_step(tmp_path, probes):
 
 def test_out_is_refused_for_a_run_and_for_a_foreign_folder(tmp_path, micro_model_dir):
     run = make_run(tmp_path / "run", steps=(0,))
-    with pytest.raises(TargetError, match="--out is for a single model"):
+    with pytest.raises(TargetError, match="--out is for a model folder"):
         resolve_target(run, out=tmp_path / "x")
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -147,6 +149,22 @@ def test_tokenizer_only_folders_are_not_checkpoints(cli, tmp_path, micro_model_d
     assert "found step_000001, step_000002 without config.json + weights" in line
     line = _one_error_line(cli("analyze", suite / "step_000001", "-a", "_t_norm").output)
     assert "holds only a tokenizer" in line
+
+
+def test_results_of_a_vanished_model_and_a_damaged_manifest(cli, tmp_path, probes):
+    import shutil
+
+    model = tmp_path / "m"
+    from conftest import _save_micro
+
+    _save_micro(model)
+    out = resolve_target(model, out=tmp_path / "res").run_dir
+    shutil.rmtree(model)
+    line = _one_error_line(cli("analyze", out, "-a", "_t_norm").output)
+    assert "no longer holds a model" in line
+    (out / "manifest.json").write_text("{ truncated")
+    line = _one_error_line(cli("analyze", out, "-a", "_t_norm").output)
+    assert "manifest" in line and "manifest.json" in line
 
 
 def test_run_without_checkpoints_and_steps_matching_none(cli, tmp_path, probes):
