@@ -1,0 +1,276 @@
+"""Bad input on the training side (issue 13): nothing finished is lost, every error is one line and exit code 1,
+garbage corpora are refused or reported, pathological lines are bounded. Each test fails on the code before it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from checkpoints.config import ConfigError, DataConfig, make_config
+from checkpoints.corpus import MAX_DOC_CHARS, MAX_RUN_CHARS, CorpusError, CorpusWarning, load_corpus
+from checkpoints.manifest import Manifest, ManifestError
+from checkpoints.train import TrainingError, _replaced_path, recover_replaced, train
+from checkpoints.verify import verify_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "COLUMNS": "400"})
+
+
+def _one_line_error(r: subprocess.CompletedProcess, message: str) -> None:
+    """Exit 1, no traceback, exactly one error message (rich may still wrap it), containing ``message``."""
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr[-2000:]
+    assert message in r.stderr[r.stderr.index("error:"):].replace("\n", " "), r.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, small_corpus):
+    """A finished 4-step micro run (copied by each test that might damage it)."""
+    run = tmp_path_factory.mktemp("runs") / "done"
+    train(run, make_config("micro", corpus=small_corpus, max_steps=4, linear_every=2), progress=False)
+    return run
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+# --- 1. --force never loses a finished run -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "batch_size must be an integer >= 1"),
+    (["--seq-len", "128"], "exceeds the model's max_position=64"),
+    (["--set", "lr=abc"], "--set lr=abc: expected a number"),
+    (["--corpus", "/nonexistent/corpus.txt"], "does not exist"),
+    (["--vocab-size", "100000"], "left as it was before --force"),  # fails after the move aside: moved back
+])
+def test_force_with_invalid_option_keeps_the_run(finished_run, tmp_path, small_corpus, args, message):
+    run = _copy(finished_run, tmp_path)
+    before = (run / "manifest.json").read_text()
+    r = _cli("train", str(run), "--preset", "micro", "--corpus", small_corpus, "--max-steps", "4",
+             "--linear-every", "2", "--no-progress", "--force", *args)
+    _one_line_error(r, message)
+    assert (run / "manifest.json").read_text() == before
+    assert not _replaced_path(run).exists()
+    v = _cli("verify", str(run))
+    assert v.returncode == 0 and "all 4 checkpoints verified" in v.stderr, v.stderr
+
+
+def test_force_replaces_the_run_and_drops_the_old_one(finished_run, tmp_path, small_corpus):
+    run = _copy(finished_run, tmp_path)
+    m = train(run, make_config("micro", corpus=small_corpus, max_steps=2, linear_every=2), force=True,
+              progress=False)
+    assert [c.step for c in m.checkpoints] == [0, 1, 2] and m.run["config"]["train"]["max_steps"] == 2
+    assert not _replaced_path(run).exists()
+    assert {r.status for r in verify_run(run)} == {"ok"}
+
+
+def test_force_failure_before_first_checkpoint_is_undone(finished_run, tmp_path, small_corpus, monkeypatch):
+    """A failure (or a kill) after the move aside: recover_replaced, or the next train() on the folder, moves the
+    old run back."""
+    import checkpoints.train as tr
+
+    run = _copy(finished_run, tmp_path)
+    before = (run / "manifest.json").read_text()
+
+    def boom(*a, **k):
+        raise TrainingError("simulated failure before the first checkpoint")
+
+    monkeypatch.setattr(tr, "_build_model", boom)
+    with pytest.raises(TrainingError, match="simulated"):
+        train(run, make_config("micro", corpus=small_corpus, max_steps=2, linear_every=2), force=True,
+              progress=False)
+    assert _replaced_path(run).exists()  # what a kill -9 at this moment leaves
+    assert recover_replaced(run) is True
+    assert (run / "manifest.json").read_text() == before and not _replaced_path(run).exists()
+    # The same left behind again is recovered by the next train() call on the folder, before anything else: here
+    # one without --force, refused because the restored finished run is in the way.
+    with pytest.raises(TrainingError, match="simulated"):
+        train(run, make_config("micro", corpus=small_corpus, max_steps=2, linear_every=2), force=True,
+              progress=False)
+    monkeypatch.undo()
+    with pytest.raises(TrainingError, match="already exists|different config"):
+        train(run, make_config("micro", corpus=small_corpus, max_steps=2, linear_every=2), progress=False)
+    assert (run / "manifest.json").read_text() == before and not _replaced_path(run).exists()
+
+
+def test_force_refuses_a_folder_that_is_not_a_run(tmp_path, small_corpus):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    with pytest.raises(TrainingError, match="not an mlmscope run folder"):
+        train(folder, make_config("micro", corpus=small_corpus, max_steps=2), force=True, progress=False)
+    assert (folder / "thesis.tex").read_text() == "precious"
+
+
+# --- 2. invalid combinations: one user-facing line, not a library error ------------------------------------------
+
+
+def test_validate_lists_every_problem():
+    cfg = make_config("micro", seq_len=128, batch_size=0, mask_rate=1.5, lr=-1.0, n_heads=3, warmup_steps=-1)
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    msg = str(e.value)
+    for part in ("batch_size must be", "mask_rate must be", "lr must be", "warmup_steps must be",
+                 "seq_len=128 exceeds the model's max_position=64", "d_model=64 is not divisible by n_heads=3"):
+        assert part in msg
+    assert "\n" not in msg
+    for preset in ("micro", "demo", "tiny", "small", "base"):
+        make_config(preset).validate()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq-len", "128"], "seq_len=128 exceeds the model's max_position=64"),
+    (["--batch-size", "0", "--mask-rate", "0"], "batch_size must be an integer >= 1, got 0; mask_rate must be"),
+    (["--set", "lr=abc"], "--set lr=abc: expected a number"),
+    (["--set", "betas=x"], "--set betas=x: expected 2 comma-separated numbers"),
+    (["--lr", "1e-3", "--set", "lr=2e-3"], "lr is given twice with different values"),
+])
+def test_invalid_options_are_one_line_errors(tmp_path, small_corpus, args, message):
+    r = _cli("train", str(tmp_path / "run"), "--preset", "micro", "--corpus", small_corpus, "--no-progress", *args)
+    _one_line_error(r, message)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c: c._parse_set(["max_steps=1.5"]), "--set max_steps=1.5: expected an integer"),
+    (lambda c: c._parse_set(["no_such_field=1"]), "unknown config field 'no_such_field'"),
+    (lambda c: c._parse_set(["lr"]), "--set expects key=value"),
+    (lambda c: c._parse_set(["compile=maybe"]), "expected true or false"),
+    (lambda c: c._merge_overrides({"sas_lam": 0.1}, {"sas_lam": 0.2}), "--sas-lambda 0.1 and --set sas_lam=0.2"),
+    (lambda c: c._int_list("0,x", "--seeds"), "--seeds: expected comma-separated integers"),
+    (lambda c: make_config("micro", lr=float("nan"), grad_accum=0, betas=(0.9, 1.5)).validate(),
+     "grad_accum must be an integer >= 1, got 0; lr must be a finite number >= 0, got nan; betas must be"),
+])
+def test_option_parsing_errors_are_user_errors(call, message):
+    import app.cli as c
+
+    with pytest.raises((c.UserError, ConfigError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        call(c)
+
+
+def test_set_values_are_cast_to_the_declared_type():
+    from app.cli import _merge_overrides, _parse_set
+
+    sets = _parse_set(["lr=1e-3", "max-steps=7", "betas=0.9,0.99", "steps=0,3,7", "compile=false",
+                       "sas_release_step=none", "corpus=my.txt"])
+    assert sets == {"lr": 1e-3, "max_steps": 7, "betas": (0.9, 0.99), "steps": [0, 3, 7], "compile": False,
+                    "sas_release_step": None, "corpus": "my.txt"}
+    merged = _merge_overrides({"lr": 1e-3, "seq_len": None}, sets)  # the same value twice is fine
+    cfg = make_config("micro", **merged)
+    cfg.validate()
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.betas) == (1e-3, 7, (0.9, 0.99))
+
+
+def test_set_works_for_fields_with_an_option_and_threads_are_recorded(tmp_path, small_corpus):
+    run = tmp_path / "run"
+    r = _cli("train", str(run), "--preset", "micro", "--corpus", small_corpus, "--no-progress", "--threads", "1",
+             "--set", "lr=1e-3", "--set", "max_steps=2", "--max-steps", "2", "--set", "betas=0.9,0.99",
+             "--set", "linear-every=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = Manifest.load(run)
+    assert m.run["threads"] == 1
+    t = m.run["config"]["train"]
+    assert (t["lr"], t["max_steps"], t["betas"], t["linear_every"]) == (1e-3, 2, [0.9, 0.99], 2)
+
+
+def test_truncated_manifest_is_named(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path)
+    text = (run / "manifest.json").read_text()
+    (run / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ManifestError, match="manifest.json is truncated or damaged"):
+        Manifest.load(run)
+    _one_line_error(_cli("verify", str(run)), f"{run / 'manifest.json'} is truncated or damaged")
+
+
+def test_verify_with_no_checkpoints_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _one_line_error(_cli("verify", str(tmp_path / "empty")), "no checkpoints in")
+
+
+# --- 3. garbage corpora: refused, or a warning with a count ------------------------------------------------------
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLMSCOPE_CACHE", str(tmp_path / "cache"))
+
+
+def _docs(n: int = 60) -> list[str]:
+    return [f"document {i} says that the river {i % 7} flows into the lake near town {i % 5} ." for i in range(n)]
+
+
+def test_random_bytes_corpus_is_refused(tmp_path, cache):
+    rng = random.Random(0)
+    (tmp_path / "noise.txt").write_bytes(bytes(rng.getrandbits(8) for _ in range(100_000)))
+    with pytest.raises(CorpusError, match="does not look like text: .* undecodable bytes or control characters"):
+        load_corpus(DataConfig(corpus=str(tmp_path / "noise.txt")))
+    # The same through the CLI: one line, exit 1, before any run folder exists.
+    r = _cli("train", str(tmp_path / "run"), "--preset", "micro", "--corpus", str(tmp_path / "noise.txt"),
+             "--no-progress")
+    _one_line_error(r, "does not look like text")
+    assert not (tmp_path / "run").exists()
+
+
+def test_mostly_undecodable_corpus_is_refused_and_a_minority_is_counted(tmp_path, cache):
+    docs = _docs()
+    mostly = "\n\n".join("\ufffd" * 80 + d[:20] for d in docs)
+    (tmp_path / "mostly.txt").write_text(mostly)
+    with pytest.raises(CorpusError, match="does not look like text"):
+        load_corpus(DataConfig(corpus=str(tmp_path / "mostly.txt")))
+    raw = "\n\n".join(docs).encode() + b"\n\ncaf\xe9 cr\xe8me in latin-1 ."  # 2 undecodable bytes
+    (tmp_path / "some.txt").write_bytes(raw)
+    with pytest.warns(CorpusWarning, match=r"corpus .*some.txt: 2 undecodable or control characters .* in 1 of 61"):
+        load_corpus(DataConfig(corpus=str(tmp_path / "some.txt")))
+    # A .jsonl with a stray byte no longer stops with a raw UnicodeDecodeError.
+    (tmp_path / "c.jsonl").write_bytes(b"\n".join(json.dumps({"text": d}).encode() for d in docs) + b'\n{"text": "x\xff"}')
+    with pytest.warns(CorpusWarning, match="1 undecodable"):
+        dd, _ = load_corpus(DataConfig(corpus=str(tmp_path / "c.jsonl")))
+    assert len(dd["train"]) + len(dd["validation"]) == 61
+
+
+def test_utf16_with_bom_is_read_as_text(tmp_path, cache):
+    (tmp_path / "u16.txt").write_text("\n\n".join(_docs()), encoding="utf-16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CorpusWarning)
+        dd, _ = load_corpus(DataConfig(corpus=str(tmp_path / "u16.txt")))
+    assert len(dd["train"]) + len(dd["validation"]) == 60
+
+
+# --- 4. one enormous line: bounded, with a warning ----------------------------------------------------------------
+
+
+def test_enormous_unbroken_line_is_bounded(tmp_path, cache):
+    docs = _docs()
+    rng = random.Random(0)
+    blob = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(1_000_000))
+    spaced = " ".join(docs) * 300  # ~1.4 M characters of ordinary words in one line
+    (tmp_path / "c.txt").write_text("\n\n".join([*docs, blob, spaced]))
+    with pytest.warns(CorpusWarning, match=r"1 unbroken run\(s\) longer than 1,000 .* 2 document\(s\) longer than "
+                                           r"100,000 characters were split"):
+        dd, _ = load_corpus(DataConfig(corpus=str(tmp_path / "c.txt")))
+    texts = list(dd["train"]["text"]) + list(dd["validation"]["text"])
+    assert max(len(t) for t in texts) <= MAX_DOC_CHARS
+    assert max(len(w) for t in texts for w in t.split()) <= MAX_RUN_CHARS
+    assert sum(len(t.replace(" ", "")) for t in texts) == sum(len(d.replace(" ", "")) for d in [*docs, blob, spaced])
+    # Ordinary corpora are untouched: the default corpus's documents (and so its fingerprint) do not change.
+    from checkpoints.corpus import _wiki_texts
+
+    wiki = _wiki_texts()
+    assert max(len(t) for t in wiki) <= MAX_DOC_CHARS
+    assert max(len(w) for t in wiki for w in t.split()) <= MAX_RUN_CHARS
