@@ -238,7 +238,8 @@ def test_mostly_undecodable_corpus_is_refused_and_a_minority_is_counted(tmp_path
     with pytest.warns(CorpusWarning, match=r"corpus .*some.txt: 2 undecodable or control characters .* in 1 of 61"):
         load_corpus(DataConfig(corpus=str(tmp_path / "some.txt")))
     # A .jsonl with a stray byte no longer stops with a raw UnicodeDecodeError.
-    (tmp_path / "c.jsonl").write_bytes(b"\n".join(json.dumps({"text": d}).encode() for d in docs) + b'\n{"text": "x\xff"}')
+    lines = [json.dumps({"text": d}).encode() for d in docs] + [b'{"text": "x\xff"}']
+    (tmp_path / "c.jsonl").write_bytes(b"\n".join(lines))
     with pytest.warns(CorpusWarning, match="1 undecodable"):
         dd, _ = load_corpus(DataConfig(corpus=str(tmp_path / "c.jsonl")))
     assert len(dd["train"]) + len(dd["validation"]) == 61
