@@ -15,6 +15,7 @@ from analyses.sas import (
     sas_onsets, word_attention, word_index_tensor)
 from probes.batch import CaptureBatch
 from probes.probeset import ProbeSet, sentences_of
+from tolerance import assert_close_scaled
 
 
 @dataclass
@@ -98,7 +99,7 @@ def uas_of(heads: pd.DataFrame, head: int, direction: str, relation: str, col: s
 def test_word_attention_merges_mean_from_sum_to():
     widx = word_index_tensor([HAND_WORD_IDS], 8)
     a_w = word_attention(torch.tensor([HEAD0])[None], widx, 4)
-    assert torch.allclose(a_w[0, 0], torch.tensor(HAND_AW_HEAD0), atol=1e-6)
+    assert_close_scaled(a_w[0, 0], torch.tensor(HAND_AW_HEAD0))
     # per-piece argmax of "the" would pick sleep (0.4 > 0.3); summing the pieces of "cats" picks cats
     pred = predict_heads(a_w, torch.ones(1, 4, dtype=torch.bool))
     assert pred["dep->head"][0, 0].tolist() == [1, 2, 3, 2]   # soundly: 0.6 on itself is never a prediction
