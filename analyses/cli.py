@@ -22,6 +22,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from analyses.runner import RunnerConfig
+    from probes.probeset import ProbeSet
 
 # analyses.runner / analyses.store (torch, pandas) are imported inside the commands so `mlmscope --help` stays fast.
 
@@ -106,7 +107,7 @@ def analyze_command(
         raise typer.Exit(1)
 
 
-def _check_options(cfg: RunnerConfig, probes: Optional[Path]) -> Any:
+def _check_options(cfg: RunnerConfig, probes: Optional[Path]) -> Optional[ProbeSet]:
     """Check the options before any folder is created; return the ``--probes`` probe set (loaded once) or None.
 
     Raises:

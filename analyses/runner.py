@@ -931,10 +931,12 @@ def resolve_probe_set(run_dir: Path, probes: str | None, model_dir: Path | None)
         raise RunnerError(f"{str(run_dir)!r} has no checkpoints to build the default probe set for; pass --probes")
     from checkpoints.config import DataConfig
 
-    lm = default_load(str(model_dir))
+    from probes.fit import load_tokenizer
+
+    tokenizer, max_length = load_tokenizer(model_dir)  # the tokenizer is all the builder needs: no weights loaded
     data = (Manifest.load(run_dir).run.get("config", {}).get("data")
             if (run_dir / MANIFEST).exists() else None)
-    ps = build_default(BuildConfig(), tokenizer=lm.tokenizer, max_length=lm.arch.max_length,
+    ps = build_default(BuildConfig(), tokenizer=tokenizer, max_length=max_length,
                        data_cfg=DataConfig(**data) if data else DataConfig())
     tmp = cached.parent / f".tmp-default-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
