@@ -79,6 +79,15 @@ def resolve_attention(requested: str, device: str, precision: str) -> Choice:
 
 def fused_adamw_ok(device: str) -> Choice:
     """Fused AdamW where torch has a kernel for the device (CPU since torch 2.4, CUDA); else the foreach loop."""
+    if device not in _FUSED_OK:
+        _FUSED_OK[device] = _probe_fused_adamw(device)
+    return _FUSED_OK[device]
+
+
+_FUSED_OK: dict[str, Choice] = {}
+
+
+def _probe_fused_adamw(device: str) -> Choice:
     try:
         p = torch.nn.Parameter(torch.zeros(2, device=device))
         p.grad = torch.zeros_like(p)
