@@ -180,13 +180,18 @@ def _set_threads(threads: Optional[int], resumed_run: Optional[Path]) -> None:
 
 
 def _train_one(run_dir: Path, cfg: Any, **kw: Any) -> Any:
-    """``checkpoints.train.train`` for one run; a failed ``--force`` replacement puts the old run back at once."""
+    """``checkpoints.train.train`` for one run; a failed ``--force`` replacement puts the old run back at once.
+
+    Under torchrun only rank 0 (which moved the old run aside) moves it back: ranks racing through
+    ``recover_replaced`` could delete the run one of them had just restored.
+    """
     from checkpoints.train import recover_replaced, train as run_train
 
     try:
         return run_train(run_dir, cfg, **kw)
     except BaseException as e:
-        if kw.get("force") and recover_replaced(run_dir) and isinstance(e, Exception):
+        main_rank = os.environ.get("RANK", "0") == "0"
+        if kw.get("force") and main_rank and recover_replaced(run_dir) and isinstance(e, Exception):
             raise UserError(f"{e} ({run_dir} was left as it was before --force)") from None
         raise
 

@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from transformers.utils import logging as hf_logging
 
 from checkpoints import attention, distributed, hardware  # noqa: F401 (attention registers eager_fp32)
 from checkpoints.config import RunConfig, TrainConfig
-from checkpoints.corpus import cache_root, load_corpus, source_description
+from checkpoints.corpus import CorpusWarning, cache_root, load_corpus, source_description
 from checkpoints.data import Masker, StepBatches, pack, unigram_entropy
 from checkpoints.manifest import (TRAIN_LOG, CheckpointEntry, Manifest, atomic_write_text, step_dirname,
                                   weights_sha256)
@@ -465,7 +466,10 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
         raise TrainingError("max_steps must be >= 1")
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    corpus, fingerprint = load_corpus(cfg.data)
+    with warnings.catch_warnings():
+        if not (resume and dist.is_main):  # _prepare_run_dir has loaded (and warned about) it once already
+            warnings.simplefilter("ignore", CorpusWarning)
+        corpus, fingerprint = load_corpus(cfg.data)
     train_texts, val_texts = list(corpus["train"]["text"]), list(corpus["validation"]["text"])
     if dist.is_main:
         tok, tok_source = _build_tokenizer(run_dir, cfg, train_texts, fingerprint, resume)
