@@ -464,51 +464,64 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
     schedule = checkpoint_steps(tc)
     if tc.max_steps < 1:
         raise TrainingError("max_steps must be >= 1")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # After _prepare_run_dir a new run's folder is absent or empty: if the set-up below fails (a tokenizer or packing
+    # error, Ctrl-C while the tokenizer trains), what it wrote is removed, so the next `train` is not refused as
+    # "already exists" by a folder that holds no checkpoint. Once a manifest exists this no longer applies.
+    fresh_dir = None if resume or not dist.is_main else run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
-    with warnings.catch_warnings():
-        if not (resume and dist.is_main):  # _prepare_run_dir has loaded (and warned about) it once already
-            warnings.simplefilter("ignore", CorpusWarning)
-        corpus, fingerprint = load_corpus(cfg.data)
-    train_texts, val_texts = list(corpus["train"]["text"]), list(corpus["validation"]["text"])
-    if dist.is_main:
-        tok, tok_source = _build_tokenizer(run_dir, cfg, train_texts, fingerprint, resume)
-    distributed.barrier(dist)
-    if not dist.is_main:
-        tok, tok_source = PreTrainedTokenizerFast.from_pretrained(str(run_dir / TOKENIZER_DIR)), "rank 0"
-    special = tuple(tok.all_special_ids)
-    masker = Masker(tok.mask_token_id, len(tok), special, tc.mask_rate, tc.mask_replace)
-    train_data = pack(tok, train_texts, tc.seq_len)
-    batches = StepBatches(train_data, masker, tc.batch_size, tc.grad_accum, tc.data_seed, dist.rank, dist.world_size)
-    val_all = pack(tok, val_texts, tc.seq_len)
-    val_data = val_all[: tc.val_batches * tc.batch_size]
-    val_inputs, val_labels = masker(val_data, torch.Generator().manual_seed(VAL_MASK_SEED))
+        with warnings.catch_warnings():
+            if not (resume and dist.is_main):  # _prepare_run_dir has loaded (and warned about) it once already
+                warnings.simplefilter("ignore", CorpusWarning)
+            corpus, fingerprint = load_corpus(cfg.data)
+        train_texts, val_texts = list(corpus["train"]["text"]), list(corpus["validation"]["text"])
+        if dist.is_main:
+            tok, tok_source = _build_tokenizer(run_dir, cfg, train_texts, fingerprint, resume)
+        distributed.barrier(dist)
+        if not dist.is_main:
+            tok, tok_source = PreTrainedTokenizerFast.from_pretrained(str(run_dir / TOKENIZER_DIR)), "rank 0"
+        special = tuple(tok.all_special_ids)
+        masker = Masker(tok.mask_token_id, len(tok), special, tc.mask_rate, tc.mask_replace)
+        train_data = pack(tok, train_texts, tc.seq_len)
+        batches = StepBatches(train_data, masker, tc.batch_size, tc.grad_accum, tc.data_seed, dist.rank,
+                              dist.world_size)
+        val_all = pack(tok, val_texts, tc.seq_len)
+        val_data = val_all[: tc.val_batches * tc.batch_size]
+        val_inputs, val_labels = masker(val_data, torch.Generator().manual_seed(VAL_MASK_SEED))
 
-    model = _build_model(cfg, len(tok), device).to(device)
-    model.train()
-    heads = None
-    if cfg.sas_reg.active:
-        from checkpoints.sas_reg import training_heads
+        model = _build_model(cfg, len(tok), device).to(device)
+        model.train()
+        heads = None
+        if cfg.sas_reg.active:
+            from checkpoints.sas_reg import training_heads
 
-        heads = training_heads(tok, train_texts, tc.seq_len, root_to_cls=cfg.sas_reg.root_to_cls)
-    objective = distributed.wrap(SparseMLM(model, cfg.sas_reg), dist, device)
-    if tc.compile and device.startswith("cuda"):
-        objective = torch.compile(objective)
-    optimizer = _optimizer(model, tc)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
+            heads = training_heads(tok, train_texts, tc.seq_len, root_to_cls=cfg.sas_reg.root_to_cls)
+        objective = distributed.wrap(SparseMLM(model, cfg.sas_reg), dist, device)
+        if tc.compile and device.startswith("cuda"):
+            objective = torch.compile(objective)
+        optimizer = _optimizer(model, tc)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
 
-    if resume:
-        state = _load_resume(run_dir, manifest, model, optimizer, scheduler)
-    else:
-        state = TrainState()
-        manifest = Manifest(run={
-            "config": requested_cfg.to_dict(), "levers": levers, "corpus": source_description(cfg.data),
-            "corpus_fingerprint": fingerprint,
-            "tokenizer_sha256": tokenizer_hash(tok), "tokenizer_source": tok_source, "n_train_sequences": len(train_data),
-            "n_val_sequences": len(val_data), "val_unigram_entropy": unigram_entropy(val_all, special),
-            "n_params": sum(p.numel() for p in model.parameters()), "schedule": schedule,
-            "versions": _versions(), "git_commit": _git_commit(), "world_size": dist.world_size,
-            "device": device, "threads": torch.get_num_threads(), "status": "training"})
+        if resume:
+            state = _load_resume(run_dir, manifest, model, optimizer, scheduler)
+        else:
+            state = TrainState()
+            manifest = Manifest(run={
+                "config": requested_cfg.to_dict(), "levers": levers, "corpus": source_description(cfg.data),
+                "corpus_fingerprint": fingerprint, "tokenizer_sha256": tokenizer_hash(tok),
+                "tokenizer_source": tok_source, "n_train_sequences": len(train_data),
+                "n_val_sequences": len(val_data), "val_unigram_entropy": unigram_entropy(val_all, special),
+                "n_params": sum(p.numel() for p in model.parameters()), "schedule": schedule,
+                "versions": _versions(), "git_commit": _git_commit(), "world_size": dist.world_size,
+                "device": device, "threads": torch.get_num_threads(), "status": "training"})
+    except BaseException:
+        if fresh_dir is not None and not (run_dir / "manifest.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if fresh_dir:  # the folder was there (empty) before: leave it as it was
+                run_dir.mkdir(parents=True, exist_ok=True)
+        raise
+
     manifest.run["status"] = "training"
     manifest.run.pop("error", None)
     last_good = manifest.checkpoints[-1].step if manifest.checkpoints else None
