@@ -66,15 +66,16 @@ def resolve_precision(requested: str, device: str) -> Choice:
 
 def resolve_attention(requested: str, device: str, precision: str) -> Choice:
     """``auto`` → SDPA on CUDA; on CPU ``eager_fp32`` under bf16 (eager speed, fp32 scores) and plain ``eager`` at
-    fp32 (the same arithmetic without the casts). Both beat SDPA's CPU kernel at the short sequences we train on
-    (demo shape, 2 cores, bf16: eager 68–75 ms/step vs SDPA 83–104 ms; fp32 timings in docs/notes/speed.md)."""
+    fp32 (the same arithmetic without the casts). Under bf16 eager beats SDPA's CPU kernel at the short sequences we
+    train on (demo shape, 2 cores: eager 68–75 ms/step vs SDPA 83–104 ms); at fp32 the two are on par (demo shape,
+    encoder forward + backward, 1 thread: 120 vs 121 ms median, interleaved on a loaded machine)."""
     if requested != "auto":
         return Choice(requested, "requested")
     if device.startswith("cuda"):
         return Choice("sdpa", "CUDA: fused SDPA kernels")
     if precision == "bf16":
         return Choice("eager_fp32", "CPU bf16: eager matmuls, scores kept in fp32")
-    return Choice("eager", "CPU fp32: eager matmuls (faster than SDPA's CPU kernel at T <= 128)")
+    return Choice("eager", "CPU fp32: eager matmuls (on par with SDPA's CPU kernel at T <= 128)")
 
 
 def fused_adamw_ok(device: str) -> Choice:
