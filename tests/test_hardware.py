@@ -74,3 +74,21 @@ def test_training_flops_hand_computed():
 def test_gemm_peak_is_positive_and_finite():
     g = hardware.gemm_peak_gflops(n=128, seconds=0.05)
     assert 0.1 < g < 1e6
+
+
+def test_demo_reports_stage_times_with_the_cpu_kind(tmp_path, small_corpus, monkeypatch):
+    """`mlmscope demo` trains, runs its analysis stage and prints one timing line naming the CPU and precision."""
+    from typer.testing import CliRunner
+
+    import app.cli as cli
+    import checkpoints.config as config
+
+    calls = []
+    real = config.make_config
+    monkeypatch.setattr(config, "make_config",
+                        lambda preset="demo", **kw: real("micro", corpus=small_corpus, max_steps=4, steps=[0, 4]))
+    monkeypatch.setattr(cli, "_DEMO_STEPS", [lambda run: calls.append(run)])
+    res = CliRunner().invoke(cli.app, ["demo", "--run", str(tmp_path / "d"), "--no-serve"])
+    assert res.exit_code == 0, res.output
+    assert calls == [tmp_path / "d"]
+    assert "demo wall time: train" in res.output and f"CPU {hardware.cpu_capability()}, fp32" in res.output
