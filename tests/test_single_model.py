@@ -23,7 +23,7 @@ from probes.probeset import sentences_of
 from test_runner import PROBES, FakeNorm, NeedsHead, make_run
 
 REPO = Path(__file__).resolve().parent.parent
-MLMSCOPE = REPO / ".venv" / "bin" / "mlmscope"
+MLMSCOPE = Path(sys.executable).parent / "mlmscope"  # the entry point of the environment running the tests
 
 
 @pytest.fixture
