@@ -191,7 +191,7 @@ def _train_one(run_dir: Path, cfg: Any, **kw: Any) -> Any:
         return run_train(run_dir, cfg, **kw)
     except BaseException as e:
         main_rank = os.environ.get("RANK", "0") == "0"
-        if kw.get("force") and main_rank and recover_replaced(run_dir) and isinstance(e, Exception):
+        if kw.get("force") and main_rank and recover_replaced(run_dir, failed=True) and isinstance(e, Exception):
             raise UserError(f"{e} ({run_dir} was left as it was before --force)") from None
         raise
 

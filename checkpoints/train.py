@@ -174,14 +174,14 @@ def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, force: bool) -
 
     Nothing on disk changes before the config (``RunConfig.validate``) and the corpus (readable, text, splittable:
     ``load_corpus``, whose result is cached for the run itself) have passed. ``force`` never deletes first: the old
-    run is renamed to a hidden sibling (:func:`_replaced_path`), deleted once the new run's first checkpoint is in
-    its manifest (:func:`_drop_replaced`), and moved back if the new run fails before that (:func:`recover_replaced`:
+    run is renamed to a hidden sibling (:func:`_replaced_path`), deleted once the new run has finished
+    (:func:`_drop_replaced`), and moved back if the new run fails before that (:func:`recover_replaced`:
     at once by ``mlmscope train``, and by the next ``train`` on the folder after a kill).
 
     Raises:
         ConfigError / CorpusError / ManifestError / TrainingError with a user-facing message.
     """
-    recover_replaced(run_dir)  # a --force replacement killed before its first checkpoint: the old run comes back
+    recover_replaced(run_dir)  # an unfinished --force replacement: the old run comes back unless the new one trained
     manifest_path = run_dir / "manifest.json"
     if resume:
         if not manifest_path.exists() or not (run_dir / RESUME_DIR / "state.pt").exists():
@@ -214,7 +214,7 @@ _RUN_MARKERS = ("manifest.json", TRAIN_LOG, TOKENIZER_DIR, RESUME_DIR)
 
 
 def _replaced_path(run_dir: Path) -> Path:
-    """Where ``--force`` keeps the run it replaces until the new run's first checkpoint: a hidden sibling."""
+    """Where ``--force`` keeps the run it replaces until the new run has finished: a hidden sibling."""
     run_dir = Path(run_dir).resolve()
     return run_dir.with_name(f".{run_dir.name}.replaced")
 
@@ -226,11 +226,13 @@ def _drop_replaced(run_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def recover_replaced(run_dir: str | os.PathLike) -> bool:
-    """Finish or undo an interrupted ``--force`` replacement of ``run_dir``.
+def recover_replaced(run_dir: str | os.PathLike, failed: bool = False) -> bool:
+    """Finish or undo an unfinished ``--force`` replacement of ``run_dir``.
 
-    If the new run listed a checkpoint, the old run is deleted (it was due to be); otherwise the new, unusable
-    start is deleted and the old run is moved back.
+    The replaced run is kept until the new run finishes. If the new run failed (``failed``: it raised, e.g. a loss
+    that became NaN several steps in), or it never listed a trained checkpoint (step > 0), the new run is deleted and
+    the old run moved back. A new run that was interrupted after training a while (kill -9, then ``train`` again,
+    typically ``--resume``) is the one the user is continuing: the old run is deleted then.
 
     Returns:
         True if the old run was moved back into ``run_dir``.
@@ -240,7 +242,7 @@ def recover_replaced(run_dir: str | os.PathLike) -> bool:
     if not old.exists():
         return False
     try:
-        started = bool(Manifest.load(run_dir).checkpoints)
+        started = any(c.step > 0 for c in Manifest.load(run_dir).checkpoints) and not failed
     except (OSError, ValueError):  # no manifest yet, or an unreadable one: the new run never got going
         started = False
     if started:
@@ -546,7 +548,6 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
                 step=state.step, path=name, tokens_seen=state.tokens_seen, wall_clock_s=round(state.wall_clock_s, 3),
                 train_loss=state.loss_ema, val_loss=val_loss, val_acc=val_acc, sha256=digest))
             manifest.save(run_dir)
-            _drop_replaced(run_dir)  # --force: the replaced run goes once the new one lists a checkpoint
             last_good = state.step
             if bar is not None:
                 bar.set_postfix(val_loss=f"{val_loss:.3f}")
@@ -591,6 +592,7 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
     if dist.is_main:
         manifest.run["status"] = "finished"
         manifest.save(run_dir)
+        _drop_replaced(run_dir)  # --force: the replaced run goes once the new one has finished
     distributed.barrier(dist)
     distributed.shutdown(dist)
     return Manifest.load(run_dir)  # every rank returns what rank 0 wrote

@@ -80,6 +80,18 @@ def test_force_replaces_the_run_and_drops_the_old_one(finished_run, tmp_path, sm
     assert {r.status for r in verify_run(run)} == {"ok"}
 
 
+def test_force_with_a_run_that_diverges_keeps_the_old_run(finished_run, tmp_path, small_corpus):
+    """A valid option that makes the new run fail several checkpoints in (the loss becomes NaN): the old run is
+    kept until the new one finishes, so it comes back intact."""
+    run = _copy(finished_run, tmp_path)
+    before = (run / "manifest.json").read_text()
+    r = _cli("train", str(run), "--preset", "micro", "--corpus", small_corpus, "--max-steps", "40",
+             "--linear-every", "2", "--lr", "1e9", "--set", "grad_clip=1e9", "--no-progress", "--force")
+    _one_line_error(r, "left as it was before --force")
+    assert (run / "manifest.json").read_text() == before and not _replaced_path(run).exists()
+    assert {v.status for v in verify_run(run)} == {"ok"}
+
+
 def test_force_failure_before_first_checkpoint_is_undone(finished_run, tmp_path, small_corpus, monkeypatch):
     """A failure (or a kill) after the move aside: recover_replaced, or the next train() on the folder, moves the
     old run back."""
