@@ -46,11 +46,13 @@ def _damage(path: Path) -> None:
 
 
 def test_schedule_log_then_linear():
-    cfg = make_config("demo").train
+    cfg = make_config("demo", linear_every=300, max_steps=12000).train
     steps = checkpoint_steps(cfg)
     assert steps[:10] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert steps[10:13] == [cfg.linear_every, 2 * cfg.linear_every, 3 * cfg.linear_every]
-    assert steps[-1] == cfg.max_steps and len(steps) >= 40
+    assert steps[-1] == cfg.max_steps and len(steps) == 10 + 40
+    demo = checkpoint_steps(make_config("demo").train)      # the shipped demo: 0, 1, …, 128, then every 250 to 8k
+    assert demo[:10] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 250] and demo[-1] == 8000 and len(demo) == 9 + 32
 
 
 def test_schedule_rejects_non_increasing():
