@@ -13,12 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# OpenMP threads that spin while waiting make torch ~14x slower as soon as another process wants a core (measured
-# here: 1.84 s vs 0.13 s per demo step next to one busy process); passive waiting costs nothing measurable alone.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -303,8 +297,43 @@ class UserError(Exception):
     """A problem the user must fix; printed as one line, exit code 1."""
 
 
+#: Other processes' CPU use (in cores) above which OpenMP threads should sleep rather than spin while they wait.
+BUSY_CORES = 0.5
+
+
+def choose_omp_wait_policy(interval_s: float = 0.2) -> str:
+    """Set ``OMP_WAIT_POLICY`` for this process from a short probe of the machine's load; return the reason.
+
+    Must run before torch is imported (OpenMP reads the variable once, when it starts). Measured at the demo shape,
+    bf16, 2 threads on a 2-core AVX-512 machine: alone, the default (threads spin briefly, then sleep) takes 37 ms per
+    step and ``PASSIVE`` (sleep at once) 60 ms; next to one busy process the default takes 122 ms and ``PASSIVE``
+    60 ms. So: ``PASSIVE`` when other processes already use more than :data:`BUSY_CORES` cores, else the default. A
+    value the user set is kept. The reason is recorded in a training run's manifest (``run.levers``).
+    """
+    if os.environ.get("OMP_WAIT_POLICY"):
+        reason = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} set by the user"
+    else:
+        import psutil
+
+        busy = psutil.cpu_percent(interval=interval_s) / 100 * (psutil.cpu_count() or 1)
+        if busy > BUSY_CORES:
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+            reason = f"PASSIVE: other processes used {busy:.1f} cores at start (spinning threads would fight them)"
+        else:
+            reason = f"default (spin, then sleep): the machine was idle at start ({busy:.1f} cores busy)"
+    os.environ["MLMSCOPE_OMP_WAIT_REASON"] = reason
+    return reason
+
+
+_LIGHT = {"--help", "-h", "list", "failures", "verify", "report"}
+
+
 def main() -> None:
     """Console entry point: run the typer app, turning any error into one clear message and exit code 1."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if len(sys.argv) > 1 and not _LIGHT.intersection(sys.argv[1:3]):
+        choose_omp_wait_policy()
     try:
         rc = app(standalone_mode=False)   # click returns (not raises) the code of a `typer.Exit(n)` in this mode
         if isinstance(rc, int) and rc:

@@ -92,3 +92,20 @@ def test_demo_reports_stage_times_with_the_cpu_kind(tmp_path, small_corpus, monk
     assert res.exit_code == 0, res.output
     assert calls == [tmp_path / "d"]
     assert "demo wall time: train" in res.output and f"CPU {hardware.cpu_capability()}, fp32" in res.output
+
+
+@pytest.mark.parametrize("busy_percent, want", [(0.0, None), (60.0, "PASSIVE")])
+def test_omp_wait_policy_follows_the_load_at_start(monkeypatch, busy_percent, want):
+    """Idle machine: OpenMP's default (spin, then sleep); other processes busy: PASSIVE; a user's value is kept."""
+    import psutil
+
+    import app.cli as cli
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("MLMSCOPE_OMP_WAIT_REASON", raising=False)
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval: busy_percent)
+    monkeypatch.setattr(psutil, "cpu_count", lambda: 2)
+    reason = cli.choose_omp_wait_policy()
+    assert os.environ.get("OMP_WAIT_POLICY") == want and os.environ["MLMSCOPE_OMP_WAIT_REASON"] == reason
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert "set by the user" in cli.choose_omp_wait_policy() and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
