@@ -159,7 +159,8 @@ def test_page_in_browser(server, browser, slug, tmp_path):
         after = _settled_metrics(page, differ_from=before)
         assert after != before, f"{slug}: the visible values did not change after moving the slider ({before})"
         assert slider.get_attribute("aria-valuetext") != last
-        assert "step=" in page.url  # the step is bound to the URL
+        # The step is bound to the URL; streamlit writes the query string after the rerun has drawn, so wait for it.
+        page.wait_for_function("() => location.search.includes('step=')", timeout=30_000)
         assert not page.locator('[data-testid="stException"]').count()
         page.screenshot(path=str(out / f"{slug}.png"), full_page=True)
     finally:
