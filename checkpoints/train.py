@@ -137,9 +137,12 @@ def resolve_levers(tc: TrainConfig, device: str, recorded: dict | None = None) -
     Returns:
         (a copy of ``tc`` with concrete ``precision`` and ``attn``, the choices with their reasons).
     """
+    opt = hardware.fused_adamw_ok(device.split(":")[0])
     if recorded:
         prec = hardware.Choice(**recorded["precision"])
         attn = hardware.Choice(**recorded["attention"])
+        if "optimizer" in recorded and opt.value == "fused":   # fused where it was fused, if this device can
+            opt = hardware.Choice(**recorded["optimizer"])
     else:
         try:
             prec = hardware.resolve_precision(tc.precision, device)
@@ -147,7 +150,7 @@ def resolve_levers(tc: TrainConfig, device: str, recorded: dict | None = None) -
             raise TrainingError(str(e)) from None
         attn = hardware.resolve_attention(tc.attn, device, prec.value)
     levers = {"precision": prec.to_dict(), "attention": attn.to_dict(),
-              "optimizer": hardware.fused_adamw_ok(device.split(":")[0]).to_dict(), "hardware": hardware.describe()}
+              "optimizer": opt.to_dict(), "hardware": hardware.describe()}
     return dataclasses.replace(tc, precision=prec.value, attn=attn.value), levers
 
 
@@ -326,7 +329,7 @@ def _build_model(cfg: RunConfig, vocab_size: int, device: str = "cpu") -> BertFo
     return BertForMaskedLM(bert_cfg)
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and LayerNorm weights (BERT convention)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -334,8 +337,8 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused AdamW: one kernel per step instead of a loop over tensors (measured ~15 % faster per step on CPU), where
     # torch has the kernel for the parameters' device (``hardware.fused_adamw_ok``); else the foreach loop.
-    device = next(model.parameters()).device.type
-    fused = hardware.fused_adamw_ok(device).value == "fused"
+    if fused is None:
+        fused = hardware.fused_adamw_ok(next(model.parameters()).device.type).value == "fused"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused, foreach=None if fused else True)
 
 
@@ -502,7 +505,7 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
         objective = distributed.wrap(SparseMLM(model, cfg.sas_reg), dist, device)
         if tc.compile and device.startswith("cuda"):
             objective = torch.compile(objective)
-        optimizer = _optimizer(model, tc)
+        optimizer = _optimizer(model, tc, fused=levers["optimizer"]["value"] == "fused")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
 
         if resume:
