@@ -355,3 +355,16 @@ def test_analyses_bench_scratch_stores_identical_results(analysed):
     assert set(out["modes"]["naive"]["compute_s"]) == {"sas", "redundancy"}
     assert out["naive_over_shared"] > 0 and 0 < out["compute_share"] < 1
     assert (index.read_bytes() if index.exists() else None) == before
+
+
+def test_syntax_onsets_skip_the_unigram_phase():
+    """Onsets are searched from the first checkpoint at or below the unigram entropy (the fall from ln V before it
+    is token-frequency learning); without the record, or never below it, every checkpoint counts."""
+    import pandas as pd
+
+    from app.views.syntax import _onset_params
+
+    curve = pd.DataFrame({"step": [0, 100, 500, 1000], "val_loss": [9.0, 7.2, 6.7, 6.1]})
+    assert _onset_params(curve, 6.8).min_step == 500.0
+    assert _onset_params(curve, None).min_step == 0.0
+    assert _onset_params(curve, 5.0).min_step == 0.0

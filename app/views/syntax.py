@@ -24,6 +24,16 @@ def _focus_curve(summary: pd.DataFrame, ck: pd.DataFrame) -> pd.DataFrame:
     return sas_curve(summary).merge(ck[["step", "val_loss"]], on="step", how="left")
 
 
+def _onset_params(curve: pd.DataFrame, unigram_entropy: float | None):
+    """Onset settings that skip the unigram phase: checkpoints before the validation loss first reaches the unigram
+    entropy are the model learning token frequencies (a fast fall from ln V), not the transition the page is about;
+    a run without that record (or that never reaches it) keeps every checkpoint."""
+    from analyses.onset import OnsetParams
+
+    below = curve[curve["val_loss"] <= unigram_entropy] if unigram_entropy is not None else curve.iloc[:0]
+    return OnsetParams(min_step=float(below["step"].min()) if len(below) else 0.0)
+
+
 @st.cache_data(show_spinner="Detecting onsets…", max_entries=32)
 def _onsets(run: str, fp: tuple[int, ...]) -> tuple[pd.DataFrame | None, str]:
     """``analyses.sas.sas_onsets`` of one run's curve (bootstrap intervals: cached), or None and why not."""
@@ -33,7 +43,7 @@ def _onsets(run: str, fp: tuple[int, ...]) -> tuple[pd.DataFrame | None, str]:
     if curve["step"].nunique() < 6:
         return None, f"onset detection needs at least 6 analysed checkpoints (this run has {curve['step'].nunique()})"
     try:
-        return sas_onsets(curve), ""
+        return sas_onsets(curve, _onset_params(curve, data.run_meta(run, fp).get("val_unigram_entropy"))), ""
     except (ValueError, np.linalg.LinAlgError) as e:
         return None, f"onset detection failed: {e}"
 
@@ -93,7 +103,8 @@ def _curve(view: View) -> None:
     caption = ("SAS score = held-out UAS of the best attention head against the probe set's dependency parses "
                "(analyses/sas.py, Clark et al. 2019; Chen et al. 2024), dashed: in-sample best head and the best "
                "fixed-offset baseline of the focus run; dotted: validation loss (right axis). Shaded: structure "
-               "onset (blue) and loss drop (grey) detected on the focus run (3-segment fit on log step).")
+               "onset (blue) and loss drop (grey) detected on the focus run (3-segment fit on log step, from the "
+               "first checkpoint whose val loss is at or below the unigram entropy).")
     if onsets is not None:
         o = onsets.iloc[0]
         caption += (f" Structure kind: {o.get('structure_kind')}; coincide with the loss drop: "
