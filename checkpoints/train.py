@@ -197,7 +197,7 @@ def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, force: bool) -
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
             if manifest_path.exists():
-                old = Manifest.load(run_dir).run.get("config")
+                old = _normalised(Manifest.load(run_dir).run.get("config"))
                 new = json.loads(json.dumps(cfg.to_dict()))
                 if old != new:
                     diff = _config_diff(old or {}, new)
@@ -255,6 +255,15 @@ def recover_replaced(run_dir: str | os.PathLike, failed: bool = False) -> bool:
         shutil.rmtree(run_dir)
     os.replace(old, run_dir)
     return True
+
+
+def _normalised(config: dict | None) -> dict | None:
+    """A saved config with the fields added since it was written filled in with their defaults (as JSON types), so
+    an older run differs from a new config only where a setting really differs."""
+    try:
+        return json.loads(json.dumps(RunConfig.from_dict(config).to_dict())) if config else config
+    except (TypeError, KeyError, ValueError):
+        return config
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> str:

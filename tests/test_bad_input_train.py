@@ -287,3 +287,17 @@ def test_enormous_unbroken_line_is_bounded(tmp_path, cache):
     wiki = _wiki_texts()
     assert max(len(t) for t in wiki) <= MAX_DOC_CHARS
     assert max(len(w) for t in wiki for w in t.split()) <= MAX_RUN_CHARS
+
+
+def test_a_run_saved_before_a_field_existed_differs_only_where_settings_differ(finished_run, tmp_path, small_corpus):
+    """An older manifest lacks fields added later (here data.tokenizer): refusing to overwrite it names only the
+    setting that really differs."""
+    import json as _json
+
+    run = _copy(finished_run, tmp_path)
+    m = _json.loads((run / "manifest.json").read_text())
+    m["run"]["config"]["data"].pop("tokenizer", None)
+    (run / "manifest.json").write_text(_json.dumps(m))
+    with pytest.raises(TrainingError) as e:
+        train(run, make_config("micro", corpus=small_corpus, max_steps=5, linear_every=2), progress=False)
+    assert "train.max_steps: 4 -> 5" in str(e.value) and "tokenizer" not in str(e.value)
