@@ -1,6 +1,6 @@
 """Logit lens for masked language models: every layer decoded through the FULL MLM head, at masked positions only.
 
-Reference: /work/shared/reference/lens.md (§1 masked positions, §2 full head, §3 norms, §4 metrics).
+Reference: nostalgebraist 2020 (logit lens); docs/notes/depth.md (masked positions, the full head, norms, metrics).
 
 * The hidden state of every layer (embedding output, each block's ``resid_mid`` and ``resid_post``) is decoded with
   the model's own MLM head — BERT: transform dense → GELU → LayerNorm → tied decoder + bias — never with the bare

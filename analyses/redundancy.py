@@ -1,6 +1,6 @@
 """Layer redundancy: 1 − cos per block and sub-layer, linear CKA between layers, and layer-drop Δloss.
 
-Reference: /work/shared/reference/redundancy.md. Two registered analyses:
+Reference: docs/notes/depth.md. Two registered analyses:
 
 ``redundancy`` (variant ``clean``; runs on head-less models too)
     * 1 − cos(in, out) per token, averaged over real non-special tokens (``CaptureBatch.token_mask``; [CLS]/[SEP]

@@ -1,7 +1,7 @@
 """Syntactic attention structure (SAS): per-head UAS of attention against dependency parses.
 
 Method (Clark et al. 2019, "What Does BERT Look At?", §4.1; Chen et al. 2024, "Sudden Drops in the Loss"; exact
-reference and pitfalls in ``shared/reference/sas.md``):
+reference and pitfalls in ``docs/notes/sas.md``):
 
 1. **Word-level attention.** With S_i the word pieces of word i, ``A_w[i, j] = mean_{a in S_i} sum_{b in S_j} A[a, b]``
    (attention FROM a word = mean over its pieces' rows, TO a word = sum over its pieces' columns). [CLS]/[SEP] (and

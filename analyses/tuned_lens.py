@@ -1,7 +1,7 @@
 """Tuned lens for masked language models, with warm starts across a checkpoint trajectory.
 
-Reference: /work/shared/reference/lens.md §5 (recipe of Belrose et al., arXiv 2303.08112, code
-AlignmentResearch/tuned-lens) and §7 (warm starts over a trajectory, a mlmscope proposal).
+Reference: Belrose et al., arXiv 2303.08112 (recipe; code AlignmentResearch/tuned-lens) and docs/notes/depth.md
+(warm starts over a trajectory, a mlmscope proposal).
 
 * One affine translator per hidden state except the last (embedding output and blocks 0 … L−2; L translators):
   h′ = h + (A h + b), A and b initialised to zero, i.e. the translator starts as the identity = the logit lens.

