@@ -96,10 +96,15 @@ def store_by_hash(tok: PreTrainedTokenizerFast, root: Path) -> Path:
     """Keep ``tok`` under ``root/sha256/<hash16>/`` (content-addressed; atomic; idempotent) and return the folder."""
     folder = root / "sha256" / tokenizer_hash(tok)[:16]
     if not (folder / "tokenizer.json").exists():
-        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        tok.save_pretrained(str(tmp))
-        os.replace(tmp, folder)
+        save_atomic(tok, folder)
     return folder
+
+
+def save_atomic(tok: PreTrainedTokenizerFast, folder: Path) -> None:
+    """``save_pretrained`` into a temporary sibling, then rename: a reader never sees a half-written folder."""
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    tok.save_pretrained(str(tmp))
+    os.replace(tmp, folder)
 
 
 def load_tokenizer_ref(ref: str, root: Path) -> PreTrainedTokenizerFast:

@@ -38,8 +38,8 @@ from checkpoints.corpus import CorpusWarning, cache_root, load_corpus, source_de
 from checkpoints.data import Masker, StepBatches, pack, unigram_entropy
 from checkpoints.manifest import (TRAIN_LOG, CheckpointEntry, Manifest, atomic_write_text, step_dirname,
                                   weights_sha256)
-from checkpoints.tokenizer import (load_tokenizer_ref, shipped_tokenizer, store_by_hash, tokenizer_hash,
-                                   tokenizer_key, train_wordpiece)
+from checkpoints.tokenizer import (load_tokenizer_ref, save_atomic, shipped_tokenizer, store_by_hash,
+                                   tokenizer_hash, tokenizer_key, train_wordpiece)
 
 RESUME_DIR = "resume"
 TOKENIZER_DIR = "tokenizer"
@@ -307,16 +307,10 @@ def _build_tokenizer(run_dir: Path, cfg: RunConfig, train_texts, fingerprint: st
     else:
         tok, source = train_wordpiece(train_texts, vocab_size=cfg.data.vocab_size, lowercase=cfg.data.lowercase), \
             "trained"
-        _keep(lambda: _save_atomic(tok, cached))
+        _keep(lambda: save_atomic(tok, cached))
     _keep(lambda: store_by_hash(tok, root))
     tok.save_pretrained(str(tok_dir))
     return tok, source
-
-
-def _save_atomic(tok: PreTrainedTokenizerFast, folder: Path) -> None:
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    tok.save_pretrained(str(tmp))
-    os.replace(tmp, folder)
 
 
 def _keep(write: Callable[[], object]) -> None:
