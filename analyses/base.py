@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Protocol
 
 import pandas as pd
 
-from probes.batch import CaptureBatch
+from ..probes.batch import CaptureBatch
 
 
 class SkipAnalysis(Exception):
@@ -38,7 +38,7 @@ class AnalysisContext:
 
     Attributes:
         model: The loaded HF model (eval mode); analyses that intervene (layer drop, lens) use it.
-        arch: Architecture adapter from ``probes.model`` (module paths, has_mlm_head, ...).
+        arch: Architecture adapter from ``mlmscope.probes.model`` (module paths, has_mlm_head, ...).
         n_layers: Number of transformer blocks.
         n_heads: Attention heads per layer.
         d_model: Hidden size.
@@ -118,7 +118,7 @@ def get(name: str) -> type[Analysis]:
 
 
 #: Modules that define analyses; imported by :func:`load_all`. One line per analysis module.
-ANALYSIS_MODULES = ("analyses.sas", "analyses.mask_rank", "analyses.outliers", "analyses.redundancy", "analyses.lens")
+ANALYSIS_MODULES = ("mlmscope.analyses.sas", "mlmscope.analyses.mask_rank", "mlmscope.analyses.outliers", "mlmscope.analyses.redundancy", "mlmscope.analyses.lens")
 
 
 def load_all() -> dict[str, type[Analysis]]:

@@ -2,7 +2,7 @@
 
 ``analyze_command`` is the typer-annotated function behind ``mlmscope analyze``; ``app`` holds the ``analyses``
 sub-commands. PATH is a run, a folder of checkpoint folders, or one model folder (analysed as a trajectory of one
-into a results folder outside it: see :mod:`analyses.target`). User errors (bad or empty folder, unknown analysis,
+into a results folder outside it: see :mod:`mlmscope.analyses.target`). User errors (bad or empty folder, unknown analysis,
 bad --steps, unreachable Ray cluster, bad probe set) print one line and exit 1; a run where any checkpoint failed
 also exits 1 after the summary.
 """
@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from analyses.runner import RunnerConfig
-    from probes.probeset import ProbeSet
+    from .runner import RunnerConfig
+    from ..probes.probeset import ProbeSet
 
-# analyses.runner / analyses.store (torch, pandas) are imported inside the commands so `mlmscope --help` stays fast.
+# mlmscope.analyses.runner / mlmscope.analyses.store (torch, pandas) are imported inside the commands so `mlmscope --help` stays fast.
 
 app = typer.Typer(help="The registered analyses: list them, show recorded failures, benchmark the runner.",
                   no_args_is_help=True)
@@ -33,10 +33,10 @@ console = Console(stderr=True)
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception classes whose message is user-facing (printed without a traceback)."""
-    from analyses.runner import RunnerError
-    from analyses.store import StoreError
-    from analyses.target import TargetError
-    from probes.model import ProbeError
+    from .runner import RunnerError
+    from .store import StoreError
+    from .target import TargetError
+    from ..probes.model import ProbeError
 
     return RunnerError, StoreError, TargetError, ProbeError, FileNotFoundError
 
@@ -85,9 +85,9 @@ def analyze_command(
     verify_hash: bool = typer.Option(True, help="Re-hash weights against the manifest before analysing."),
 ) -> None:
     """Run every requested analysis over every checkpoint of RUN (or on one model): cached, resumable, in parallel."""
-    from analyses.runner import Runner, RunnerConfig, RichReporter, print_summary
-    from analyses.store import ResultStore
-    from analyses.target import resolve_target
+    from .runner import Runner, RunnerConfig, RichReporter, print_summary
+    from .store import ResultStore
+    from .target import resolve_target
 
     cfg = RunnerConfig(analyses=_names(analyses), steps=steps, workers=workers, backend=backend, address=address,
                        force=force, follow=follow, poll_s=poll, idle_timeout_s=idle_timeout,
@@ -113,8 +113,8 @@ def _check_options(cfg: RunnerConfig, probes: Optional[Path]) -> Optional[ProbeS
     Raises:
         RunnerError, ProbeError: with a one-line message.
     """
-    from analyses.runner import Runner, RunnerError, parse_steps
-    from probes.probeset import load_probe_set
+    from .runner import Runner, RunnerError, parse_steps
+    from ..probes.probeset import load_probe_set
 
     if cfg.threads is not None and cfg.threads < 1:
         raise RunnerError(f"--threads must be at least 1, got {cfg.threads}")
@@ -132,7 +132,7 @@ def _check_options(cfg: RunnerConfig, probes: Optional[Path]) -> Optional[ProbeS
 @app.command("list")
 def list_command() -> None:
     """Registered analyses with version, capture variants and a one-line description."""
-    from analyses.base import load_all
+    from .base import load_all
 
     table = Table("name", "version", "variants", "MLM head", "description")
     for name, cls in sorted(load_all().items()):
@@ -145,8 +145,8 @@ def list_command() -> None:
 def failures_command(run: Path = typer.Argument(..., help="Run folder, or a model folder / its results folder.")
                      ) -> None:
     """Recorded failures of RUN (checkpoint, analysis, error); exit 1 if there are any."""
-    from analyses.store import ResultStore
-    from analyses.target import results_folder
+    from .store import ResultStore
+    from .target import results_folder
 
     if not run.is_dir():
         console.print(f"[bold red]error:[/] run folder {str(run)!r} does not exist", highlight=False)
@@ -204,7 +204,7 @@ def run_bench(run: Path, analyses: Optional[list[str]], steps: Optional[str], pr
         ``{"modes": {mode: {seconds, checkpoints, failed, load_s, capture_s, compute_s}}, "naive_over_shared",
         "capture_ratio", "compute_share", "speedup_workers", "identical"}``.
     """
-    from analyses.runner import RichReporter, Runner, RunnerConfig
+    from .runner import RichReporter, Runner, RunnerConfig
 
     base = dict(analyses=analyses, steps=steps, probes=probes, batch_size=batch_size, force=True)
     probe_set = Runner(run, RunnerConfig(**base)).probe_set()
@@ -213,8 +213,8 @@ def run_bench(run: Path, analyses: Optional[list[str]], steps: Optional[str], pr
     out: dict[str, Any] = {"modes": {}}
     with tempfile.TemporaryDirectory(prefix="mlmscope-bench-") as scratch:
         # untimed warm-up on the first checkpoint: imports and first-call costs would otherwise land on one mode
-        from analyses.runner import parse_steps
-        from checkpoints.manifest import list_checkpoints
+        from .runner import parse_steps
+        from ..checkpoints.manifest import list_checkpoints
 
         first = next((c.step for c in list_checkpoints(run) if parse_steps(steps)(c.step)), 0)
         Runner(run, RunnerConfig(**{**base, "steps": str(first)},

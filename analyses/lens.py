@@ -27,8 +27,8 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from analyses.base import Analysis, AnalysisContext, SkipAnalysis, register
-from probes.batch import CaptureBatch
+from .base import Analysis, AnalysisContext, SkipAnalysis, register
+from ..probes.batch import CaptureBatch
 
 __all__ = [
     "DepthAnalysisError",
@@ -88,7 +88,7 @@ def check_finite(t: torch.Tensor, what: str, ctx_label: str) -> None:
 def is_pre_ln(arch: Any) -> bool:
     """Whether the architecture adapter declares a pre-LN model (final norm after the last block).
 
-    The adapter (``probes.model.ArchAdapter``) is post-LN BERT/RoBERTa unless it sets ``pre_ln = True`` and
+    The adapter (``mlmscope.probes.model.ArchAdapter``) is post-LN BERT/RoBERTa unless it sets ``pre_ln = True`` and
     provides ``final_norm()``.
     """
     return bool(getattr(arch, "pre_ln", False))
@@ -343,5 +343,5 @@ class LogitLens(Analysis):
                                     ctx.device)
 
 
-# The tuned lens is registered from its own module; importing it here lets ``analyses.base.load_all`` find it.
-import analyses.tuned_lens  # noqa: E402,F401
+# The tuned lens is registered from its own module; importing it here lets ``mlmscope.analyses.base.load_all`` find it.
+from . import tuned_lens  # noqa: E402,F401

@@ -3,7 +3,7 @@
 Meng et al., "Representation Deficiency in Masked Language Modeling" (ICLR 2024, arXiv 2302.02060) report that
 an MLM's representations of inputs *with* [MASK] have a higher effective rank than those of real-token-only inputs:
 some dimensions are spent on [MASK] alone. This analysis measures that per layer and checkpoint, from streamed
-float64 second-moment accumulators (:mod:`analyses.stats`), never from a stored matrix of all vectors.
+float64 second-moment accumulators (:mod:`mlmscope.analyses.stats`), never from a stored matrix of all vectors.
 
 Definitions (see the ``mask_rank.md`` reference note). Let H ∈ ℝ^{n×d} hold the n selected token vectors of one
 layer (layer 0 = embedding output ``embed.hook_out``, layer l + 1 = ``blocks.{l}.hook_resid_post``):
@@ -13,7 +13,7 @@ layer (layer 0 = embedding output ``embed.hook_out``, layer l + 1 = ``blocks.{l}
   divided by its std, so one large outlier dimension cannot dominate; zero-variance dimensions are dropped).
 * ``variance_rank``: smallest k with Σ_{i≤k} λ_i ≥ τ Σ λ_i (τ = ``Params.tau`` = 0.9, the "0.9-effective rank").
 * ``entropy_rank``: exp(−Σ p_i ln p_i), p_i = σ_i / Σσ_j, σ = √λ (Roy & Vetterli 2007).
-* Eigenvalues ≤ d·eps·Σ‖h‖² are numerically zero (:func:`analyses.stats.numerical_tolerance`); an all-zero
+* Eigenvalues ≤ d·eps·Σ‖h‖² are numerically zero (:func:`mlmscope.analyses.stats.numerical_tolerance`); an all-zero
   spectrum (e.g. identical vectors) gives rank 0, never NaN.
 
 Token sets (special tokens [CLS]/[SEP] and padding excluded unless ``include_special``):
@@ -21,7 +21,7 @@ Token sets (special tokens [CLS]/[SEP] and padding excluded unless ``include_spe
 * ``clean_real``: every token of the ``clean`` variant.
 * ``clean_at_mask``: the ``clean`` vectors at exactly the positions the ``mask15`` variant masks (same sentences,
   same tokens, same n as ``masked_mask``: the equal-n control). The positions come from
-  :func:`probes.masking.mask_positions` with ``Params.mask_seed``; the accumulator checks them against the
+  :func:`mlmscope.probes.masking.mask_positions` with ``Params.mask_seed``; the accumulator checks them against the
   ``mask15`` batches and reports a mismatch in ``warning``.
 * ``masked_mask``: ``mask15`` vectors at [MASK] positions; ``masked_real``: ``mask15`` vectors elsewhere;
   ``masked_all``: both (same positions and n as ``clean_real``).
@@ -48,8 +48,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.base import Analysis, AnalysisContext, register
-from analyses.stats import (
+from .base import Analysis, AnalysisContext, register
+from .stats import (
     StreamingCovariance,
     correlation_from_covariance,
     eigvals_desc,
@@ -58,7 +58,7 @@ from analyses.stats import (
     residual_stream_names,
     variance_rank,
 )
-from probes.batch import CaptureBatch
+from ..probes.batch import CaptureBatch
 
 #: Stored token sets (``clean_real`` and ``masked_all`` are merged from these at result time).
 _STORED = ("clean_at_mask", "clean_other", "masked_mask", "masked_real")
@@ -82,8 +82,8 @@ def token_selection(batch: CaptureBatch, include_special: bool) -> torch.Tensor:
 
 
 def planned_mask(batch: CaptureBatch, seed: int) -> torch.Tensor:
-    """(B, T) bool: positions the ``mask15`` variant masks for these sentences (see :mod:`probes.masking`)."""
-    from probes.masking import mask_positions
+    """(B, T) bool: positions the ``mask15`` variant masks for these sentences (see :mod:`mlmscope.probes.masking`)."""
+    from ..probes.masking import mask_positions
 
     out = torch.zeros_like(batch.special_mask)
     content = ~batch.special_mask
@@ -260,7 +260,7 @@ def rank_gap_over_steps(ranks: pd.DataFrame, normalisation: str = "centred", met
 
     Args:
         ranks: ``ranks`` tables of several checkpoints concatenated, with a ``step`` column (as
-            ``analyses.store.load_results(run, "mask_rank", table="ranks")`` returns).
+            ``mlmscope.analyses.store.load_results(run, "mask_rank", table="ranks")`` returns).
         normalisation: ``centred``, ``uncentred`` or ``standardised``.
         metric: ``variance_rank`` or ``entropy_rank``.
 
@@ -296,7 +296,7 @@ class MaskRank(Analysis):
             include_special: Also count [CLS]/[SEP] vectors (atypical, large-norm; excluded by default).
             min_tokens_per_dim: Warn when a token set has fewer than this many tokens per hidden dimension
                 (100, the reference note's recommendation, §5).
-            mask_seed: Masking seed of the capture (``probes.capture.capture(seed=...)``, default 0); used to find
+            mask_seed: Masking seed of the capture (``mlmscope.probes.capture.capture(seed=...)``, default 0); used to find
                 the ``clean_at_mask`` positions in the clean pass.
             top_dims: Dimensions listed per layer in ``mask_dims``.
         """

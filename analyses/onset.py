@@ -25,7 +25,7 @@ breakpoint fit; this module implements that proposal and stores the rule with ev
 
 Example::
 
-    from analyses.onset import detect_onset
+    from .onset import detect_onset
     o = detect_onset(steps, sas_scores)                      # rising curve
     l = detect_onset(steps, val_loss, direction="down")      # loss drop
     o.found, o.onset_step, o.onset_ci, coincidence(o, l)

@@ -25,7 +25,7 @@ born from the position embeddings and propagated by LayerNorm. This analysis det
 * **Position probe** (Luo §3, adapted): a closed-form ridge probe from the layer's vectors to the one-hot position,
   fitted on a hash-selected half of the sentences and scored (held-out R², multi-output) on the other half, with
   all dims and without the activation outlier dims. Accuracy of an iterative classifier would need the vectors
-  stored; R² is exactly computable from streamed moments (:mod:`analyses.stats`).
+  stored; R² is exactly computable from streamed moments (:mod:`mlmscope.analyses.stats`).
 * **Anisotropy** (Ethayarajh, EMNLP 2019): mean cosine of random token pairs — one seeded random token from each
   of ``anisotropy_sentences`` sentences, paired — raw, with the activation outlier dims zeroed (Luo §4 clipping),
   and after per-dimension standardisation.
@@ -40,9 +40,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.base import Analysis, AnalysisContext, register
-from analyses.stats import StreamingCovariance, hash_uniform, residual_stream_names
-from probes.batch import CaptureBatch
+from .base import Analysis, AnalysisContext, register
+from .stats import StreamingCovariance, hash_uniform, residual_stream_names
+from ..probes.batch import CaptureBatch
 
 KINDS = ("argmax", "argmin")
 CONDITIONS_PROBE = ("all_dims", "without_outliers")
@@ -435,7 +435,7 @@ def outlier_emergence(freq: pd.DataFrame, threshold: float = 0.5, min_layers: in
 
     Args:
         freq: ``freq`` tables of several checkpoints concatenated, with a ``step`` column (as
-            ``analyses.store.load_results(run, "outliers", table="freq")`` returns).
+            ``mlmscope.analyses.store.load_results(run, "outliers", table="freq")`` returns).
         threshold: Frequency threshold (the analysis's ``freq_threshold``, 0.5 by default).
         min_layers: Layers in which it must pass.
 

@@ -49,13 +49,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.base import Analysis, AnalysisContext, SkipAnalysis, register
-from analyses.lens import (
+from .base import Analysis, AnalysisContext, SkipAnalysis, register
+from .lens import (
     DepthAnalysisError, NoMaskedPositionsError, check_finite, checkpoint_label, decode_hidden, is_pre_ln,
     require_mlm_head,
 )
-from analyses.stats import StreamingCovariance
-from probes.batch import CaptureBatch
+from .stats import StreamingCovariance
+from ..probes.batch import CaptureBatch
 
 __all__ = ["LayerDrop", "LayerDropAccumulator", "Redundancy", "RedundancyAccumulator", "cka_matrix", "state_names",
            "unit_pairs", "DROP_CONVENTIONS"]
@@ -121,8 +121,8 @@ def cka_matrix(scatter: torch.Tensor, k: int, standardise: bool = False) -> torc
 class _PairedTraceCovariance:
     """Streaming per-state means and centred cross-scatter *traces* Σ_t (x_t − μx)·(y_t − μy) for state pairs.
 
-    O(S·d) memory (the full d×d cross-covariances of ``analyses.stats`` are not needed for a pooled cosine);
-    batches are merged with the same Chan et al. (1979) pairwise update as ``analyses.stats``.
+    O(S·d) memory (the full d×d cross-covariances of ``mlmscope.analyses.stats`` are not needed for a pooled cosine);
+    batches are merged with the same Chan et al. (1979) pairwise update as ``mlmscope.analyses.stats``.
     """
 
     def __init__(self, pairs: list[tuple[int, int]]) -> None:
@@ -251,7 +251,7 @@ class Redundancy(Analysis):
 
 def _envoy(net: Any, root: torch.nn.Module, module: torch.nn.Module) -> Any:
     """The nnsight envoy of ``module`` inside ``net`` (= NNsight(root)), found by its path under ``root``."""
-    from probes.capture import envoy_at
+    from ..probes.capture import envoy_at
 
     return envoy_at(net, next(p for p, m in root.named_modules() if m is module))
 

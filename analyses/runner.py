@@ -1,9 +1,9 @@
 """Trajectory runner: every requested analysis over every checkpoint of a run, cached, resumable, in parallel.
 
-Per checkpoint the runner loads the model once (``probes.model.load_model``), builds one
-:class:`~analyses.base.AnalysisContext`, unions the activation names and capture variants of every pending analysis,
-runs ``probes.capture.capture`` once over that union and feeds every accumulator from the same batches (never a
-forward pass per analysis). Results go to :mod:`analyses.store`, keyed by the checkpoint's content hash, so a re-run
+Per checkpoint the runner loads the model once (``mlmscope.probes.model.load_model``), builds one
+:class:`~mlmscope.analyses.base.AnalysisContext`, unions the activation names and capture variants of every pending analysis,
+runs ``mlmscope.probes.capture.capture`` once over that union and feeds every accumulator from the same batches (never a
+forward pass per analysis). Results go to :mod:`mlmscope.analyses.store`, keyed by the checkpoint's content hash, so a re-run
 skips finished (checkpoint, analysis) pairs and retries only failures.
 
 Backends:
@@ -21,7 +21,7 @@ step. With several workers these analyses form one sequential chain of jobs inte
 
 Example::
 
-    from analyses.runner import Runner, RunnerConfig
+    from .runner import Runner, RunnerConfig
     summary = Runner("runs/demo", RunnerConfig(analyses=["sas", "mask_rank"], workers=2)).run()
     summary.failed   # number of failed (checkpoint, analysis) pairs
 """
@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
-from analyses.base import Analysis, AnalysisContext, SkipAnalysis, get, load_all
-from analyses.store import CHECKPOINT_SCOPE, ResultKey, ResultStore, stable_hash
-from checkpoints.manifest import MANIFEST, WEIGHTS, CheckpointEntry, Manifest, list_checkpoints, weights_sha256
+from .base import Analysis, AnalysisContext, SkipAnalysis, get, load_all
+from .store import CHECKPOINT_SCOPE, ResultKey, ResultStore, stable_hash
+from ..checkpoints.manifest import MANIFEST, WEIGHTS, CheckpointEntry, Manifest, list_checkpoints, weights_sha256
 
 #: Order in which capture variants are run (the probes package's variant names).
 VARIANT_ORDER = ("clean", "mask15", "mask1")
@@ -234,14 +234,14 @@ def check_finite(model: Any) -> None:
 
 def default_capture(lm: Any, probe_set: Any, *, variants: Sequence[str], names: Sequence[str],
                     batch_size: int) -> Iterator[Any]:
-    """``probes.capture.capture`` (imported lazily so the store and CLI stay light)."""
-    from probes.capture import capture
+    """``mlmscope.probes.capture.capture`` (imported lazily so the store and CLI stay light)."""
+    from ..probes.capture import capture
 
     return capture(lm, probe_set, variants=tuple(variants), names=list(names), batch_size=batch_size)
 
 
 def default_load(path: str, device: str = "cpu") -> Any:
-    from probes.model import load_model
+    from ..probes.model import load_model
 
     return load_model(path, device=device)
 
@@ -648,8 +648,8 @@ class Runner:
         probe_set: A probe set object (overrides ``config.probes``); tests pass a list of word lists.
         analyses: Analysis instances (override ``config.analyses``; their classes must be importable by workers).
         capture_fn: ``capture_fn(lm, probe_set, variants=, names=, batch_size=)`` yielding CaptureBatch objects;
-            defaults to ``probes.capture.capture``.
-        load_fn: ``load_fn(path, device=)`` returning a ``probes.model.LoadedModel``-like object.
+            defaults to ``mlmscope.probes.capture.capture``.
+        load_fn: ``load_fn(path, device=)`` returning a ``mlmscope.probes.model.LoadedModel``-like object.
         reporter: Progress/summary sink (default: silent).
     """
 
@@ -780,7 +780,7 @@ class Runner:
             return
         entries = list_checkpoints(self.run_dir)
         if not entries:
-            from analyses.target import nothing_found_message
+            from .target import nothing_found_message
 
             raise RunnerError(nothing_found_message(self.run_dir))
         if not any(self.step_ok(e.step) for e in entries):
@@ -788,7 +788,7 @@ class Runner:
                               f"(it has {len(entries)}, steps {entries[0].step}-{entries[-1].step})")
 
     def check_probe_fit(self, probe_set: Any) -> list[str]:
-        """Warnings about the probe set against the latest checkpoint's tokenizer (see :mod:`probes.fit`).
+        """Warnings about the probe set against the latest checkpoint's tokenizer (see :mod:`mlmscope.probes.fit`).
 
         Skipped when the probe set has no word lists or the tokenizer cannot be loaded (that checkpoint's load
         failure is then recorded by the run itself).
@@ -796,8 +796,8 @@ class Runner:
         Raises:
             RunnerError: no probe sentence is usable, or every one is mostly [UNK].
         """
-        from probes.fit import fit_report, load_tokenizer
-        from probes.model import ModelLoadError
+        from ..probes.fit import fit_report, load_tokenizer
+        from ..probes.model import ModelLoadError
 
         model_dir = self._latest_checkpoint_dir()
         sentences = getattr(probe_set, "sentences", probe_set)
@@ -913,14 +913,14 @@ def _with(job: Job, analyses: list[Analysis]) -> Job:
 def resolve_probe_set(run_dir: Path, probes: str | None, model_dir: Path | None) -> Any:
     """Load ``probes`` (a probe-set folder or CoNLL-U file), or the run's default probe set.
 
-    The default is built once from the run corpus' validation split (``probes.probeset.build_default``, filtered for
+    The default is built once from the run corpus' validation split (``mlmscope.probes.probeset.build_default``, filtered for
     the run's tokenizer and position limit) and cached in ``RUN/probes/default`` (written to a temporary folder and
     renamed, so a killed build leaves nothing half-written).
 
     Raises:
         RunnerError: no checkpoint to take the tokenizer from.
     """
-    from probes.probeset import BuildConfig, build_default, load_probe_set
+    from ..probes.probeset import BuildConfig, build_default, load_probe_set
 
     if probes is not None:
         return load_probe_set(probes)
@@ -929,9 +929,9 @@ def resolve_probe_set(run_dir: Path, probes: str | None, model_dir: Path | None)
         return load_probe_set(cached)
     if model_dir is None:
         raise RunnerError(f"{str(run_dir)!r} has no checkpoints to build the default probe set for; pass --probes")
-    from checkpoints.config import DataConfig
+    from ..checkpoints.config import DataConfig
 
-    from probes.fit import load_tokenizer
+    from ..probes.fit import load_tokenizer
 
     tokenizer, max_length = load_tokenizer(model_dir)  # the tokenizer is all the builder needs: no weights loaded
     data = (Manifest.load(run_dir).run.get("config", {}).get("data")

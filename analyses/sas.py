@@ -37,12 +37,12 @@ Tables returned by the accumulator (all tidy):
 
 Notebook use::
 
-    from analyses.sas import sas_frames
+    from .sas import sas_frames
     frames = sas_frames("runs/demo/step_001200", probe_set)       # or a loaded model + tokenizer
     frames["best"]
 
 Trajectory use: :func:`sas_curve` (per-step SAS score + validation loss) and :func:`sas_onsets` (structure onset,
-loss-drop onset, classification and coincidence; see ``analyses.onset``).
+loss-drop onset, classification and coincidence; see ``mlmscope.analyses.onset``).
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.base import Analysis, AnalysisContext, SkipAnalysis, register
-from probes.batch import CaptureBatch
+from .base import Analysis, AnalysisContext, SkipAnalysis, register
+from ..probes.batch import CaptureBatch
 
 #: Prediction directions, in Clark et al.'s naming.
 DIRECTIONS: tuple[str, ...] = ("dep->head", "head<-dep")
@@ -102,7 +102,7 @@ class GoldTable:
     excluded: list[int]
 
 
-#: Relation labels that mean "no parse" (CoNLL-U underscore; ``probes.probeset.sentences_of`` uses it).
+#: Relation labels that mean "no parse" (CoNLL-U underscore; ``mlmscope.probes.probeset.sentences_of`` uses it).
 NO_LABEL = ("_", "")
 
 
@@ -110,7 +110,7 @@ def gold_table(probe_set: Any, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> Gold
     """Pad the probe set's heads, relations and halves into tensors.
 
     Args:
-        probe_set: A :class:`probes.probeset.ProbeSet` (columns ``sentences``, ``heads`` 1-based with 0 = ROOT,
+        probe_set: A :class:`mlmscope.probes.probeset.ProbeSet` (columns ``sentences``, ``heads`` 1-based with 0 = ROOT,
             ``relations``, ``halves``); without ``halves`` the sentence index parity is used.
         exclude: Relations left out of ``all`` besides the root word.
 
@@ -552,7 +552,7 @@ def sas_frames(model: Any, probe_set: Any, params: "SAS.Params | None" = None, b
 
     Args:
         model: A checkpoint folder (any ``probes.load_model`` folder, e.g. all-MiniLM-L6-v2) or a ``LoadedModel``.
-        probe_set: A ``ProbeSet`` or a probe-set folder / CoNLL-U file (``probes.probeset.load_probe_set``).
+        probe_set: A ``ProbeSet`` or a probe-set folder / CoNLL-U file (``mlmscope.probes.probeset.load_probe_set``).
         params: ``SAS.Params``; default Clark-style settings (see the class).
         batch_size: Probe sentences per forward pass.
         device: Torch device for a model given as a folder.
@@ -563,9 +563,9 @@ def sas_frames(model: Any, probe_set: Any, params: "SAS.Params | None" = None, b
     Raises:
         SASInputError: the probe set has no parses; ``probes`` errors for a bad folder or tokenizer mismatch.
     """
-    from probes.capture import capture
-    from probes.model import LoadedModel, load_model
-    from probes.probeset import load_probe_set
+    from ..probes.capture import capture
+    from ..probes.model import LoadedModel, load_model
+    from ..probes.probeset import load_probe_set
 
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     ps = load_probe_set(probe_set) if isinstance(probe_set, (str, bytes)) or hasattr(probe_set, "__fspath__") \
@@ -591,7 +591,7 @@ def sas_curve(source: Any, table: str = "summary") -> pd.DataFrame:
     Returns:
         One row per step, sorted: ``step``, the summary columns and, when the manifest has it, ``val_loss``.
     """
-    from checkpoints.trajectory import Trajectory
+    from ..checkpoints.trajectory import Trajectory
 
     if isinstance(source, pd.DataFrame):
         curve, loss = source.copy(), None
@@ -664,15 +664,15 @@ def sas_onsets(curve: pd.DataFrame, params: Any = None, score: str = "sas_score"
 
     Args:
         curve: From :func:`sas_curve` (``step``, ``sas_score``, positional measures, ``val_loss``).
-        params: ``analyses.onset.OnsetParams`` shared by both curves (direction is set per curve).
+        params: ``mlmscope.analyses.onset.OnsetParams`` shared by both curves (direction is set per curve).
         score: Column to detect the structure onset on (``sas_score`` = held-out; ``sas_in_sample``).
 
     Returns:
-        ``sas_*`` and ``loss_*`` onset fields (see ``analyses.onset.Onset.as_dict``), ``structure_kind`` and the
+        ``sas_*`` and ``loss_*`` onset fields (see ``mlmscope.analyses.onset.Onset.as_dict``), ``structure_kind`` and the
         measures behind it, ``first_step_above_offset`` (first checkpoint whose held-out SAS beats the held-out
         best offset), and ``coincide`` / ``coincide_reason`` / ``distance_decades``.
     """
-    from analyses.onset import OnsetParams, coincidence, detect_onset
+    from .onset import OnsetParams, coincidence, detect_onset
 
     p = params or OnsetParams()
     sas = detect_onset(curve["step"], curve[score], p, direction="up")

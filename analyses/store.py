@@ -13,13 +13,13 @@ Layout under a run folder::
 
 A result directory is written in a temporary sibling folder and renamed into place with ``os.replace``, so a reader
 (or a re-run after ``kill -9``) sees either the complete result or nothing; leftover ``.tmp-*`` folders are ignored.
-Results are keyed by the *content* hash of the weights (``checkpoints.manifest.weights_sha256``), so a re-uploaded or
+Results are keyed by the *content* hash of the weights (``mlmscope.checkpoints.manifest.weights_sha256``), so a re-uploaded or
 re-trained checkpoint can never silently reuse stale results (docs/notes/runner.md), and two
 byte-identical checkpoints share one result.
 
 Example::
 
-    from analyses.store import load_results
+    from .store import load_results
     df = load_results("runs/demo", "sas", table="per_head")   # one tidy frame with a `step` column
 """
 
@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
-from checkpoints.manifest import atomic_write_text, list_checkpoints
+from ..checkpoints.manifest import atomic_write_text, list_checkpoints
 
 RESULTS = "results"
 INDEX = "index.json"
@@ -213,7 +213,7 @@ class ResultStore:
     # --- hash cache for manifest-less folders ---------------------------------------------------------------------
     def cached_hash(self, ckpt_dir: Path, compute: Callable[[Path], str]) -> str:
         """Content hash of a checkpoint folder, cached by (weights size, mtime) in ``results/hashes.json``."""
-        from checkpoints.manifest import WEIGHTS
+        from ..checkpoints.manifest import WEIGHTS
 
         w = ckpt_dir / WEIGHTS
         st = w.stat()

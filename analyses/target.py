@@ -12,7 +12,7 @@ directory (one folder per model *content*, so the same weights analysed from two
 
 Example::
 
-    from analyses.target import resolve_target
+    from .target import resolve_target
     t = resolve_target("/path/to/all-MiniLM-L6-v2")
     t.kind, t.run_dir          # ("model", PosixPath("runs/models/model-1a2b3c4d"))
 """
@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoints.manifest import (MANIFEST, WEIGHT_FILES, WEIGHTS, CheckpointEntry, Manifest, has_weights,
+from ..checkpoints.manifest import (MANIFEST, WEIGHT_FILES, WEIGHTS, CheckpointEntry, Manifest, has_weights,
                                   list_checkpoints, weights_sha256)
 
 #: Manifest ``run.kind`` of a single-model results folder (a training run has no ``kind``).
@@ -118,7 +118,7 @@ def _check_model_dir(model_dir: Path) -> str:
     Raises:
         TargetError: unsupported architecture, unreadable config, or no fast tokenizer.
     """
-    from probes.model import ModelLoadError, check_model_folder
+    from ..probes.model import ModelLoadError, check_model_folder
 
     try:
         arch = check_model_folder(model_dir)
@@ -152,7 +152,7 @@ def prepare_single_model(model_dir: Path, out: Path | None = None) -> Path:
     Raises:
         TargetError: the folder is not a loadable model, or ``out`` is unsuitable.
     """
-    from checkpoints.manifest import _STEP_RE
+    from ..checkpoints.manifest import _STEP_RE
 
     model_dir = model_dir.resolve()
     arch = _check_model_dir(model_dir)
@@ -229,7 +229,7 @@ def resolve_target(path: str | os.PathLike, out: Path | None = None, follow: boo
                               "holds a model; analyse the model folder itself (mlmscope analyze MODEL --out ...)")
     try:
         n = len(list_checkpoints(p))
-    except ValueError as e:  # checkpoints.manifest.ManifestError: a damaged manifest.json, named in the message
+    except ValueError as e:  # mlmscope.checkpoints.manifest.ManifestError: a damaged manifest.json, named in the message
         raise TargetError(str(e)) from None
     if n == 0 and not (follow and kind == "run"):
         raise TargetError(nothing_found_message(p))

@@ -5,7 +5,7 @@ Reference: Belrose et al., arXiv 2303.08112 (recipe; code AlignmentResearch/tune
 
 * One affine translator per hidden state except the last (embedding output and blocks 0 … L−2; L translators):
   h′ = h + (A h + b), A and b initialised to zero, i.e. the translator starts as the identity = the logit lens.
-* Decoded through the full MLM head (``analyses.lens.decode_hidden``; final norm recomputed for pre-LN models).
+* Decoded through the full MLM head (``mlmscope.analyses.lens.decode_hidden``; final norm recomputed for pre-LN models).
 * Loss: KL(p_final ‖ q_lens) against the model's own final distribution at the same **masked** position (the
   tuned-lens ``CE`` option's next-token shift is meaningless for an MLM).
 * Optimiser (tuned-lens defaults, lens.md §5): SGD with Nesterov momentum 0.9, lr = 1.0·(1 − 0.9), weight decay
@@ -13,7 +13,7 @@ Reference: Belrose et al., arXiv 2303.08112 (recipe; code AlignmentResearch/tune
   mlmscope departs from the recipe in the data (lens.md §5 [proposal]): a fixed set of masked positions of the
   probe set (capped at ``max_positions``), full-batch steps, and early stopping when the training KL plateaus.
 * Translators are trained one layer at a time (independent parameters; peak memory O(N·V) for one layer).
-* Across a trajectory the runner (``analyses.runner``) calls :meth:`TunedLens.warm_start_from` with the result
+* Across a trajectory the runner (``mlmscope.analyses.runner``) calls :meth:`TunedLens.warm_start_from` with the result
   folder of the previous checkpoint, whose ``translators.safetensors`` (written by
   :meth:`TunedLensAccumulator.save_artefacts`) becomes the warm start. In a notebook, pass
   ``ctx.extra["tuned_lens_init"]`` instead: a state dict from :meth:`TunedLensAccumulator.translator_state` or a
@@ -39,12 +39,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from analyses.base import Analysis, AnalysisContext, register
-from analyses.lens import (
+from .base import Analysis, AnalysisContext, register
+from .lens import (
     METRICS, FinalRef, LensSite, LensSums, NoMaskedPositionsError, check_finite, checkpoint_label, decode_hidden,
     lens_metric_sums, masked_states, require_mlm_head,
 )
-from probes.batch import CaptureBatch
+from ..probes.batch import CaptureBatch
 
 __all__ = [
     "TRANSLATORS_FILE",

@@ -7,7 +7,7 @@ rendered once (caches filled, as for a user who opened it), then the slider is m
 rerun (script run + element tree, i.e. everything the server does before sending the delta) is timed. Live panels
 stay off (they are the model-bound part, timed separately by :func:`bench_live`).
 
-``python -m app.bench [SOURCE_RUN]`` or ``mlmscope bench app`` (when mounted). Without a source run that has results,
+``python -m mlmscope.app.bench [SOURCE_RUN]`` or ``mlmscope bench app`` (when mounted). Without a source run that has results,
 a ``micro`` run is trained and analysed into a scratch folder first (about a minute on 2 CPU cores).
 """
 
@@ -39,12 +39,12 @@ def build_micro_run(run: Path, max_steps: int = 30, linear_every: int = 10, n_do
     The default probe set is built from a handful of fixed sentences (spaCy parses, seconds) and stored where the
     runner and the dashboard look for it (``RUN/probes/default``). Used by the dashboard tests and the benchmark.
     """
-    from analyses.runner import DEFAULT_PROBES, Runner, RunnerConfig
-    from checkpoints.config import make_config
-    from checkpoints.corpus import _wiki_texts
-    from checkpoints.train import train
-    from probes.model import load_model
-    from probes.probeset import BuildConfig, build_probe_set
+    from ..analyses.runner import DEFAULT_PROBES, Runner, RunnerConfig
+    from ..checkpoints.config import make_config
+    from ..checkpoints.corpus import _wiki_texts
+    from ..checkpoints.train import train
+    from ..probes.model import load_model
+    from ..probes.probeset import BuildConfig, build_probe_set
 
     run = Path(run)
     corpus = run.parent / f".{run.name}-corpus.jsonl"
@@ -110,8 +110,8 @@ def synthesize_store(source: Path, dest: Path, n: int = 100) -> Path:
     """
     import hashlib
 
-    from analyses.store import META, ResultKey, ResultStore
-    from checkpoints.manifest import CheckpointEntry, Manifest, atomic_write_text, step_dirname
+    from ..analyses.store import META, ResultKey, ResultStore
+    from ..checkpoints.manifest import CheckpointEntry, Manifest, atomic_write_text, step_dirname
 
     source, dest = Path(source), Path(dest)
     src_store = ResultStore(source)
@@ -155,7 +155,7 @@ def _app(run: Path):
 
 def bench_pages(run: Path, moves: int = 10, pages: tuple[str, ...] = BENCH_PAGES) -> dict[str, list[float]]:
     """Seconds of each slider-move rerun, per page (after one warm-up render of the page)."""
-    from checkpoints.manifest import list_checkpoints
+    from ..checkpoints.manifest import list_checkpoints
 
     steps = [c.step for c in list_checkpoints(run)]
     at = _app(run)
@@ -177,7 +177,7 @@ def bench_pages(run: Path, moves: int = 10, pages: tuple[str, ...] = BENCH_PAGES
 
 def bench_live(run: Path, moves: int = 3) -> list[float]:
     """Seconds of a slider-move rerun of the live sentence page (loads each new checkpoint once)."""
-    from checkpoints.manifest import list_checkpoints
+    from ..checkpoints.manifest import list_checkpoints
 
     steps = [c.step for c in list_checkpoints(run)]
     at = _app(run)

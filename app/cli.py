@@ -49,7 +49,7 @@ def _parse_set(pairs: list[str]) -> dict[str, Any]:
     Raises:
         UserError: a pair without ``=`` or an unknown field. ConfigError: a value of the wrong type.
     """
-    from checkpoints.config import parse_field_value
+    from ..checkpoints.config import parse_field_value
 
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -129,7 +129,7 @@ def train(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train a BERT MLM into RUN with a dense, verifiable checkpoint trajectory (works under torchrun)."""
-    from checkpoints.config import make_config
+    from ..checkpoints.config import make_config
 
     _show_warnings()
     options = dict(corpus=corpus, text_field=text_field, vocab_size=vocab_size, max_steps=max_steps,
@@ -166,7 +166,7 @@ def _set_threads(threads: Optional[int], resumed_run: Optional[Path]) -> None:
     import torch
 
     if threads is None and resumed_run is not None and (resumed_run / "manifest.json").exists():
-        from checkpoints.manifest import Manifest
+        from ..checkpoints.manifest import Manifest
 
         threads = Manifest.load(resumed_run).run.get("threads")
     if threads:
@@ -174,12 +174,12 @@ def _set_threads(threads: Optional[int], resumed_run: Optional[Path]) -> None:
 
 
 def _train_one(run_dir: Path, cfg: Any, **kw: Any) -> Any:
-    """``checkpoints.train.train`` for one run; a failed ``--force`` replacement puts the old run back at once.
+    """``mlmscope.checkpoints.train.train`` for one run; a failed ``--force`` replacement puts the old run back at once.
 
     Under torchrun only rank 0 (which moved the old run aside) moves it back: ranks racing through
     ``recover_replaced`` could delete the run one of them had just restored.
     """
-    from checkpoints.train import recover_replaced, train as run_train
+    from ..checkpoints.train import recover_replaced, train as run_train
 
     try:
         return run_train(run_dir, cfg, **kw)
@@ -193,7 +193,7 @@ def _train_one(run_dir: Path, cfg: Any, **kw: Any) -> Any:
 @app.command()
 def verify(run: Path = typer.Argument(..., help="Run folder or folder of checkpoint folders.")) -> None:
     """Re-hash every checkpoint and report mismatches, corrupted files and duplicates (exit 1 if any)."""
-    from checkpoints.verify import verify_run
+    from ..checkpoints.verify import verify_run
 
     results = verify_run(run)
     if not results:
@@ -217,7 +217,7 @@ def bench_train(
     rounds: int = typer.Option(2, help="Interleaved rounds (HF, ours, HF, ours, …)."),
 ) -> None:
     """Tokens/s of HF Trainer + DataCollatorForLanguageModeling vs our loop on the same data, and their ratio."""
-    from checkpoints.bench import bench_train as run_bench
+    from ..checkpoints.bench import bench_train as run_bench
 
     run_bench(preset=preset, steps=steps, rounds=rounds)
 
@@ -234,10 +234,10 @@ def demo(
     comes from this line)."""
     import time
 
-    from checkpoints import hardware
-    from checkpoints.config import make_config
-    from checkpoints.manifest import Manifest
-    from checkpoints.train import train as run_train
+    from ..checkpoints import hardware
+    from ..checkpoints.config import make_config
+    from ..checkpoints.manifest import Manifest
+    from ..checkpoints.train import train as run_train
 
     status = Manifest.load(run).run.get("status") if (run / "manifest.json").exists() else None
     times = {}
@@ -262,7 +262,7 @@ def demo(
 def _demo_analyses(run: Path) -> None:
     """Every registered analysis over every checkpoint of the demo trajectory, two workers (cached: a re-run
     computes only what is missing). The tuned lens is a warm-start chain, run in order beside the others."""
-    from analyses.runner import analyze_run
+    from ..analyses.runner import analyze_run
 
     failures = len(analyze_run(run, workers=2).failures)
     if failures:
@@ -273,17 +273,17 @@ _DEMO_STEPS = [_demo_analyses]
 
 
 def _serve(runs: list[Path], host: str, port: int) -> None:
-    from app.serve import serve
+    from .serve import serve
 
     serve(runs, host=host, port=port)
 
 
 # Sub-command groups owned by their packages.
-from analyses.cli import analyze_command, app as analyses_app  # noqa: E402
-from app.bench import bench_command  # noqa: E402
-from app.report_cli import report_command  # noqa: E402
-from app.serve import app_command  # noqa: E402
-from app.probes_cli import app as probes_app  # noqa: E402
+from ..analyses.cli import analyze_command, app as analyses_app  # noqa: E402
+from .bench import bench_command  # noqa: E402
+from .report_cli import report_command  # noqa: E402
+from .serve import app_command  # noqa: E402
+from .probes_cli import app as probes_app  # noqa: E402
 
 app.add_typer(probes_app, name="probes", help="Build probe sets; benchmark capture.")
 app.add_typer(analyses_app, name="analyses", help="List analyses, show failures, benchmark the runner.")

@@ -1,6 +1,6 @@
 """The mlmscope dashboard (Streamlit): explore one or more checkpoint trajectories with one global step slider.
 
-Start it with ``mlmscope app [RUN ...]`` (see :mod:`app.serve`), or directly with
+Start it with ``mlmscope app [RUN ...]`` (see :mod:`mlmscope.app.serve`), or directly with
 ``streamlit run app/dashboard.py -- RUN [RUN ...]``. Runs come from the ``MLMSCOPE_RUNS`` environment variable
 (``os.pathsep``-separated; set by ``mlmscope app``), else from the script arguments, else ``runs/demo``.
 
@@ -18,16 +18,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-try:
-    import app.views  # noqa: F401 - the package is installed in development mode
-except ImportError:  # `streamlit run app/dashboard.py` from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import streamlit as st
 
-from app.views import PAGES, page_module
-from app.views.common import View
-from app.views.data import Source, checkpoints, discover_sources, fingerprint, run_meta
+from mlmscope.app.views import PAGES, page_module
+from mlmscope.app.views.common import View
+from mlmscope.app.views.data import Source, checkpoints, discover_sources, fingerprint, run_meta
 
 RUNS_ENV = "MLMSCOPE_RUNS"
 DEFAULT_RUN = "runs/demo"

@@ -33,27 +33,27 @@ def build(
                                                      "parsing text."),
 ) -> None:
     """Build a probe set from held-out validation text (spaCy silver parses) or import a CoNLL-U file."""
-    from probes.model import ProbeError
-    from probes.probeset import BuildConfig, build_default, read_conllu
+    from ..probes.model import ProbeError
+    from ..probes.probeset import BuildConfig, build_default, read_conllu
 
     try:
         tok, max_len = None, None
         if model is not None:
-            from probes.model import load_model
+            from ..probes.model import load_model
 
             lm = load_model(model)
             tok, max_len = lm.tokenizer, lm.arch.max_length
         if conllu is not None:
             ps = read_conllu(conllu, seed=seed)
             if tok is not None:
-                from probes.align import encode_words
-                from probes.model import tokenizer_hash
+                from ..probes.align import encode_words
+                from ..probes.model import tokenizer_hash
 
                 enc = encode_words(tok, ps.sentences, max_len)
                 ps.meta.update(tokenizer_hash=tokenizer_hash(tok), max_length=max_len, skipped=enc.skipped,
                                note="skipped sentences stay in the file; capture skips them again")
         else:
-            from checkpoints.config import DataConfig
+            from ..checkpoints.config import DataConfig
 
             cfg = BuildConfig(n=n, min_words=min_words, max_words=max_words, seed=seed)
             ps = build_default(cfg, tokenizer=tok, max_length=max_len, data_cfg=DataConfig(corpus=corpus))
@@ -84,9 +84,9 @@ def bench(
     """Print capture throughput (sentences/s) and the process's peak RSS."""
     import torch
 
-    from probes.bench import run_bench, synthetic_sentences
-    from probes.model import ProbeError, load_model
-    from probes.probeset import load_probe_set
+    from ..probes.bench import run_bench, synthetic_sentences
+    from ..probes.model import ProbeError, load_model
+    from ..probes.probeset import load_probe_set
 
     if names not in NAME_GROUPS or route not in ("nnsight", "hf", "both"):
         _fail(ValueError(f"--names must be one of {NAME_GROUPS}, --route one of nnsight, hf, both"))
@@ -97,7 +97,7 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="mlmscope-bench-") as tmp:
         try:
             if preset is not None:
-                from probes.bench import random_model_dir
+                from ..probes.bench import random_model_dir
 
                 model = random_model_dir(preset, tmp)
             lm = load_model(model)

@@ -4,14 +4,14 @@ One section per analysis (training, SAS, [MASK] rank, outlier dimensions, redund
 line saying what the metric is, followed by compact tables over a log-spaced subset of checkpoints (first and last
 always included, at most ``max_rows``). An analysis without stored results gives a line ``(no results for X ...)``
 instead of an error. Every number comes from the stored tables and the analyses' own trajectory helpers
-(:func:`analyses.sas.sas_curve` / :func:`~analyses.sas.sas_onsets`, :func:`analyses.onset.detect_onset`,
-:func:`analyses.mask_rank.rank_gap_over_steps`, :func:`analyses.outliers.outlier_emergence`); this module only
+(:func:`mlmscope.analyses.sas.sas_curve` / :func:`~mlmscope.analyses.sas.sas_onsets`, :func:`mlmscope.analyses.onset.detect_onset`,
+:func:`mlmscope.analyses.mask_rank.rank_gap_over_steps`, :func:`mlmscope.analyses.outliers.outlier_emergence`); this module only
 selects rows and formats them (3 decimals; values below 0.0005 in magnitude in scientific notation, so a small KL
 does not print as 0.000).
 
 Example::
 
-    from app.report import build_report
+    from .report import build_report
     print(build_report("runs/demo", max_rows=12))
 
 or ``mlmscope report runs/demo --out docs/demo_report.md``.
@@ -27,10 +27,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from analyses.onset import OnsetParams, detect_onset
-from analyses.store import ResultStore, StoreError
-from checkpoints.manifest import atomic_write_text
-from checkpoints.trajectory import Trajectory
+from ..analyses.onset import OnsetParams, detect_onset
+from ..analyses.store import ResultStore, StoreError
+from ..checkpoints.manifest import atomic_write_text
+from ..checkpoints.trajectory import Trajectory
 
 #: Widest per-layer table before sub-layer columns are dropped (a layout limit: 12 columns still fit a README page).
 MAX_COLUMNS = 12
@@ -38,7 +38,7 @@ MAX_COLUMNS = 12
 NA = "–"
 #: Magnitudes below this print in scientific notation (they would round to 0.000 at 3 decimals).
 _SCI_BELOW = 5e-4
-#: Order of the redundancy / layer-drop units (analyses.redundancy.UNITS).
+#: Order of the redundancy / layer-drop units (mlmscope.analyses.redundancy.UNITS).
 _UNITS = ("block", "attn", "ffn")
 
 
@@ -107,7 +107,7 @@ def _joined(values: Sequence[Any], cell: Callable[[Any], str] = fmt) -> str:
 def select_steps(steps: Sequence[int], max_rows: int) -> list[int]:
     """At most ``max_rows`` of ``steps``, log-spaced in ``log10(step + 1)``, first and last always included.
 
-    The grid is the onset detector's axis (``analyses.onset``: ``x = log10(step + 1)``): each of ``max_rows``
+    The grid is the onset detector's axis (``mlmscope.analyses.onset``: ``x = log10(step + 1)``): each of ``max_rows``
     evenly spaced grid points picks its nearest checkpoint; when dense early checkpoints make several grid points pick
     the same one, the remaining rows go to the checkpoints farthest (in log steps) from those already chosen.
 
@@ -222,8 +222,8 @@ def header_section(traj: Trajectory) -> str:
 
 
 def is_single_model(traj: Trajectory) -> bool:
-    """True for a single-model results folder (``mlmscope analyze MODEL``), see :mod:`analyses.target`."""
-    from analyses.target import SINGLE_MODEL_KIND
+    """True for a single-model results folder (``mlmscope analyze MODEL``), see :mod:`mlmscope.analyses.target`."""
+    from ..analyses.target import SINGLE_MODEL_KIND
 
     return _manifest_run(traj).get("kind") == SINGLE_MODEL_KIND
 
@@ -289,7 +289,7 @@ def sas_section(traj: Trajectory, max_rows: int, onset: OnsetParams, trajectory:
 
     With ``trajectory=False`` (one checkpoint) the onset and coincidence lines are left out.
     """
-    from analyses.sas import sas_curve, sas_onsets
+    from ..analyses.sas import sas_curve, sas_onsets
 
     out = ["### Syntactic attention structure (SAS)"]
     curve = sas_curve(traj.run_dir)
@@ -347,7 +347,7 @@ def _sas_best_table(best: pd.DataFrame, max_rows: int) -> str:
 
 def mask_rank_section(traj: Trajectory, max_rows: int) -> str:
     """Per-layer 0.9-rank with vs without [MASK], the gap, and the mask-only variance fraction."""
-    from analyses.mask_rank import rank_gap_over_steps
+    from ..analyses.mask_rank import rank_gap_over_steps
 
     out = ["### [MASK] rank deficiency"]
     ranks = _results(traj, "mask_rank", "ranks")
@@ -377,7 +377,7 @@ def mask_rank_section(traj: Trajectory, max_rows: int) -> str:
 
 def outliers_section(traj: Trajectory, max_rows: int) -> str:
     """Emergence step of each outlier dimension; anisotropy raw / clipped / standardised at the last step."""
-    from analyses.outliers import outlier_emergence
+    from ..analyses.outliers import outlier_emergence
 
     out = ["### Outlier dimensions"]
     freq = _results(traj, "outliers", "freq")
@@ -541,7 +541,7 @@ def build_report(run: str | os.PathLike, max_rows: int = 12, onset: OnsetParams 
     Args:
         run: Run folder (or any folder of checkpoint folders) analysed with ``mlmscope analyze``.
         max_rows: At most this many checkpoints per table (log-spaced; first and last included).
-        onset: Onset-detector settings (default :class:`analyses.onset.OnsetParams`).
+        onset: Onset-detector settings (default :class:`mlmscope.analyses.onset.OnsetParams`).
 
     Raises:
         ReportError: the folder does not exist, its manifest is unreadable, or ``max_rows`` < 2.

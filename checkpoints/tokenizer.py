@@ -133,7 +133,7 @@ def load_tokenizer_ref(ref: str, root: Path) -> PreTrainedTokenizerFast:
 def ship(fingerprint: str, texts: Iterable[str], vocab_size: int, lowercase: bool) -> Path:
     """Train the tokenizer for (corpus, vocab size, casing) once and write it into the package's assets.
 
-    Maintainers run this (``python -m checkpoints.tokenizer``) when the default corpus or the trainer changes; the
+    Maintainers run this (``python -m mlmscope.checkpoints.tokenizer``) when the default corpus or the trainer changes; the
     result is committed, so users never train the default tokenizer themselves.
     """
     key = tokenizer_key(fingerprint, vocab_size, lowercase)
@@ -166,8 +166,8 @@ def _batched(texts: Iterable[str], n: int = 1000) -> Iterator[list[str]]:
 
 def _ship_defaults() -> None:
     """Ship the tokenizers of the default corpus at the presets' vocabulary sizes."""
-    from checkpoints.config import PRESETS, DataConfig
-    from checkpoints.corpus import load_corpus
+    from .config import PRESETS, DataConfig
+    from .corpus import load_corpus
 
     sizes = sorted({p.get("data", {}).get("vocab_size", DataConfig.vocab_size) for p in PRESETS.values()})
     dd, fingerprint = load_corpus(DataConfig())

@@ -3,10 +3,10 @@
 Read top to bottom: ``train()`` prepares the run folder, data and model, then loops over optimiser steps, saving a
 checkpoint (plus a rolling resumable state) at every step of the schedule. Speed levers on CPU (see README
 "Benchmark"): packed sequences with no padding mask, sparse prediction (the MLM head only at masked positions),
-attention and precision chosen by what the hardware computes natively (``checkpoints.hardware``: bf16 autocast only
+attention and precision chosen by what the hardware computes natively (``mlmscope.checkpoints.hardware``: bf16 autocast only
 where bf16 is native), batches built by pure functions of the step (no data-loader workers).
 
-Exact resume: each step's batch and masks are functions of (data_seed, step) (``checkpoints.data``); the optimiser,
+Exact resume: each step's batch and masks are functions of (data_seed, step) (``mlmscope.checkpoints.data``); the optimiser,
 scheduler, RNG and loss-EMA states are saved with the latest checkpoint, so a run killed at any moment and resumed
 from it reproduces the uninterrupted per-step losses and final weights bit for bit (CPU, same machine).
 """
@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from transformers import BertForMaskedLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from checkpoints import attention, distributed, hardware  # noqa: F401 (attention registers eager_fp32)
-from checkpoints.config import RunConfig, TrainConfig
-from checkpoints.corpus import CorpusWarning, cache_root, load_corpus, source_description
-from checkpoints.data import Masker, StepBatches, pack, unigram_entropy
-from checkpoints.manifest import (TRAIN_LOG, CheckpointEntry, Manifest, atomic_write_text, step_dirname,
+from . import attention, distributed, hardware  # noqa: F401 (attention registers eager_fp32)
+from .config import RunConfig, TrainConfig
+from .corpus import CorpusWarning, cache_root, load_corpus, source_description
+from .data import Masker, StepBatches, pack, unigram_entropy
+from .manifest import (TRAIN_LOG, CheckpointEntry, Manifest, atomic_write_text, step_dirname,
                                   weights_sha256)
-from checkpoints.tokenizer import (load_tokenizer_ref, save_atomic, shipped_tokenizer, store_by_hash,
+from .tokenizer import (load_tokenizer_ref, save_atomic, shipped_tokenizer, store_by_hash,
                                    tokenizer_hash, tokenizer_key, train_wordpiece)
 
 RESUME_DIR = "resume"
@@ -81,7 +81,7 @@ class SparseMLM(torch.nn.Module):
     """``BertForMaskedLM`` objective with sparse prediction: the MLM head runs only at masked positions.
 
     With ``reg`` (a ``SASRegConfig`` with λ ≠ 0) and per-token dependency heads, Chen et al.'s SAS term
-    ``λ · Σ_arcs max_{layer, head} α`` is added to the loss (``checkpoints.sas_reg``; needs eager attention).
+    ``λ · Σ_arcs max_{layer, head} α`` is added to the loss (``mlmscope.checkpoints.sas_reg``; needs eager attention).
     """
 
     def __init__(self, model: BertForMaskedLM, reg=None) -> None:
@@ -100,7 +100,7 @@ class SparseMLM(torch.nn.Module):
         target = labels[sel]
         loss = F.cross_entropy(logits, target)
         if with_reg:
-            from checkpoints.sas_reg import sas_regularizer
+            from .sas_reg import sas_regularizer
 
             loss = loss + sas_regularizer(out.attentions, heads, lam, self.reg.directions, self.reg.reduction)
         correct = (logits.argmax(-1) == target).sum() if not self.training else None  # eval only: ~2 % of a step
@@ -126,7 +126,7 @@ def _autocast(precision: str, device: str):
 
 
 def resolve_levers(tc: TrainConfig, device: str, recorded: dict | None = None) -> tuple[TrainConfig, dict]:
-    """Turn ``auto`` precision/attention into concrete choices for this device (``checkpoints.hardware``).
+    """Turn ``auto`` precision/attention into concrete choices for this device (``mlmscope.checkpoints.hardware``).
 
     Args:
         tc: The run's training config (may say ``auto``).
@@ -286,7 +286,7 @@ def _build_tokenizer(run_dir: Path, cfg: RunConfig, train_texts, fingerprint: st
     1. on resume, the run's own ``tokenizer/``;
     2. ``cfg.data.tokenizer``: a path or the hash of a tokenizer kept by an earlier run (reuse across runs);
     3. the tokenizer shipped for this (corpus, vocab size, casing) — the default corpus's, so that the same command
-       trains the same model on every machine (``checkpoints.tokenizer.shipped_tokenizer``);
+       trains the same model on every machine (``mlmscope.checkpoints.tokenizer.shipped_tokenizer``);
     4. the per-machine cache for this key; else trained now and cached.
 
     Every tokenizer used is also kept content-addressed under the cache's ``tokenizers/sha256/`` so a later run can
@@ -502,7 +502,7 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
         model.train()
         heads = None
         if cfg.sas_reg.active:
-            from checkpoints.sas_reg import training_heads
+            from .sas_reg import training_heads
 
             heads = training_heads(tok, train_texts, tc.seq_len, root_to_cls=cfg.sas_reg.root_to_cls)
         objective = distributed.wrap(SparseMLM(model, cfg.sas_reg), dist, device)
@@ -611,7 +611,7 @@ def _train_step(objective, optimizer, scheduler, batches: StepBatches, step: int
     micro = batches.micro_batches(step)
     micro_heads = [None] * len(micro)
     if heads is not None and lam != 0.0:
-        from checkpoints.sas_reg import step_heads
+        from .sas_reg import step_heads
 
         micro_heads = [h.to(device) for h in step_heads(heads, batches, step)]
     for (x, y), h in zip(micro, micro_heads):

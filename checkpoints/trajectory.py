@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from checkpoints.manifest import MANIFEST, CheckpointEntry, Manifest, list_checkpoints, read_train_log
+from .manifest import MANIFEST, CheckpointEntry, Manifest, list_checkpoints, read_train_log
 
 
 class Trajectory:
@@ -15,7 +15,7 @@ class Trajectory:
 
     Example::
 
-        from checkpoints.trajectory import Trajectory
+        from .trajectory import Trajectory
         t = Trajectory("runs/demo")
         t.checkpoints_frame()         # step, tokens, losses, hash, duplicate flag
         t.results("sas")              # one tidy frame with a `step` column (after `mlmscope analyze`)
@@ -44,7 +44,7 @@ class Trajectory:
         return pd.DataFrame(read_train_log(self.run_dir))
 
     def results(self, analysis: str, table: str | None = None) -> pd.DataFrame:
-        """All stored results of one analysis across checkpoints, with a ``step`` column (see analyses.store)."""
-        from analyses.store import load_results
+        """All stored results of one analysis across checkpoints, with a ``step`` column (see mlmscope.analyses.store)."""
+        from ..analyses.store import load_results
 
         return load_results(self.run_dir, analysis, table=table)

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoints.manifest import Manifest, list_checkpoints, weights_sha256
+from .manifest import Manifest, list_checkpoints, weights_sha256
 
 
 @dataclass

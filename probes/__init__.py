@@ -2,20 +2,20 @@
 
 Notebook use::
 
-    from probes import load_model, load_probe_set, capture
+    from . import load_model, load_probe_set, capture
     lm = load_model("runs/demo/checkpoints/step_004000")
     ps = load_probe_set("probesets/default")
     for batch in capture(lm, ps, names=["blocks.0.attn.hook_pattern"]):
         print(batch.sentence_ids, batch["blocks.0.attn.hook_pattern"].shape)
 """
 
-from probes.align import (EncodedProbes, empty_words, encode_words, first_piece_positions, piece_to_word_matrix,
+from .align import (EncodedProbes, empty_words, encode_words, first_piece_positions, piece_to_word_matrix,
                           word_ids_tensor, words_to_pieces)
-from probes.batch import CaptureBatch
-from probes.capture import ACTIVATION_NAMES, activation_names, capture, prepare
-from probes.masking import VARIANTS, apply_mask, mask_positions
-from probes.model import ArchAdapter, LoadedModel, ModelLoadError, ProbeError, load_model, tokenizer_hash
-from probes.probeset import (BuildConfig, ProbeSet, ProbeSetError, build_default, build_probe_set, load_probe_set,
+from .batch import CaptureBatch
+from .capture import ACTIVATION_NAMES, activation_names, capture, prepare
+from .masking import VARIANTS, apply_mask, mask_positions
+from .model import ArchAdapter, LoadedModel, ModelLoadError, ProbeError, load_model, tokenizer_hash
+from .probeset import (BuildConfig, ProbeSet, ProbeSetError, build_default, build_probe_set, load_probe_set,
                              read_conllu, sentences_of)
 
 __all__ = [

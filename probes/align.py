@@ -102,7 +102,7 @@ def piece_to_word_matrix(word_ids: Sequence[Sequence[int | None]], n_words: int,
     """(B, W, T) float 0/1 assignment: ``P[b, i, t] = 1`` iff piece t of sentence b belongs to word i.
 
     Args:
-        word_ids: per sentence, ``word_ids()`` (as in :class:`probes.batch.CaptureBatch`).
+        word_ids: per sentence, ``word_ids()`` (as in :class:`mlmscope.probes.batch.CaptureBatch`).
         n_words: W, at least the longest sentence's word count.
         T: padded piece length.
     """

@@ -1,7 +1,7 @@
 """The contract between the capture layer and every analysis.
 
 A :class:`CaptureBatch` holds what one padded forward pass over a batch of probe sentences recorded.
-Activation names follow TransformerLens' vocabulary (see ``ACTIVATION_NAMES`` in ``probes.capture``
+Activation names follow TransformerLens' vocabulary (see ``ACTIVATION_NAMES`` in ``mlmscope.probes.capture``
 for the full documented list). Shapes use B = batch, T = padded sequence length, H = heads,
 D = hidden size, L = layers, V = vocabulary.
 
@@ -66,7 +66,7 @@ class CaptureBatch:
     def memo(self, key: str, make: Callable[[], _T]) -> _T:
         """``make()`` computed once per batch and shared by every analysis fed from it (one capture, many analyses).
 
-        Example: the final MLM distribution at the [MASK] positions (``analyses.lens.final_reference``), which the
+        Example: the final MLM distribution at the [MASK] positions (``mlmscope.analyses.lens.final_reference``), which the
         logit lens compares every layer against. ``key`` must name everything the value depends on besides this
         batch.
         """

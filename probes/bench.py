@@ -2,7 +2,7 @@
 
 Two routes over the same padded batches, both saving the same names with padding zeroed:
 
-* ``nnsight``: :func:`probes.capture.capture` (the production route);
+* ``nnsight``: :func:`mlmscope.probes.capture.capture` (the production route);
 * ``hf``: plain HF ``output_attentions``/``output_hidden_states`` plus forward hooks for sub-layer tensors
   (a reference to check that nnsight costs nothing).
 
@@ -21,10 +21,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from probes.align import EncodedProbes
-from probes.batch import CaptureBatch
-from probes.capture import MLM_HEAD_NAME, _batches, _check_names, _taps, _zero_padding_, capture, prepare
-from probes.model import LoadedModel
+from .align import EncodedProbes
+from .batch import CaptureBatch
+from .capture import MLM_HEAD_NAME, _batches, _check_names, _taps, _zero_padding_, capture, prepare
+from .model import LoadedModel
 
 
 @dataclass
@@ -76,9 +76,9 @@ def random_model_dir(preset: str, out: str | Path, seed: int = 0) -> Path:
     """
     from transformers import BertForMaskedLM
 
-    from checkpoints.config import make_config
-    from checkpoints.corpus import load_corpus
-    from checkpoints.tokenizer import train_wordpiece
+    from ..checkpoints.config import make_config
+    from ..checkpoints.corpus import load_corpus
+    from ..checkpoints.tokenizer import train_wordpiece
 
     cfg = make_config(preset)
     dd, _ = load_corpus(cfg.data)

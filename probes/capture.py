@@ -20,11 +20,11 @@ name                                 shape         what
 ``mlm_head.hook_out``                (N, V)        MLM-head logits at ``CaptureBatch.head_positions``
 ===================================  ============  =====================================================================
 
-Padding is zeroed in every tensor (attention rows and columns of padded positions); see :mod:`probes.batch`.
+Padding is zeroed in every tensor (attention rows and columns of padded positions); see :mod:`mlmscope.probes.batch`.
 
 Example::
 
-    from probes import load_model, load_probe_set, capture
+    from . import load_model, load_probe_set, capture
     lm = load_model("runs/demo/checkpoints/step_004000")
     ps = load_probe_set("probesets/default")
     for batch in capture(lm, ps, variants=("clean", "mask1"), names=["blocks.0.attn.hook_pattern"]):
@@ -40,10 +40,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from probes.align import EncodedProbes, encode_words
-from probes.batch import CaptureBatch
-from probes.masking import apply_mask, check_variant
-from probes.model import LoadedModel, ProbeError
+from .align import EncodedProbes, encode_words
+from .batch import CaptureBatch
+from .masking import apply_mask, check_variant
+from .model import LoadedModel, ProbeError
 
 #: Documented activation-name templates, in forward execution order (``{l}`` = layer index).
 ACTIVATION_NAMES: tuple[str, ...] = (
@@ -225,7 +225,7 @@ def prepare(lm: LoadedModel, probe_set: Any) -> EncodedProbes:
 
     Args:
         lm: Loaded model.
-        probe_set: A :class:`probes.probeset.ProbeSet`, an :class:`EncodedProbes`, or a list of word lists.
+        probe_set: A :class:`mlmscope.probes.probeset.ProbeSet`, an :class:`EncodedProbes`, or a list of word lists.
 
     Raises:
         ProbeError: the probe set was built for another tokenizer, or no sentence fits the model.
@@ -258,10 +258,10 @@ def capture(lm: LoadedModel, probe_set: Any, variants: Sequence[str] = ("clean",
     """Stream capture batches: one nnsight-traced forward pass per (variant, batch), saving only ``names``.
 
     Args:
-        lm: From :func:`probes.model.load_model`.
+        lm: From :func:`mlmscope.probes.model.load_model`.
         probe_set: ProbeSet, EncodedProbes (from :func:`prepare`, to reuse the tokenisation and see skip counts), or
             word lists.
-        variants: Any of ``clean``, ``mask15``, ``mask1`` (see :mod:`probes.masking`); each is a full pass.
+        variants: Any of ``clean``, ``mask15``, ``mask1`` (see :mod:`mlmscope.probes.masking`); each is a full pass.
         names: Activation names (see module docstring); None = all.
         batch_size: Sentences per forward pass.
         head_at: Where ``mlm_head.hook_out`` is computed: ``masked`` positions (default), every non-special

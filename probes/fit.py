@@ -14,7 +14,7 @@ The runner warns with the counts, and refuses when no sentence is usable or ever
 
 Example::
 
-    from probes.fit import fit_report, load_tokenizer
+    from .fit import fit_report, load_tokenizer
     tok, max_len = load_tokenizer("runs/demo/step_012000")
     print(fit_report(tok, probe_set, max_len).warnings())
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from probes.align import encode_words
+from .align import encode_words
 
 #: Share of a sentence's words that must be unknown for the sentence to count as mostly [UNK]. Past one half, the
 #: word-level quantities the analyses compute (attention between words, parse-head UAS, per-word ranks) are mostly
@@ -102,11 +102,11 @@ def load_tokenizer(model_dir: str | Path) -> tuple[Any, int]:
     """The fast tokenizer of a checkpoint folder and its position limit (pieces incl. specials), without the weights.
 
     Raises:
-        probes.model.ModelLoadError: no readable config or tokenizer.
+        mlmscope.probes.model.ModelLoadError: no readable config or tokenizer.
     """
     from transformers import AutoTokenizer
 
-    from probes.model import ModelLoadError, _read_config
+    from .model import ModelLoadError, _read_config
 
     p = Path(model_dir)
     cfg = _read_config(p)
@@ -115,7 +115,7 @@ def load_tokenizer(model_dir: str | Path) -> tuple[Any, int]:
     except Exception as e:  # noqa: BLE001 - any failure is a folder problem, reported by the caller
         raise ModelLoadError(f"{str(p)!r}: could not load a tokenizer ({type(e).__name__}: {e})") from None
     n = int(cfg.get("max_position_embeddings", 512))  # 512: the BERT default when a config omits it
-    if cfg.get("model_type") == "roberta":  # fairseq offset, as probes.model.ArchAdapter.max_length
+    if cfg.get("model_type") == "roberta":  # fairseq offset, as mlmscope.probes.model.ArchAdapter.max_length
         n -= int(cfg.get("pad_token_id", 1)) + 1
     return tok, n
 
@@ -135,7 +135,7 @@ def fit_report(tokenizer: Any, probe_set: _Sentences | Sequence[Sequence[str]], 
 
     Args:
         tokenizer: A fast HF tokenizer.
-        probe_set: A :class:`probes.probeset.ProbeSet` or word lists.
+        probe_set: A :class:`mlmscope.probes.probeset.ProbeSet` or word lists.
         max_length: The model's position limit (see :func:`load_tokenizer`).
         model: Folder name used in messages.
     """

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from probes.model import ProbeError
+from .model import ProbeError
 
 VARIANTS = ("clean", "mask15", "mask1")
 #: BERT's masking rate (Devlin et al. 2019, §3.1).

@@ -7,7 +7,7 @@ random-initialises the head (docs/notes/probes.md).
 
 Example::
 
-    from probes import load_model
+    from . import load_model
     lm = load_model("runs/demo/checkpoints/step_001000")
     lm.arch.layer(0).attention.self        # module paths live here only
     logits = lm.arch.apply_mlm_head(hidden) # (..., D) -> (..., V)
@@ -208,11 +208,11 @@ class LoadedModel:
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
-    """Content hash of a tokenizer's vocabulary; the project-wide definition from ``checkpoints.tokenizer``.
+    """Content hash of a tokenizer's vocabulary; the project-wide definition from ``mlmscope.checkpoints.tokenizer``.
 
     Two tokenizers with the same hash map the same pieces to the same ids.
     """
-    from checkpoints.tokenizer import tokenizer_hash as _hash
+    from ..checkpoints.tokenizer import tokenizer_hash as _hash
 
     return _hash(tokenizer)
 

@@ -11,7 +11,7 @@ content hash, source, size, parser and version, halves, skip counts, tokenizer h
 
 Example::
 
-    from probes import build_probe_set, load_probe_set
+    from . import build_probe_set, load_probe_set
     ps = build_probe_set(["Some held-out text. Another sentence here."], n=10)
     ps.save("probesets/mine"); ps2 = load_probe_set("probesets/mine"); assert ps2.content_hash == ps.content_hash
 """
@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from probes.model import ProbeError
+from .model import ProbeError
 
 FORMAT = "mlmscope-probeset"
 FORMAT_VERSION = 1
@@ -96,7 +96,7 @@ class ProbeSet:
 
     @property
     def tokenizer_hash(self) -> str | None:
-        """Hash of the tokenizer the set was filtered for (``probes.model.tokenizer_hash``), or None."""
+        """Hash of the tokenizer the set was filtered for (``mlmscope.probes.model.tokenizer_hash``), or None."""
         return self.meta.get("tokenizer_hash")
 
     def half(self, h: int) -> list[int]:
@@ -184,7 +184,7 @@ def build_probe_set(texts: Iterable[str], cfg: BuildConfig | None = None, tokeni
     """
     import spacy
 
-    from probes.align import encode_words
+    from .align import encode_words
 
     cfg = cfg or BuildConfig()
     nlp = nlp or load_parser()
@@ -210,7 +210,7 @@ def build_probe_set(texts: Iterable[str], cfg: BuildConfig | None = None, tokeni
     if not rows:
         raise ProbeSetError(f"no sentence of {cfg.min_words}-{cfg.max_words} words found in {source} "
                             f"(skipped: {dict(skipped)})")
-    from probes.model import tokenizer_hash
+    from .model import tokenizer_hash
 
     meta = {"source": source, "parser": PARSER_MODEL, "parser_version": nlp.meta.get("version"),
             "spacy_version": spacy.__version__, "build": vars(cfg).copy(), "skipped": dict(sorted(skipped.items())),
@@ -246,11 +246,11 @@ def _reject_reason(row: Any, cfg: BuildConfig, seen: set[tuple[str, ...]]) -> st
 def default_texts(seed: int = 0, data_cfg: Any = None) -> tuple[list[str], str]:
     """The default corpus's validation documents, shuffled with ``seed``, and a source description.
 
-    Uses ``checkpoints.corpus.validation_texts`` (the same held-out split training uses), so probe sentences are never
+    Uses ``mlmscope.checkpoints.corpus.validation_texts`` (the same held-out split training uses), so probe sentences are never
     training text.
     """
-    from checkpoints.config import DataConfig
-    from checkpoints.corpus import source_description, validation_texts
+    from ..checkpoints.config import DataConfig
+    from ..checkpoints.corpus import source_description, validation_texts
 
     data_cfg = data_cfg or DataConfig()
     docs = validation_texts(data_cfg)

@@ -13,15 +13,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 
-from app.bench import PROBE_TEXT  # noqa: E402 - the dashboard's micro fixture uses the same sentences
+from mlmscope.app.bench import PROBE_TEXT  # noqa: E402 - the dashboard's micro fixture uses the same sentences
 
 #: A few hundred words of varied English, enough to train a small WordPiece vocab for fixtures.
 FIXTURE_TEXT = PROBE_TEXT * 4
 
 
 def _save_micro(tmp, model_cls_name: str = "BertForMaskedLM", seed: int = 0, **cfg_overrides):
-    from checkpoints.config import make_config
-    from checkpoints.tokenizer import train_wordpiece
+    from mlmscope.checkpoints.config import make_config
+    from mlmscope.checkpoints.tokenizer import train_wordpiece
     import transformers
 
     tok = train_wordpiece(FIXTURE_TEXT, vocab_size=300, min_frequency=1)
@@ -61,7 +61,7 @@ def small_corpus(tmp_path_factory):
     """The first 600 documents of the default Wikipedia corpus as a JSONL file: trainer tests stay fast."""
     import json
 
-    from checkpoints.corpus import _wiki_texts
+    from mlmscope.checkpoints.corpus import _wiki_texts
 
     path = tmp_path_factory.mktemp("corpus") / "wiki600.jsonl"
     path.write_text("\n".join(json.dumps({"text": t}) for t in _wiki_texts()[:600]))

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from analyses.runner import Runner, RunnerConfig, RunnerError
-from probes.fit import MOSTLY_UNK_SHARE, fit_report
-from probes.probeset import ProbeSetError, find_cycle, load_probe_set, sentences_of
+from mlmscope.analyses.runner import Runner, RunnerConfig, RunnerError
+from mlmscope.probes.fit import MOSTLY_UNK_SHARE, fit_report
+from mlmscope.probes.probeset import ProbeSetError, find_cycle, load_probe_set, sentences_of
 from test_runner import PROBES, FakeNorm, make_run
 from test_single_model import _one_error_line, cli  # noqa: F401 - the CLI fixture
 

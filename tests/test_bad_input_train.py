@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints.config import ConfigError, DataConfig, make_config
-from checkpoints.corpus import MAX_DOC_CHARS, MAX_RUN_CHARS, CorpusError, CorpusWarning, load_corpus
-from checkpoints.manifest import Manifest, ManifestError
-from checkpoints.train import TrainingError, _replaced_path, recover_replaced, train
-from checkpoints.verify import verify_run
+from mlmscope.checkpoints.config import ConfigError, DataConfig, make_config
+from mlmscope.checkpoints.corpus import MAX_DOC_CHARS, MAX_RUN_CHARS, CorpusError, CorpusWarning, load_corpus
+from mlmscope.checkpoints.manifest import Manifest, ManifestError
+from mlmscope.checkpoints.train import TrainingError, _replaced_path, recover_replaced, train
+from mlmscope.checkpoints.verify import verify_run
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mlmscope.app.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "COLUMNS": "400"})
 
 
@@ -95,7 +95,7 @@ def test_force_with_a_run_that_diverges_keeps_the_old_run(finished_run, tmp_path
 def test_force_failure_before_first_checkpoint_is_undone(finished_run, tmp_path, small_corpus, monkeypatch):
     """A failure (or a kill) after the move aside: recover_replaced, or the next train() on the folder, moves the
     old run back."""
-    import checkpoints.train as tr
+    import mlmscope.checkpoints.train as tr
 
     run = _copy(finished_run, tmp_path)
     before = (run / "manifest.json").read_text()
@@ -170,14 +170,14 @@ def test_invalid_options_are_one_line_errors(tmp_path, small_corpus, args, messa
      "grad_accum must be an integer >= 1, got 0; lr must be a finite number >= 0, got nan; betas must be"),
 ])
 def test_option_parsing_errors_are_user_errors(call, message):
-    import app.cli as c
+    import mlmscope.app.cli as c
 
     with pytest.raises((c.UserError, ConfigError), match=message.replace("(", r"\(").replace(")", r"\)")):
         call(c)
 
 
 def test_set_values_are_cast_to_the_declared_type():
-    from app.cli import _merge_overrides, _parse_set
+    from mlmscope.app.cli import _merge_overrides, _parse_set
 
     sets = _parse_set(["lr=1e-3", "max-steps=7", "betas=0.9,0.99", "steps=0,3,7", "compile=false",
                        "sas_release_step=none", "corpus=my.txt"])
@@ -282,7 +282,7 @@ def test_enormous_unbroken_line_is_bounded(tmp_path, cache):
     assert max(len(w) for t in texts for w in t.split()) <= MAX_RUN_CHARS
     assert sum(len(t.replace(" ", "")) for t in texts) == sum(len(d.replace(" ", "")) for d in [*docs, blob, spaced])
     # Ordinary corpora are untouched: the default corpus's documents (and so its fingerprint) do not change.
-    from checkpoints.corpus import _wiki_texts
+    from mlmscope.checkpoints.corpus import _wiki_texts
 
     wiki = _wiki_texts()
     assert max(len(t) for t in wiki) <= MAX_DOC_CHARS

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from app.bench import ensure_micro_run
-from app.views import PAGES
+from mlmscope.app.bench import ensure_micro_run
+from mlmscope.app.views import PAGES
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
@@ -64,7 +64,7 @@ def _start_app(run_dir: Path) -> tuple[subprocess.Popen, str]:
     server answers. Returns the process and the URL; stop it with :func:`_stop_group`."""
     port = _free_port()
     exe = Path(sys.executable).with_name("mlmscope")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "app.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlmscope.app.cli"]
     proc = subprocess.Popen([*cmd, "app", str(run_dir), "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

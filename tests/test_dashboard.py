@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.bench import ensure_micro_run
-from app.views import PAGES
+from mlmscope.app.bench import ensure_micro_run
+from mlmscope.app.views import PAGES
 
 DASHBOARD = str(Path(__file__).resolve().parents[1] / "app" / "dashboard.py")
 LAST, EARLY = 30, 4
@@ -80,8 +80,8 @@ def half(analysed, micro_root) -> Path:
 @pytest.fixture(scope="session")
 def failed(analysed, micro_root) -> Path:
     """Step 10's weights were damaged after training; the runner refused it for `sas` and recorded the failure."""
-    from analyses.runner import Runner, RunnerConfig
-    from analyses.store import ResultStore
+    from mlmscope.analyses.runner import Runner, RunnerConfig
+    from mlmscope.analyses.store import ResultStore
 
     run = _copy(analysed, micro_root / "failed")
     m = json.loads((run / "manifest.json").read_text())
@@ -151,8 +151,8 @@ def test_every_page_renders_and_follows_the_slider(monkeypatch, analysed, page):
 
 
 def test_displayed_values_are_the_stored_ones(monkeypatch, analysed):
-    from analyses.store import load_results
-    from checkpoints.manifest import Manifest
+    from mlmscope.analyses.store import load_results
+    from mlmscope.checkpoints.manifest import Manifest
 
     at = _app(monkeypatch, analysed)
     at.select_slider(key="step").set_value(8).run()
@@ -185,7 +185,7 @@ def test_selected_step_is_marked_on_every_curve(monkeypatch, analysed, log_x):
 
 
 def test_seed_group_is_mean_with_band(monkeypatch, group):
-    from checkpoints.manifest import Manifest
+    from mlmscope.checkpoints.manifest import Manifest
 
     at = _app(monkeypatch, group)
     label = f"{group} (mean of 2 seeds)"
@@ -224,7 +224,7 @@ def test_lens_topk_matches_the_model(monkeypatch, analysed):
     path = analysed / "step_000020"
     tok = AutoTokenizer.from_pretrained(path)
     model = BertForMaskedLM.from_pretrained(path).eval()
-    from app.views.data import probe_sentences
+    from mlmscope.app.views.data import probe_sentences
 
     words = probe_sentences(str(analysed))["words"].iloc[0]
     masked = [tok.mask_token if i == 1 else w for i, w in enumerate(words)]
@@ -241,7 +241,7 @@ def test_attention_viewer_draws_gold_arcs(monkeypatch, analysed):
     at.toggle(key="syntax_live").set_value(True).run()
     assert not at.exception, [e.value for e in at.exception]
     fig = next(f for f in _figures(at) if "Word-level attention" in f["layout"]["title"]["text"])
-    from app.views.data import probe_sentences
+    from mlmscope.app.views.data import probe_sentences
 
     row = probe_sentences(str(analysed)).iloc[0]
     att = _arr(fig["data"][0]["z"])
@@ -297,7 +297,7 @@ def test_missing_folder_and_serve_errors(monkeypatch, tmp_path, analysed):
     import typer
     from typer.testing import CliRunner
 
-    from app.serve import DashboardError, app_command, check_port, serve
+    from mlmscope.app.serve import DashboardError, app_command, check_port, serve
 
     at = _app(monkeypatch, tmp_path / "nope", analysed)
     assert "does not exist" in _texts(at.sidebar.error) and at.metric
@@ -316,7 +316,7 @@ def test_missing_folder_and_serve_errors(monkeypatch, tmp_path, analysed):
 
 
 def test_discovers_runs_and_seed_groups(analysed, group, tmp_path):
-    from app.views.data import discover_sources
+    from mlmscope.app.views.data import discover_sources
 
     sources, problems = discover_sources([str(group.parent), str(tmp_path / "missing")])
     labels = [s.label for s in sources]
@@ -329,8 +329,8 @@ def test_discovers_runs_and_seed_groups(analysed, group, tmp_path):
 
 
 def test_benchmark_store_and_timing(analysed, tmp_path, monkeypatch):
-    from analyses.store import load_results
-    from app.bench import bench_pages, bench_steps, synthesize_store
+    from mlmscope.analyses.store import load_results
+    from mlmscope.app.bench import bench_pages, bench_steps, synthesize_store
 
     store = synthesize_store(analysed, tmp_path / "bench", n=20)
     steps = bench_steps(20)
@@ -344,7 +344,7 @@ def test_benchmark_store_and_timing(analysed, tmp_path, monkeypatch):
 def test_analyses_bench_scratch_stores_identical_results(analysed):
     """`mlmscope analyses bench`: three modes on the same checkpoints, shared and naive results identical, and the
     run's own results store untouched (the bench writes to scratch stores only)."""
-    from analyses.cli import run_bench
+    from mlmscope.analyses.cli import run_bench
 
     index = analysed / "results" / "index.json"
     before = index.read_bytes() if index.exists() else None
@@ -362,7 +362,7 @@ def test_syntax_onsets_skip_the_unigram_phase():
     is token-frequency learning); without the record, or never below it, every checkpoint counts."""
     import pandas as pd
 
-    from app.views.syntax import _onset_params
+    from mlmscope.app.views.syntax import _onset_params
 
     curve = pd.DataFrame({"step": [0, 100, 500, 1000], "val_loss": [9.0, 7.2, 6.7, 6.1]})
     assert _onset_params(curve, 6.8).min_step == 500.0

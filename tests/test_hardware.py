@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints import hardware
-from checkpoints.bench import train_flops_per_token
-from checkpoints.config import make_config
-from checkpoints.train import TrainingError, resolve_levers
+from mlmscope.checkpoints import hardware
+from mlmscope.checkpoints.bench import train_flops_per_token
+from mlmscope.checkpoints.config import make_config
+from mlmscope.checkpoints.train import TrainingError, resolve_levers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,8 +80,8 @@ def test_demo_reports_stage_times_with_the_cpu_kind(tmp_path, small_corpus, monk
     """`mlmscope demo` trains, runs its analysis stage and prints one timing line naming the CPU and precision."""
     from typer.testing import CliRunner
 
-    import app.cli as cli
-    import checkpoints.config as config
+    import mlmscope.app.cli as cli
+    import mlmscope.checkpoints.config as config
 
     calls = []
     real = config.make_config
@@ -99,7 +99,7 @@ def test_omp_wait_policy_follows_the_load_at_start(monkeypatch, busy_percent, wa
     """Idle machine: OpenMP's default (spin, then sleep); other processes busy: PASSIVE; a user's value is kept."""
     import psutil
 
-    import app.cli as cli
+    import mlmscope.app.cli as cli
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("MLMSCOPE_OMP_WAIT_REASON", raising=False)

@@ -9,17 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from analyses.base import AnalysisContext, SkipAnalysis
-from analyses.lens import (
+from mlmscope.analyses.base import AnalysisContext, SkipAnalysis
+from mlmscope.analyses.lens import (
     LogitLens, NoMaskedPositionsError, NonFiniteActivationError, decode_hidden, lens_metric_sums, lens_sites,
 )
-from analyses.tuned_lens import (
+from mlmscope.analyses.tuned_lens import (
     TRANSLATORS_FILE, AffineTranslators, FitConfig, TunedLens, fit_tuned_lens, load_translators, save_translators,
     steps_to_reach,
 )
 from conftest import FIXTURE_TEXT
-from probes import capture, load_model
-from probes.batch import CaptureBatch
+from mlmscope.probes import capture, load_model
+from mlmscope.probes.batch import CaptureBatch
 from tolerance import assert_close_scaled
 
 
@@ -392,7 +392,7 @@ def test_fit_tuned_lens_warm_start_saves_steps():
 
 def test_fit_tuned_lens_rejects_mismatched_init():
     hiddens, final, head = _toy_problem()
-    from analyses.tuned_lens import TunedLensError
+    from mlmscope.analyses.tuned_lens import TunedLensError
 
     with pytest.raises(TunedLensError, match="shape"):
         fit_tuned_lens(hiddens, final, head, init=AffineTranslators(3, 8).state_dict())
@@ -445,9 +445,9 @@ def test_tuned_lens_accumulator_micro_warm_start_round_trip(micro, micro_mask15,
 @pytest.mark.slow
 def test_runner_end_to_end_warm_start_chain(tmp_path):
     """Real capture + runner: every depth analysis stores results; the tuned lens is warm-started from step t-1."""
-    from analyses.redundancy import LayerDrop, Redundancy
-    from analyses.runner import Runner, RunnerConfig
-    from analyses.store import load_results
+    from mlmscope.analyses.redundancy import LayerDrop, Redundancy
+    from mlmscope.analyses.runner import Runner, RunnerConfig
+    from mlmscope.analyses.store import load_results
     from test_runner import make_run
 
     run = make_run(tmp_path / "run", steps=(0, 1, 2))

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.base import AnalysisContext, get
-from analyses.mask_rank import MaskRank, MaskRankWarning, rank_gap_over_steps
-from analyses.stats import hash_uniform
-from probes.batch import CaptureBatch
-from probes.masking import apply_mask
+from mlmscope.analyses.base import AnalysisContext, get
+from mlmscope.analyses.mask_rank import MaskRank, MaskRankWarning, rank_gap_over_steps
+from mlmscope.analyses.stats import hash_uniform
+from mlmscope.probes.batch import CaptureBatch
+from mlmscope.probes.masking import apply_mask
 
 CLS, SEP, PAD, MASK = 1, 2, 0, 3
 D, R, M, LAYERS = 16, 4, 3, 2

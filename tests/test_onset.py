@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from analyses.onset import OnsetInputError, coincidence, detect_onset
+from mlmscope.analyses.onset import OnsetInputError, coincidence, detect_onset
 
 STEPS = np.unique(np.round(np.logspace(0, 4, 50)))
 X = np.log10(STEPS + 1)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from analyses.base import AnalysisContext, get
-from analyses.outliers import (
+from mlmscope.analyses.base import AnalysisContext, get
+from mlmscope.analyses.outliers import (
     OutlierParamsError,
     Outliers,
     mean_pair_cosine,
@@ -19,8 +19,8 @@ from analyses.outliers import (
     ridge_heldout_r2,
     three_sigma_flags,
 )
-from analyses.stats import StreamingCovariance, hash_uniform
-from probes.batch import CaptureBatch
+from mlmscope.analyses.stats import StreamingCovariance, hash_uniform
+from mlmscope.probes.batch import CaptureBatch
 
 D, LAYERS, MAXPOS = 16, 2, 32
 MAX_DIM, MIN_DIM = 7, 5  # planted: dim 7 = +10 everywhere (argmax), dim 5 = -10 - pos/2 (argmin, follows position)
@@ -234,10 +234,10 @@ def test_bad_params():
 @pytest.mark.slow
 def test_real_capture_minilm(minilm_dir):
     """Both geometry analyses through the real capture on the pretrained MiniLM (head-less BertModel)."""
-    from analyses.mask_rank import MaskRank
+    from mlmscope.analyses.mask_rank import MaskRank
     from conftest import FIXTURE_TEXT
-    from probes.capture import capture
-    from probes.model import load_model
+    from mlmscope.probes.capture import capture
+    from mlmscope.probes.model import load_model
 
     lm = load_model(minilm_dir)
     ctx = AnalysisContext(model=lm.model, arch=lm.arch, n_layers=lm.n_layers, n_heads=lm.n_heads,
@@ -264,7 +264,7 @@ def test_real_capture_minilm(minilm_dir):
 
 
 def test_position_moments_match_dense_covariance():
-    from analyses.outliers import PositionMoments
+    from mlmscope.analyses.outliers import PositionMoments
 
     rng = np.random.default_rng(2)
     x, pos = rng.normal(size=(300, 5)) + 2, rng.integers(0, 7, size=300)

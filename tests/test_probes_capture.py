@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import FIXTURE_TEXT
-from probes import activation_names, capture, load_model, prepare
-from probes.masking import apply_mask, mask_positions
+from mlmscope.probes import activation_names, capture, load_model, prepare
+from mlmscope.probes.masking import apply_mask, mask_positions
 from tolerance import assert_close_scaled
 
 #: Our name -> the TransformerLens 4.3 bridge's name for the same tensor on BERT. The bridge's own

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from probes import ModelLoadError, ProbeError, capture, load_model
+from mlmscope.probes import ModelLoadError, ProbeError, capture, load_model
 from tolerance import assert_close_scaled
 
 

@@ -14,7 +14,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from analyses.store import ResultStore, load_results  # noqa: E402
+from mlmscope.analyses.store import ResultStore, load_results  # noqa: E402
 from test_runner import Chained, FakeMasked, FakeNorm, make_run, runner  # noqa: E402
 
 TESTS_DIR = Path(__file__).parent

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from analyses.base import SkipAnalysis
-from analyses.lens import NoMaskedPositionsError, NonFiniteActivationError
-from analyses.redundancy import LayerDrop, Redundancy, cka_matrix, state_names
-from probes import capture, load_model
-from probes.batch import CaptureBatch
+from mlmscope.analyses.base import SkipAnalysis
+from mlmscope.analyses.lens import NoMaskedPositionsError, NonFiniteActivationError
+from mlmscope.analyses.redundancy import LayerDrop, Redundancy, cka_matrix, state_names
+from mlmscope.probes import capture, load_model
+from mlmscope.probes.batch import CaptureBatch
 from test_lens import SENTS, lm_ctx, make_ctx, prel_batch, prel_model, run_analysis
 from tolerance import approx_scaled, assert_close_scaled
 
@@ -243,7 +243,7 @@ def test_layer_drop_no_masked_positions_and_cap(micro):
 
 def test_layer_drop_same_in_one_or_many_stacked_passes(micro, monkeypatch):
     """Splitting the skip configurations over several stacked passes (large models) changes no number."""
-    import analyses.redundancy as red
+    import mlmscope.analyses.redundancy as red
 
     batches = list(capture(micro, SENTS, variants=("mask15",), names=[], batch_size=8))
     _, one = run_analysis(LayerDrop(), lm_ctx(micro), batches)

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from app.report import NA, ReportError, build_report, fmt, md_table, select_steps
-from app.report_cli import report_command
+from mlmscope.app.report import NA, ReportError, build_report, fmt, md_table, select_steps
+from mlmscope.app.report_cli import report_command
 
 STEPS = [0, 1, 2, 4, 8, 10, 20]
 SECTIONS = ["### Training", "### Syntactic attention structure (SAS)", "### [MASK] rank deficiency",
@@ -26,18 +26,18 @@ ANALYSES = ["sas", "mask_rank", "outliers", "redundancy", "layer_drop", "logit_l
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, small_corpus) -> Path:
-    from analyses.lens import LogitLens
-    from analyses.mask_rank import MaskRank
-    from analyses.outliers import Outliers
-    from analyses.redundancy import LayerDrop, Redundancy
-    from analyses.runner import DEFAULT_PROBES, Runner, RunnerConfig
-    from analyses.sas import SAS
-    from analyses.tuned_lens import TunedLens
-    from app.bench import PROBE_TEXT
-    from checkpoints.config import make_config
-    from checkpoints.train import train
-    from probes.model import load_model
-    from probes.probeset import BuildConfig, build_probe_set
+    from mlmscope.analyses.lens import LogitLens
+    from mlmscope.analyses.mask_rank import MaskRank
+    from mlmscope.analyses.outliers import Outliers
+    from mlmscope.analyses.redundancy import LayerDrop, Redundancy
+    from mlmscope.analyses.runner import DEFAULT_PROBES, Runner, RunnerConfig
+    from mlmscope.analyses.sas import SAS
+    from mlmscope.analyses.tuned_lens import TunedLens
+    from mlmscope.app.bench import PROBE_TEXT
+    from mlmscope.checkpoints.config import make_config
+    from mlmscope.checkpoints.train import train
+    from mlmscope.probes.model import load_model
+    from mlmscope.probes.probeset import BuildConfig, build_probe_set
 
     torch.set_num_threads(1)
     path = tmp_path_factory.mktemp("report") / "micro"
@@ -127,9 +127,9 @@ def test_report_has_every_section_and_the_selected_steps(run):
 
 
 def test_report_numbers_match_the_stored_results(run):
-    from analyses.mask_rank import rank_gap_over_steps
-    from analyses.sas import sas_curve
-    from checkpoints.trajectory import Trajectory
+    from mlmscope.analyses.mask_rank import rank_gap_over_steps
+    from mlmscope.analyses.sas import sas_curve
+    from mlmscope.checkpoints.trajectory import Trajectory
 
     md = build_report(run, max_rows=12)
     t = Trajectory(run)
@@ -175,8 +175,8 @@ def test_report_numbers_match_the_stored_results(run):
 
 
 def test_outliers_and_tuned_lens_sections(run):
-    from analyses.outliers import outlier_emergence
-    from checkpoints.trajectory import Trajectory
+    from mlmscope.analyses.outliers import outlier_emergence
+    from mlmscope.checkpoints.trajectory import Trajectory
 
     t = Trajectory(run)
     sec = _sections(build_report(run))
@@ -242,8 +242,8 @@ def _synthetic_run(root: Path, steps: list[int], tables: dict[str, dict[int, dic
     """A manifest with fake hashes and hand-made stored results (analysis -> step -> table -> frame)."""
     import hashlib
 
-    from analyses.store import ResultKey, ResultStore
-    from checkpoints.manifest import CheckpointEntry, Manifest, step_dirname
+    from mlmscope.analyses.store import ResultKey, ResultStore
+    from mlmscope.checkpoints.manifest import CheckpointEntry, Manifest, step_dirname
 
     sha = {s: hashlib.sha256(f"ckpt-{s}".encode()).hexdigest() for s in steps}
     Manifest(run={}, checkpoints=[CheckpointEntry(step=s, path=step_dirname(s), sha256=sha[s], val_loss=1.0)
@@ -288,7 +288,7 @@ def test_outlier_emergence_threshold_and_wide_models(tmp_path):
 
 
 def test_empty_folder_and_skipped_analysis(tmp_path):
-    from analyses.store import ResultKey, ResultStore
+    from mlmscope.analyses.store import ResultKey, ResultStore
 
     md = build_report(tmp_path)
     assert "(no results for training: no checkpoints in this folder)" in md

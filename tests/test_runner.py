@@ -23,12 +23,12 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.base import Analysis, SkipAnalysis
-from analyses.runner import Runner, RunnerConfig, RunnerError, parse_steps
-from analyses.store import CHECKPOINT_SCOPE, ResultStore, load_results
-from checkpoints.manifest import CheckpointEntry, Manifest, step_dirname, weights_sha256
-from checkpoints.trajectory import Trajectory
-from probes.batch import CaptureBatch
+from mlmscope.analyses.base import Analysis, SkipAnalysis
+from mlmscope.analyses.runner import Runner, RunnerConfig, RunnerError, parse_steps
+from mlmscope.analyses.store import CHECKPOINT_SCOPE, ResultStore, load_results
+from mlmscope.checkpoints.manifest import CheckpointEntry, Manifest, step_dirname, weights_sha256
+from mlmscope.checkpoints.trajectory import Trajectory
+from mlmscope.probes.batch import CaptureBatch
 
 PROBES = [["the", "cat", "sat", "on", "the", "mat"], ["the", "dog", "slept", "near", "the", "fire"],
           ["many", "people", "believe", "that", "music", "can", "improve", "memory"]]
@@ -488,8 +488,8 @@ def cli(monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from analyses import base
-    from analyses.cli import analyze_command, app as analyses_app
+    from mlmscope.analyses import base
+    from mlmscope.analyses.cli import analyze_command, app as analyses_app
 
     monkeypatch.setitem(base.REGISTRY, FakeNorm.name, FakeNorm)
     monkeypatch.setitem(base.REGISTRY, FakeMasked.name, FakeMasked)
@@ -501,7 +501,7 @@ def cli(monkeypatch):
 
 
 def test_cli_analyze_real_capture_failure_exit_code_and_retry(cli, run, tmp_path):
-    from probes.probeset import sentences_of
+    from mlmscope.probes.probeset import sentences_of
 
     probes = sentences_of(PROBES).save(tmp_path / "probes")
     good = (run / "step_000004" / "model.safetensors").read_bytes()

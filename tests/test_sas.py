@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.base import load_all
-from analyses.sas import (
+from mlmscope.analyses.base import load_all
+from mlmscope.analyses.sas import (
     SAS, SASAccumulator, SASInputError, _held_out, fixed_head_curve, gold_table, predict_heads, sas_curve, sas_frames,
     sas_onsets, word_attention, word_index_tensor)
-from probes.batch import CaptureBatch
-from probes.probeset import ProbeSet, sentences_of
+from mlmscope.probes.batch import CaptureBatch
+from mlmscope.probes.probeset import ProbeSet, sentences_of
 from tolerance import assert_close_scaled
 
 
@@ -256,7 +256,7 @@ def test_mismatched_word_ids_are_skipped_and_counted():
 
 
 def test_registered_and_names():
-    from analyses.base import AnalysisContext
+    from mlmscope.analyses.base import AnalysisContext
 
     assert "sas" in load_all()
     ctx = AnalysisContext(model=None, arch=None, n_layers=3, n_heads=2, d_model=8, probe_set=None)
@@ -270,7 +270,7 @@ def test_registered_and_names():
 
 @pytest.fixture(scope="module")
 def parsed_fixture_probes():
-    from probes.probeset import BuildConfig, build_probe_set
+    from mlmscope.probes.probeset import BuildConfig, build_probe_set
     from tests.conftest import FIXTURE_TEXT
 
     return build_probe_set(FIXTURE_TEXT[:15], BuildConfig(n=15, min_words=5))
@@ -325,7 +325,7 @@ def test_fixed_head_curve_follows_the_final_best_head():
 @pytest.mark.slow
 def test_minilm_best_head_beats_best_offset(minilm_dir):
     """all-MiniLM-L6-v2 on 150 parsed validation sentences: a real head beats every offset baseline, held out."""
-    from probes.probeset import BuildConfig, build_default
+    from mlmscope.probes.probeset import BuildConfig, build_default
 
     ps = build_default(BuildConfig(n=150))
     n = torch.get_num_threads()
@@ -340,8 +340,8 @@ def test_minilm_best_head_beats_best_offset(minilm_dir):
 
 def test_runner_results_feed_the_trajectory_curve(tmp_path, parsed_fixture_probes):
     """SAS through the trajectory runner (real capture) -> stored tables -> sas_curve with val_loss -> onsets."""
-    from analyses.runner import Runner, RunnerConfig
-    from checkpoints.manifest import CheckpointEntry, Manifest, step_dirname, weights_sha256
+    from mlmscope.analyses.runner import Runner, RunnerConfig
+    from mlmscope.checkpoints.manifest import CheckpointEntry, Manifest, step_dirname, weights_sha256
     from conftest import _save_micro
 
     run = tmp_path / "run"

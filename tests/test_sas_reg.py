@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints.data import Masker, StepBatches, pack
-from checkpoints.sas_reg import (
+from mlmscope.checkpoints.data import Masker, StepBatches, pack
+from mlmscope.checkpoints.sas_reg import (
     SASRegConfig, SASRegError, iter_arcs, pack_heads, parse_corpus, piece_heads, sas_attention_score, sas_regularizer,
     step_heads, training_heads)
 
@@ -98,7 +98,7 @@ def test_positive_lambda_suppresses_negative_promotes(micro_headless_dir, one_th
 
 @pytest.fixture(scope="module")
 def nlp():
-    from probes.probeset import load_parser
+    from mlmscope.probes.probeset import load_parser
 
     return load_parser()
 
@@ -106,7 +106,7 @@ def nlp():
 @pytest.fixture(scope="module")
 def tok():
     from tests.conftest import FIXTURE_TEXT
-    from checkpoints.tokenizer import train_wordpiece
+    from mlmscope.checkpoints.tokenizer import train_wordpiece
 
     return train_wordpiece(FIXTURE_TEXT, vocab_size=300, min_frequency=1)
 

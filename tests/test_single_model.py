@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses.runner import Runner, RunnerConfig, RunnerError, WorkerEnv, default_capture, default_load
-from analyses.store import load_results
-from analyses.target import SINGLE_MODEL_KIND, TargetError, default_results_dir, model_hash, resolve_target
-from checkpoints.manifest import Manifest, list_checkpoints
-from probes.probeset import sentences_of
+from mlmscope.analyses.runner import Runner, RunnerConfig, RunnerError, WorkerEnv, default_capture, default_load
+from mlmscope.analyses.store import load_results
+from mlmscope.analyses.target import SINGLE_MODEL_KIND, TargetError, default_results_dir, model_hash, resolve_target
+from mlmscope.checkpoints.manifest import Manifest, list_checkpoints
+from mlmscope.probes.probeset import sentences_of
 from test_runner import PROBES, FakeNorm, NeedsHead, make_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,9 +32,9 @@ def cli(monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from analyses import base
-    from analyses.cli import analyze_command, app as analyses_app
-    from app.report_cli import report_command
+    from mlmscope.analyses import base
+    from mlmscope.analyses.cli import analyze_command, app as analyses_app
+    from mlmscope.app.report_cli import report_command
 
     monkeypatch.setitem(base.REGISTRY, FakeNorm.name, FakeNorm)
     monkeypatch.setitem(base.REGISTRY, NeedsHead.name, NeedsHead)
@@ -240,7 +240,7 @@ def test_report_of_an_unanalysed_model_says_what_to_do(cli, micro_model_dir, tmp
 @pytest.fixture(scope="module")
 def single_results(tmp_path_factory, micro_model_dir):
     """A single-model results folder of the micro MLM with four real analyses (a few seconds)."""
-    from analyses.target import prepare_single_model
+    from mlmscope.analyses.target import prepare_single_model
 
     out = prepare_single_model(Path(micro_model_dir), tmp_path_factory.mktemp("single") / "res")
     words = [s * 3 for s in PROBES]  # longer sentences: the rank and outlier statistics need some tokens
@@ -251,7 +251,7 @@ def single_results(tmp_path_factory, micro_model_dir):
 
 
 def _pages() -> list[str]:
-    from app.views import PAGES
+    from mlmscope.app.views import PAGES
 
     return list(PAGES)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.stats import (
+from mlmscope.analyses.stats import (
     StreamingCovariance,
     StreamingCrossCovariance,
     StreamingMean,

@@ -8,9 +8,9 @@ import os
 import pandas as pd
 import pytest
 
-from analyses.store import (CHECKPOINT_SCOPE, INDEX, ResultKey, ResultStore, StoreError, load_results,
+from mlmscope.analyses.store import (CHECKPOINT_SCOPE, INDEX, ResultKey, ResultStore, StoreError, load_results,
                             stable_hash)
-from checkpoints.manifest import CheckpointEntry, Manifest
+from mlmscope.checkpoints.manifest import CheckpointEntry, Manifest
 
 
 def key(h: str, version: str = "1", probe: str = "p" * 16, params: str = "q" * 64, name: str = "demo") -> ResultKey:

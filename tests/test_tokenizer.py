@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-from checkpoints import tokenizer as tk
-from checkpoints.config import DataConfig, make_config
-from checkpoints.corpus import load_corpus
-from checkpoints.manifest import Manifest
-from checkpoints.train import train
+from mlmscope.checkpoints import tokenizer as tk
+from mlmscope.checkpoints.config import DataConfig, make_config
+from mlmscope.checkpoints.corpus import load_corpus
+from mlmscope.checkpoints.manifest import Manifest
+from mlmscope.checkpoints.train import train
 
 
 @pytest.mark.parametrize("path", [p for p in sorted(tk.ASSETS.glob("*.json")) if p.name != tk.HASHES],

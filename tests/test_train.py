@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints.config import make_config
-from checkpoints.data import Masker, StepBatches, unigram_entropy
-from checkpoints.manifest import CheckpointEntry, Manifest, list_checkpoints, read_train_log, weights_sha256
-from checkpoints.train import TrainingError, checkpoint_steps, lr_factor, train
-from checkpoints.verify import verify_run
+from mlmscope.checkpoints.config import make_config
+from mlmscope.checkpoints.data import Masker, StepBatches, unigram_entropy
+from mlmscope.checkpoints.manifest import CheckpointEntry, Manifest, list_checkpoints, read_train_log, weights_sha256
+from mlmscope.checkpoints.train import TrainingError, checkpoint_steps, lr_factor, train
+from mlmscope.checkpoints.verify import verify_run
 from tolerance import assert_close_scaled
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,8 +173,8 @@ def test_manifest_add_flags_duplicate():
 
 _CHILD = """
 import sys
-from checkpoints.config import make_config
-from checkpoints.train import train
+from mlmscope.checkpoints.config import make_config
+from mlmscope.checkpoints.train import train
 train(sys.argv[1], make_config("micro", corpus=sys.argv[2], max_steps=120, linear_every=25), progress=False)
 """
 
@@ -217,7 +217,7 @@ def test_resume_refuses_corrupted_weights(tmp_path, micro):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mlmscope.app.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "COLUMNS": "200"})
 
 
@@ -248,7 +248,7 @@ def test_existing_run_with_other_config_is_refused(micro_run):
 
 
 def test_nan_loss_stops_and_keeps_last_good(tmp_path, monkeypatch, micro):
-    import checkpoints.train as tr
+    import mlmscope.checkpoints.train as tr
 
     real = tr._train_step
 
@@ -264,7 +264,7 @@ def test_nan_loss_stops_and_keeps_last_good(tmp_path, monkeypatch, micro):
 
 
 def test_disk_full_never_lists_half_written_checkpoint(tmp_path, monkeypatch, micro):
-    import checkpoints.train as tr
+    import mlmscope.checkpoints.train as tr
 
     real, calls = tr.weights_sha256, {"n": 0}
 
@@ -288,8 +288,8 @@ def test_disk_full_never_lists_half_written_checkpoint(tmp_path, monkeypatch, mi
 def test_corpus_formats_and_deterministic_split(tmp_path, monkeypatch):
     import datasets
 
-    from checkpoints.config import DataConfig
-    from checkpoints.corpus import CorpusError, load_corpus
+    from mlmscope.checkpoints.config import DataConfig
+    from mlmscope.checkpoints.corpus import CorpusError, load_corpus
 
     monkeypatch.setenv("MLMSCOPE_CACHE", str(tmp_path / "cache"))
     docs = [f"document number {i} talks about topic {i % 7}." for i in range(200)]
@@ -310,8 +310,8 @@ def test_corpus_formats_and_deterministic_split(tmp_path, monkeypatch):
 
 def test_sas_regulariser_is_wired_into_training(tmp_path, micro, monkeypatch):
     """λ ≠ 0 switches to eager attention and adds exactly λ·(SAS term) to the MLM loss of each step."""
-    import checkpoints.sas_reg as reg
-    import checkpoints.train as tr
+    import mlmscope.checkpoints.sas_reg as reg
+    import mlmscope.checkpoints.train as tr
 
     seen = []
     real = reg.sas_regularizer
@@ -336,7 +336,7 @@ def test_ddp_two_cpu_processes(tmp_path, small_corpus):
     """`mlmscope train` under torchrun with 2 gloo processes: rank 0 writes the trajectory, the loss falls."""
     run = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "app.cli", "train", str(run),
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "mlmscope.app.cli", "train", str(run),
                         "--preset", "micro", "--corpus", small_corpus, "--max-steps", "30", "--linear-every", "10",
                         "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -353,7 +353,7 @@ def test_ddp_two_cpu_processes(tmp_path, small_corpus):
 
 def test_cli_import_is_light():
     """`mlmscope --help` must not pay for torch/pandas/transformers (4.7 s before; the commands import them)."""
-    code = "import sys, app.cli; print(sorted(m for m in ('torch', 'pandas', 'transformers') if m in sys.modules))"
+    code = "import sys, mlmscope.app.cli; print(sorted(m for m in ('torch', 'pandas', 'transformers') if m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"

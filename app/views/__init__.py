@@ -1,6 +1,6 @@
 """Dashboard pages: one small module per page, each with ``TITLE`` and ``render(view)``.
 
-To add a page, write ``app/views/<name>.py`` with ``TITLE`` and ``render(view: app.views.common.View)`` and add its
+To add a page, write ``app/views/<name>.py`` with ``TITLE`` and ``render(view: mlmscope.app.views.common.View)`` and add its
 name to :data:`PAGES`; it then appears in the sidebar and follows the global step slider.
 """
 
@@ -17,4 +17,4 @@ def page_module(slug: str) -> ModuleType:
     """The module of page ``slug`` (imported on first use)."""
     if slug not in PAGES:
         raise KeyError(f"unknown dashboard page {slug!r}; pages: {', '.join(PAGES)}")
-    return importlib.import_module(f"app.views.{slug}")
+    return importlib.import_module(f"{__name__}.{slug}")

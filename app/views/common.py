@@ -1,7 +1,7 @@
 """What every page shares: the :class:`View` (selected runs, focus run, global step), messages, figures, CSV export.
 
 A page module is ``TITLE`` plus ``render(view: View) -> None``; it reads results through the view (cached loaders
-of :mod:`app.views.data`) and draws them with the helpers here, so each page stays a few dozen lines.
+of :mod:`mlmscope.app.views.data`) and draws them with the helpers here, so each page stays a few dozen lines.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.views import data
-from app.views.data import Source
+from . import data
+from .data import Source
 
 #: Plotly's default qualitative palette (one colour per trace, bands in the same colour).
 PALETTE = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF",
@@ -33,7 +33,7 @@ class View:
         focus: The run whose step-specific views (heatmaps, tables, live model) are shown.
         step: The global step (None when no selected run has a checkpoint yet).
         log_x: Log step axis on every curve (plotted at step + 1 so step 0 stays visible).
-        fps: Run folder -> fingerprint for this rerun (see :func:`app.views.data.fingerprint`).
+        fps: Run folder -> fingerprint for this rerun (see :func:`mlmscope.app.views.data.fingerprint`).
     """
 
     sources: list[Source]

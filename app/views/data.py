@@ -5,7 +5,7 @@ manifest, training log and results folders. Streamlit's ``st.cache_data`` keys o
 move only filters cached frames, while a run that is still training or being analysed is re-read as soon as
 something new is written (the store and the manifest are written atomically, so a half-written file is never seen).
 
-Nothing here loads a model; live panels use :mod:`app.views.live`.
+Nothing here loads a model; live panels use :mod:`mlmscope.app.views.live`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from analyses.store import CHECKPOINT_SCOPE, FAILURES, RESULTS, ResultStore, StoreError
-from checkpoints.manifest import MANIFEST, TRAIN_LOG, list_checkpoints
+from ...analyses.store import CHECKPOINT_SCOPE, FAILURES, RESULTS, ResultStore, StoreError
+from ...checkpoints.manifest import MANIFEST, TRAIN_LOG, list_checkpoints
 
 #: Sub-folders of a run holding the seeds of one group (``mlmscope train RUN --seeds 0,1,2``).
 SEED_PREFIX = "seed_"
-#: Where the runner caches a run's default probe set (``analyses.runner.DEFAULT_PROBES``).
+#: Where the runner caches a run's default probe set (``mlmscope.analyses.runner.DEFAULT_PROBES``).
 PROBES_SUBDIR = Path("probes") / "default"
 
 
@@ -136,7 +136,7 @@ def checkpoints(run: str, fp: tuple[int, ...]) -> pd.DataFrame:
 @st.cache_data(show_spinner=False, max_entries=64)
 def train_log(run: str, fp: tuple[int, ...]) -> pd.DataFrame:
     """Per-optimiser-step training log (``step``, ``loss``, ``lr``, ``tokens``); empty when there is none."""
-    from checkpoints.manifest import read_train_log
+    from ...checkpoints.manifest import read_train_log
 
     return pd.DataFrame(read_train_log(run))
 
@@ -144,7 +144,7 @@ def train_log(run: str, fp: tuple[int, ...]) -> pd.DataFrame:
 @st.cache_data(show_spinner=False, max_entries=64)
 def run_meta(run: str, fp: tuple[int, ...]) -> dict[str, Any]:
     """The manifest's ``run`` record (config, status, versions...); empty without a manifest."""
-    from checkpoints.manifest import Manifest
+    from ...checkpoints.manifest import Manifest
 
     try:
         return Manifest.load(run).run if (Path(run) / MANIFEST).exists() else {}
@@ -169,7 +169,7 @@ def stored(run: str, fp: tuple[int, ...]) -> dict[str, dict[str, Any]]:
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def results(run: str, analysis: str, table: str, fp: tuple[int, ...]) -> pd.DataFrame:
-    """One stored table of one analysis over all checkpoints (``analyses.store.load_results``); empty if absent."""
+    """One stored table of one analysis over all checkpoints (``mlmscope.analyses.store.load_results``); empty if absent."""
     try:
         return ResultStore(run).load(analysis, table)
     except (StoreError, OSError, ValueError):
@@ -186,8 +186,8 @@ def failures(run: str, fp: tuple[int, ...]) -> pd.DataFrame:
 
 @st.cache_data(show_spinner="Verifying checkpoint hashes…", max_entries=16)
 def verification(run: str, fp: tuple[int, ...]) -> pd.DataFrame:
-    """``checkpoints.verify.verify_run``: step, path, status (ok/mismatch/corrupted/missing/duplicate), detail."""
-    from checkpoints.verify import verify_run
+    """``mlmscope.checkpoints.verify.verify_run``: step, path, status (ok/mismatch/corrupted/missing/duplicate), detail."""
+    from ...checkpoints.verify import verify_run
 
     try:
         rows = [vars(r) for r in verify_run(run)]
@@ -199,7 +199,7 @@ def verification(run: str, fp: tuple[int, ...]) -> pd.DataFrame:
 @st.cache_data(show_spinner=False, max_entries=16)
 def probe_sentences(run: str) -> pd.DataFrame:
     """The run's default probe set (``RUN/probes/default``) as a frame: index, text, words, heads, relations."""
-    from probes.probeset import load_probe_set
+    from ...probes.probeset import load_probe_set
 
     folder = Path(run) / PROBES_SUBDIR
     if not (folder / "probeset.json").exists():

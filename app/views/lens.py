@@ -8,8 +8,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.views import common, data, model
-from app.views.common import View
+from . import common, data, model
+from .common import View
 
 TITLE = "Lens"
 LOGIT, TUNED = "logit_lens", "tuned_lens"
@@ -143,5 +143,5 @@ def show_topk(top: pd.DataFrame, key: str, caption: str) -> None:
     wide.columns = [f"top {c}" if isinstance(c, (int, np.integer)) else c for c in wide.columns]
     st.dataframe(wide, key=f"df_{key}", hide_index=True)
     st.caption(caption + ". Each layer's hidden state at the [MASK] decoded through the full MLM head "
-                         "(analyses.lens.decode_hidden); tuned lens = the stored affine translators applied first.")
+                         "(mlmscope.analyses.lens.decode_hidden); tuned lens = the stored affine translators applied first.")
     common.csv_button(top, key)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.views import common, data, model
-from app.views.common import View
-from app.views.lens import TUNED, show_topk
+from . import common, data, model
+from .common import View
+from .lens import TUNED, show_topk
 
 TITLE = "Live sentence"
 DEFAULT_TEXT = "The cat sat on the [MASK] near the fire ."
@@ -48,7 +48,7 @@ def render(view: View) -> None:
 
 
 def _attention(view: View, lm: object, words: list[str]) -> None:
-    from app.views.syntax import attention_figure
+    from .syntax import attention_figure
 
     st.subheader("Attention of the typed sentence")
     try:

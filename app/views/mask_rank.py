@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app.views import common
-from app.views.common import View
+from . import common
+from .common import View
 
 TITLE = "[MASK] rank"
 ANALYSIS = "mask_rank"

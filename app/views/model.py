@@ -1,8 +1,8 @@
 """The dashboard's live panels: a checkpoint loaded once (``st.cache_resource``) and run on one sentence.
 
-Everything goes through the project's own contracts: ``probes.model.load_model`` (architecture adapter),
-``probes.capture.capture`` (activation names), ``analyses.sas.word_attention`` (Clark et al.'s word-level merge) and
-``analyses.lens.decode_hidden`` (the full MLM head, lens.md §2), so the live views show exactly what the analyses
+Everything goes through the project's own contracts: ``mlmscope.probes.model.load_model`` (architecture adapter),
+``mlmscope.probes.capture.capture`` (activation names), ``mlmscope.analyses.sas.word_attention`` (Clark et al.'s word-level merge) and
+``mlmscope.analyses.lens.decode_hidden`` (the full MLM head, lens.md §2), so the live views show exactly what the analyses
 measure. The pure functions take a ``LoadedModel`` and can be used from a notebook too.
 """
 
@@ -16,8 +16,8 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from analyses.lens import decode_hidden, lens_sites
-from analyses.sas import word_attention, word_index_tensor
+from ...analyses.lens import decode_hidden, lens_sites
+from ...analyses.sas import word_attention, word_index_tensor
 
 
 class LiveInputError(ValueError):
@@ -26,11 +26,11 @@ class LiveInputError(ValueError):
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the checkpoint…")
 def load_checkpoint(path: str, weights_mtime: int) -> Any:
-    """``probes.model.load_model`` once per checkpoint folder (and weights version), on CUDA when available."""
+    """``mlmscope.probes.model.load_model`` once per checkpoint folder (and weights version), on CUDA when available."""
     from transformers.utils import logging as hf_logging
 
-    from analyses.runner import resolve_device
-    from probes.model import load_model
+    from ...analyses.runner import resolve_device
+    from ...probes.model import load_model
 
     hf_logging.disable_progress_bar()
     return load_model(path, device=resolve_device("auto"))
@@ -38,7 +38,7 @@ def load_checkpoint(path: str, weights_mtime: int) -> Any:
 
 def weights_mtime(path: str) -> int:
     """Cache key part: the weights file's modification time (a re-saved checkpoint is reloaded)."""
-    from checkpoints.manifest import WEIGHTS
+    from ...checkpoints.manifest import WEIGHTS
 
     try:
         return (Path(path) / WEIGHTS).stat().st_mtime_ns
@@ -48,7 +48,7 @@ def weights_mtime(path: str) -> int:
 
 def _one(lm: Any, words: Sequence[str], names: list[str]) -> Any:
     """Capture ``names`` for one sentence (clean variant, no MLM head)."""
-    from probes.capture import capture
+    from ...probes.capture import capture
 
     if not words:
         raise LiveInputError("the sentence is empty")
@@ -83,7 +83,7 @@ def lens_topk(lm: Any, words: Sequence[str], k: int = 5, translators: Any = None
         lm: A loaded checkpoint with an MLM head.
         words: The sentence, with ``lm.tokenizer.mask_token`` as some of its words.
         k: Predictions per layer.
-        translators: ``analyses.tuned_lens.AffineTranslators`` of this checkpoint (translator i for lens site i of
+        translators: ``mlmscope.analyses.tuned_lens.AffineTranslators`` of this checkpoint (translator i for lens site i of
             the tuned lens: embedding output, then each block output but the last).
 
     Returns:
@@ -126,7 +126,7 @@ def _topk_frame(logits: torch.Tensor, tok: Any, k: int, lens: str, site: Any) ->
 
 def tuned_translators(result_dir: str | None) -> Any:
     """The tuned-lens translators stored with a checkpoint's ``tuned_lens`` result, or None."""
-    from analyses.tuned_lens import TRANSLATORS_FILE, AffineTranslators, TunedLensError, load_translators
+    from ...analyses.tuned_lens import TRANSLATORS_FILE, AffineTranslators, TunedLensError, load_translators
 
     if result_dir is None or not (Path(result_dir) / TRANSLATORS_FILE).exists():
         return None

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app.views import common, data
-from app.views.common import View
+from . import common, data
+from .common import View
 
 TITLE = "Outliers"
 ANALYSIS = "outliers"
@@ -17,8 +17,8 @@ DEFAULT_THRESHOLD = 0.5
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _emergence(run: str, fp: tuple[int, ...], threshold: float) -> pd.DataFrame:
-    """``analyses.outliers.outlier_emergence`` of one run (cached: it does not depend on the step)."""
-    from analyses.outliers import outlier_emergence
+    """``mlmscope.analyses.outliers.outlier_emergence`` of one run (cached: it does not depend on the step)."""
+    from ...analyses.outliers import outlier_emergence
 
     return outlier_emergence(data.results(run, ANALYSIS, "freq", fp), threshold=threshold)
 
@@ -78,7 +78,7 @@ def render(view: View) -> None:
         if len(emerg):
             common.table(emerg, "outliers_emergence",
                          "First checkpoint where each (dim, kind) reaches the threshold in a layer ≥ 1, and the step "
-                         "from which it stays there (analyses.outliers.outlier_emergence).")
+                         "from which it stays there (mlmscope.analyses.outliers.outlier_emergence).")
         else:
             st.info(f"No dimension reaches frequency {threshold} in any layer ≥ 1 at any analysed step.")
         _emerging_curve(view, emerg)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app.views import common, data
-from app.views.common import View
+from . import common, data
+from .common import View
 
 TITLE = "Overview"
 
@@ -86,7 +86,7 @@ def _checkpoint_table(view: View, ck: pd.DataFrame) -> None:
     tab.insert(0, "selected", tab["step"] == view.step)
     common.table(tab, "overview_checkpoints",
                  "Finished checkpoints of the focus run (manifest.json); hash = sha256 of the weights; "
-                 "verification re-hashes every weights file (checkpoints.verify); `selected` marks the global step.")
+                 "verification re-hashes every weights file (mlmscope.checkpoints.verify); `selected` marks the global step.")
 
 
 def _config(view: View) -> None:

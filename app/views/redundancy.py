@@ -5,8 +5,8 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.views import common
-from app.views.common import View
+from . import common
+from .common import View
 
 TITLE = "Redundancy"
 ANALYSIS = "redundancy"

@@ -10,16 +10,16 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.views import common, data, model
-from app.views.common import View
+from . import common, data, model
+from .common import View
 
 TITLE = "Syntax (SAS)"
 ANALYSIS = "sas"
 
 
 def _focus_curve(summary: pd.DataFrame, ck: pd.DataFrame) -> pd.DataFrame:
-    """``analyses.sas.sas_curve`` of the stored summaries next to the manifest's validation loss."""
-    from analyses.sas import sas_curve
+    """``mlmscope.analyses.sas.sas_curve`` of the stored summaries next to the manifest's validation loss."""
+    from ...analyses.sas import sas_curve
 
     return sas_curve(summary).merge(ck[["step", "val_loss"]], on="step", how="left")
 
@@ -28,7 +28,7 @@ def _onset_params(curve: pd.DataFrame, unigram_entropy: float | None):
     """Onset settings that skip the unigram phase: checkpoints before the validation loss first reaches the unigram
     entropy are the model learning token frequencies (a fast fall from ln V), not the transition the page is about;
     a run without that record (or that never reaches it) keeps every checkpoint."""
-    from analyses.onset import OnsetParams
+    from ...analyses.onset import OnsetParams
 
     below = curve[curve["val_loss"] <= unigram_entropy] if unigram_entropy is not None else curve.iloc[:0]
     return OnsetParams(min_step=float(below["step"].min()) if len(below) else 0.0)
@@ -36,8 +36,8 @@ def _onset_params(curve: pd.DataFrame, unigram_entropy: float | None):
 
 @st.cache_data(show_spinner="Detecting onsets…", max_entries=32)
 def _onsets(run: str, fp: tuple[int, ...]) -> tuple[pd.DataFrame | None, str]:
-    """``analyses.sas.sas_onsets`` of one run's curve (bootstrap intervals: cached), or None and why not."""
-    from analyses.sas import sas_onsets
+    """``mlmscope.analyses.sas.sas_onsets`` of one run's curve (bootstrap intervals: cached), or None and why not."""
+    from ...analyses.sas import sas_onsets
 
     curve = _focus_curve(data.results(run, ANALYSIS, "summary", fp), data.checkpoints(run, fp))
     if curve["step"].nunique() < 6:
@@ -113,7 +113,7 @@ def _curve(view: View) -> None:
         caption += f" ({why}.)"
     common.show(fig, pd.concat([sas.assign(curve="sas_score"), loss.assign(curve="val_loss")]), "syntax_sas", caption)
     if onsets is not None:
-        with st.expander("Onsets (analyses.sas.sas_onsets)"):
+        with st.expander("Onsets (mlmscope.analyses.sas.sas_onsets)"):
             common.table(onsets.T.reset_index().set_axis(["field", "value"], axis=1).astype(str), "syntax_onsets")
 
 
