@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+from ..checkpoints.errors import MlmscopeError
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -28,7 +29,7 @@ import pandas as pd
 from ..probes.batch import CaptureBatch
 
 
-class SkipAnalysis(Exception):
+class SkipAnalysis(MlmscopeError):
     """Raised by an analysis that cannot run on this model/probe set; the message is the user-facing reason."""
 
 

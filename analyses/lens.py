@@ -21,6 +21,7 @@ and metric functions of this module.
 
 from __future__ import annotations
 
+from ..checkpoints.errors import MlmscopeError
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -56,7 +57,7 @@ MLM_HEAD = "mlm_head.hook_out"
 METRICS = ("kl", "top1_agree", "p_at_5", "p_at_10", "surprisal", "ce", "acc", "gold_rank", "entropy")
 
 
-class DepthAnalysisError(Exception):
+class DepthAnalysisError(MlmscopeError):
     """User-facing error of the depth analyses (redundancy, layer drop, lenses); the message says what to do."""
 
 

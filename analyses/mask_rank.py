@@ -40,6 +40,7 @@ n ≥ 100·d; Meng et al. used ≈5M tokens for d = 768).
 
 from __future__ import annotations
 
+from ..checkpoints.errors import MlmscopeError
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -68,7 +69,7 @@ METRICS = ("variance_rank", "entropy_rank")
 CLEAN, MASKED = "clean", "mask15"
 
 
-class MaskRankParamsError(ValueError):
+class MaskRankParamsError(MlmscopeError, ValueError):
     """Invalid mask_rank parameters (user-facing message)."""
 
 

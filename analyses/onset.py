@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+from ..checkpoints.errors import MlmscopeError
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -42,7 +43,7 @@ import numpy as np
 METHOD = "3seg-log10"
 
 
-class OnsetInputError(ValueError):
+class OnsetInputError(MlmscopeError, ValueError):
     """The curve cannot be analysed (mismatched lengths, non-finite values...); the message says why."""
 
 

@@ -33,6 +33,7 @@ born from the position embeddings and propagated by LayerNorm. This analysis det
 
 from __future__ import annotations
 
+from ..checkpoints.errors import MlmscopeError
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +50,7 @@ CONDITIONS_PROBE = ("all_dims", "without_outliers")
 CONDITIONS_ANISO = ("raw", "clipped", "standardised")
 
 
-class OutlierParamsError(ValueError):
+class OutlierParamsError(MlmscopeError, ValueError):
     """Invalid outlier-analysis parameters (user-facing message)."""
 
 

@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+from ..checkpoints.errors import MlmscopeError
 import math
 import os
 import shutil
@@ -52,11 +53,11 @@ DEFAULT_PROBES = Path("probes") / "default"
 TERMINAL_STATUSES = ("finished", "failed", "interrupted")
 
 
-class RunnerError(Exception):
+class RunnerError(MlmscopeError):
     """Bad runner input (unknown analysis, bad --steps, missing run folder...); the message is user-facing."""
 
 
-class CheckpointError(Exception):
+class CheckpointError(MlmscopeError):
     """A checkpoint that cannot be analysed (NaN weights, content differs from the manifest hash)."""
 
 
@@ -567,40 +568,6 @@ class NullReporter:
         pass
 
 
-class RichReporter:
-    """Progress bar: checkpoints done / total, elapsed, ETA; failures printed as they happen."""
-
-    def __init__(self, console: Any | None = None) -> None:
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        self.console = console or Console(stderr=True)
-        self.progress = Progress(TextColumn("[bold]checkpoints"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=self.console, transient=False)
-        self.task: Any = None
-
-    def start(self, total: int) -> None:
-        self.progress.start()
-        self.task = self.progress.add_task("analyze", total=total)
-
-    def add_total(self, n: int) -> None:
-        self.progress.update(self.task, total=(self.progress.tasks[0].total or 0) + n)
-
-    def advance(self, result: JobResult | None, n: int = 1) -> None:
-        for o in result.outcomes if result else []:
-            if o.status == "failed":
-                self.progress.console.print(f"[red]failed[/red] step {o.step} ({o.rel}) {o.analysis}: {o.error}")
-        self.progress.advance(self.task, n)
-
-    def message(self, text: str) -> None:
-        self.progress.console.print(text, soft_wrap=True, highlight=False)
-
-    def stop(self) -> None:
-        self.progress.stop()
-
-
 @dataclass
 class Summary:
     """Counts per analysis and status, timings, and the failures of this invocation."""
@@ -623,19 +590,6 @@ class Summary:
     @property
     def failed(self) -> int:
         return len(self.failures)
-
-    def table(self) -> Any:
-        """A rich Table: one row per analysis with ok / cached / skipped / failed counts and compute seconds."""
-        from rich.table import Table
-
-        t = Table(title=f"{self.checkpoints} checkpoints in {self.wall_s:.1f} s "
-                        f"(load {self.load_s:.1f} s, capture {self.capture_s:.1f} s)")
-        for col in ("analysis", "ok", "cached", "skipped", "failed", "compute s"):
-            t.add_column(col, justify="left" if col == "analysis" else "right")
-        for name in sorted({a for a, _ in self.counts}):
-            t.add_row(name, *(str(self.counts[(name, s)]) for s in ("ok", "cached", "skipped", "failed")),
-                      f"{self.seconds[name]:.1f}")
-        return t
 
 
 # --- the coordinator ------------------------------------------------------------------------------------------------
@@ -944,29 +898,3 @@ def resolve_probe_set(run_dir: Path, probes: str | None, model_dir: Path | None)
     shutil.rmtree(cached, ignore_errors=True)
     os.replace(tmp, cached)
     return ps
-
-
-def analyze_run(run_dir: str | os.PathLike, config: RunnerConfig | None = None, console: Any | None = None,
-                **options: Any) -> Summary:
-    """Analyse a run with a progress bar and print the summary table (``mlmscope demo`` calls this).
-
-    Args:
-        run_dir: Run folder.
-        config: Runner options (or pass them as keyword arguments, e.g. ``workers=2``).
-        console: rich Console to print to (default: stderr).
-    """
-    from rich.console import Console
-
-    console = console or Console(stderr=True)
-    summary = Runner(run_dir, config or RunnerConfig(**options), reporter=RichReporter(console)).run()
-    print_summary(summary, console)
-    return summary
-
-
-def print_summary(summary: Summary, console: Any) -> None:
-    """The summary table, one line per probe-set warning, one line per failure."""
-    console.print(summary.table())
-    for w in summary.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
-    for o in summary.failures:
-        console.print(f"[red]failed[/red] step {o.step} ({o.rel}) {o.analysis}: {o.error}", highlight=False)

@@ -47,6 +47,7 @@ loss-drop onset, classification and coincidence; see ``mlmscope.analyses.onset``
 
 from __future__ import annotations
 
+from ..checkpoints.errors import MlmscopeError
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ MIN_COUNT = 100
 ALL = "all"
 
 
-class SASInputError(SkipAnalysis):
+class SASInputError(MlmscopeError):
     """The probe set or capture cannot be scored (no parses, inconsistent alignment, ...); the message says why."""
 
 
@@ -536,9 +537,14 @@ class SAS(Analysis):
         return [f"blocks.{l}.attn.hook_pattern" for l in range(ctx.n_layers)]
 
     def accumulator(self, ctx: AnalysisContext) -> SASAccumulator:
-        if ctx.probe_set is None:
-            raise SASInputError("the SAS analysis needs a parsed probe set")
-        return SASAccumulator(gold_table(ctx.probe_set, self.params.exclude), ctx.n_layers, self.params)
+        """Raises SkipAnalysis (final) when the probe set cannot be scored (none, empty, unparsed)."""
+        try:
+            if ctx.probe_set is None:
+                raise SASInputError("the SAS analysis needs a parsed probe set")
+            gold = gold_table(ctx.probe_set, self.params.exclude)
+        except SASInputError as e:
+            raise SkipAnalysis(str(e)) from e
+        return SASAccumulator(gold, ctx.n_layers, self.params)
 
 
 # ----------------------------------------------------------------------------------------------------------------

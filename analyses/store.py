@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+from ..checkpoints.errors import MlmscopeError
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ CHECKPOINT_SCOPE = "_checkpoint"
 _TMP_PREFIX = ".tmp-"
 
 
-class StoreError(Exception):
+class StoreError(MlmscopeError):
     """A user-facing problem with stored results (the CLI prints the message and exits 1)."""
 
 

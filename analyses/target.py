@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+from ..checkpoints.errors import MlmscopeError
 import hashlib
 import json
 import os
@@ -44,7 +45,7 @@ LOOKED_FOR = ("step_*/checkpoint-* folders holding config.json and weights (mode
               "pytorch_model.bin), or a model folder (config.json + weights + tokenizer)")
 
 
-class TargetError(Exception):
+class TargetError(MlmscopeError):
     """PATH is not something that can be analysed (the message is user-facing; the CLI exits 1)."""
 
 

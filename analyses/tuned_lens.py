@@ -28,6 +28,7 @@ Public API::
 
 from __future__ import annotations
 
+from ..checkpoints.errors import MlmscopeError
 import json
 import os
 from contextlib import contextmanager
@@ -65,7 +66,7 @@ __all__ = [
 TRANSLATORS_FILE = "translators.safetensors"
 
 
-class TunedLensError(ValueError):
+class TunedLensError(MlmscopeError, ValueError):
     """A warm start or a saved translator file does not fit this model (message is user-facing)."""
 
 

@@ -1,7 +1,7 @@
 """The ``mlmscope`` command line (typer).
 
 Every command turns a user error into one clear message and exit code 1 (set ``MLMSCOPE_DEBUG=1`` for the
-traceback). Sub-command groups are mounted here from ``app/probes_cli.py`` and ``analyses/cli.py``; every module
+traceback). Sub-command groups are mounted here from ``app/probes_cli.py`` and ``app/analyses_cli.py``; every module
 this file imports is light (torch, pandas and transformers are imported inside the commands), so ``mlmscope --help``
 answers in ~0.2 s.
 """
@@ -17,8 +17,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .boundary import ErrorBoundary, UserError
+
+
 app = typer.Typer(help="mlmscope: train small MLMs with dense checkpoint trajectories and study how they learn.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                  cls=ErrorBoundary, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 bench_app = typer.Typer(help="Benchmarks (print measured ratios; not timed tests).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
@@ -262,7 +265,7 @@ def demo(
 def _demo_analyses(run: Path) -> None:
     """Every registered analysis over every checkpoint of the demo trajectory, two workers (cached: a re-run
     computes only what is missing). The tuned lens is a warm-start chain, run in order beside the others."""
-    from ..analyses.runner import analyze_run
+    from .analyses_cli import analyze_run
 
     failures = len(analyze_run(run, workers=2).failures)
     if failures:
@@ -279,7 +282,7 @@ def _serve(runs: list[Path], host: str, port: int) -> None:
 
 
 # Sub-command groups owned by their packages.
-from ..analyses.cli import analyze_command, app as analyses_app  # noqa: E402
+from .analyses_cli import analyze_command, app as analyses_app  # noqa: E402
 from .bench import bench_command  # noqa: E402
 from .report_cli import report_command  # noqa: E402
 from .serve import app_command  # noqa: E402
@@ -291,10 +294,6 @@ app.command("analyze")(analyze_command)
 app.command("app")(app_command)
 app.command("report")(report_command)
 bench_app.command("app")(bench_command)
-
-
-class UserError(Exception):
-    """A problem the user must fix; printed as one line, exit code 1."""
 
 
 #: Other processes' CPU use (in cores) above which OpenMP threads should sleep rather than spin while they wait.
@@ -329,36 +328,15 @@ _LIGHT = {"--help", "-h", "list", "failures", "verify", "report"}
 
 
 def main() -> None:
-    """Console entry point: run the typer app, turning any error into one clear message and exit code 1."""
+    """Console entry point: process-wide defaults (set here, never at import), then the typer app.
+
+    Errors are turned into one message and an exit status by :class:`~mlmscope.app.boundary.ErrorBoundary`.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if len(sys.argv) > 1 and not _LIGHT.intersection(sys.argv[1:3]):
         choose_omp_wait_policy()
-    try:
-        rc = app(standalone_mode=False)   # click returns (not raises) the code of a `typer.Exit(n)` in this mode
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
-    except SystemExit:
-        raise
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/] (finished checkpoints and results are kept; resume with --resume)")
-        sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - the CLI boundary: no tracebacks for users
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            console.print("[red]aborted[/]")
-            sys.exit(1)
-        if os.environ.get("MLMSCOPE_DEBUG"):
-            raise
-        msg = str(e) or type(e).__name__
-        console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)  # one line, any width
-        sys.exit(1)
+    app()
 
 
 if __name__ == "__main__":

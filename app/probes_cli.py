@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
+from .boundary import UserError
+
 
 app = typer.Typer(help="Probe sets (parsed held-out sentences) and activation capture.", no_args_is_help=True)
-
-NAME_GROUPS = ("all", "attn", "resid")
-
-
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
 
 
 @app.command()
@@ -33,33 +28,29 @@ def build(
                                                      "parsing text."),
 ) -> None:
     """Build a probe set from held-out validation text (spaCy silver parses) or import a CoNLL-U file."""
-    from ..probes.model import ProbeError
     from ..probes.probeset import BuildConfig, build_default, read_conllu
 
-    try:
-        tok, max_len = None, None
-        if model is not None:
-            from ..probes.model import load_model
+    tok, max_len = None, None
+    if model is not None:
+        from ..probes.model import load_model
 
-            lm = load_model(model)
-            tok, max_len = lm.tokenizer, lm.arch.max_length
-        if conllu is not None:
-            ps = read_conllu(conllu, seed=seed)
-            if tok is not None:
-                from ..probes.align import encode_words
-                from ..probes.model import tokenizer_hash
+        lm = load_model(model)
+        tok, max_len = lm.tokenizer, lm.arch.max_length
+    if conllu is not None:
+        ps = read_conllu(conllu, seed=seed)
+        if tok is not None:
+            from ..probes.align import encode_words
+            from ..probes.model import tokenizer_hash
 
-                enc = encode_words(tok, ps.sentences, max_len)
-                ps.meta.update(tokenizer_hash=tokenizer_hash(tok), max_length=max_len, skipped=enc.skipped,
-                               note="skipped sentences stay in the file; capture skips them again")
-        else:
-            from ..checkpoints.config import DataConfig
+            enc = encode_words(tok, ps.sentences, max_len)
+            ps.meta.update(tokenizer_hash=tokenizer_hash(tok), max_length=max_len, skipped=enc.skipped,
+                           note="skipped sentences stay in the file; capture skips them again")
+    else:
+        from ..checkpoints.config import DataConfig
 
-            cfg = BuildConfig(n=n, min_words=min_words, max_words=max_words, seed=seed)
-            ps = build_default(cfg, tokenizer=tok, max_length=max_len, data_cfg=DataConfig(corpus=corpus))
-        path = ps.save(out)
-    except (ProbeError, ValueError) as e:
-        _fail(e)
+        cfg = BuildConfig(n=n, min_words=min_words, max_words=max_words, seed=seed)
+        ps = build_default(cfg, tokenizer=tok, max_length=max_len, data_cfg=DataConfig(corpus=corpus))
+    path = ps.save(out)
     h = ps.header()
     typer.echo(f"probe set {h['content_hash']}: {h['n_sentences']} sentences, {h['n_words']} words, "
                f"halves {h['halves']}, skipped {ps.meta.get('skipped', {})} -> {path}")
@@ -76,8 +67,10 @@ def bench(
     n: int = typer.Option(1000, help="Sentences (synthetic unless --probes)."),
     probes: Optional[Path] = typer.Option(None, help="Probe set folder or CoNLL-U file to use instead."),
     batch_size: int = typer.Option(32),
-    names: str = typer.Option("all", help="all | attn (patterns) | resid (embed + resid_post)."),
-    route: str = typer.Option("nnsight", help="nnsight | hf | both (hf = output_attentions/hidden_states + hooks)."),
+    names: Literal["all", "attn", "resid"] = typer.Option("all", help="all | attn (patterns) | resid (embed + "
+                                                        "resid_post)."),
+    route: Literal["nnsight", "hf", "both"] = typer.Option("nnsight", help="hf = output_attentions/hidden_states + "
+                                                           "hooks."),
     threads: int = typer.Option(0, help="torch threads (0 = torch default)."),
     seed: int = typer.Option(0, help="Seed of the synthetic sentences."),
 ) -> None:
@@ -85,29 +78,24 @@ def bench(
     import torch
 
     from ..probes.bench import run_bench, synthetic_sentences
-    from ..probes.model import ProbeError, load_model
+    from ..probes.model import load_model
     from ..probes.probeset import load_probe_set
 
-    if names not in NAME_GROUPS or route not in ("nnsight", "hf", "both"):
-        _fail(ValueError(f"--names must be one of {NAME_GROUPS}, --route one of nnsight, hf, both"))
     if threads:
         torch.set_num_threads(threads)
     if (model is None) == (preset is None):
-        _fail(ValueError("give a model folder or --preset, not both"))
+        raise UserError("give a model folder or --preset, not both")
     with tempfile.TemporaryDirectory(prefix="mlmscope-bench-") as tmp:
-        try:
-            if preset is not None:
-                from ..probes.bench import random_model_dir
+        if preset is not None:
+            from ..probes.bench import random_model_dir
 
-                model = random_model_dir(preset, tmp)
-            lm = load_model(model)
-            sents = load_probe_set(probes).sentences[:n] if probes else synthetic_sentences(lm.tokenizer, n, seed)
-            L = lm.n_layers
-            sel = {"all": None, "attn": [f"blocks.{l}.attn.hook_pattern" for l in range(L)],
-                   "resid": ["embed.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(L)]}[names]
-            typer.echo(f"{preset or model}: {L} layers x {lm.n_heads} heads x {lm.d_model} d, "
-                       f"{torch.get_num_threads()} threads, batch {batch_size}, names={names}")
-            for r in (("nnsight", "hf") if route == "both" else (route,)):
-                typer.echo(run_bench(lm, sents, r, sel, batch_size).line())
-        except (ProbeError, KeyError, ValueError) as e:
-            _fail(e)
+            model = random_model_dir(preset, tmp)
+        lm = load_model(model)
+        sents = load_probe_set(probes).sentences[:n] if probes else synthetic_sentences(lm.tokenizer, n, seed)
+        L = lm.n_layers
+        sel = {"all": None, "attn": [f"blocks.{l}.attn.hook_pattern" for l in range(L)],
+               "resid": ["embed.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(L)]}[names]
+        typer.echo(f"{preset or model}: {L} layers x {lm.n_heads} heads x {lm.d_model} d, "
+                   f"{torch.get_num_threads()} threads, batch {batch_size}, names={names}")
+        for r in (("nnsight", "hf") if route == "both" else (route,)):
+            typer.echo(run_bench(lm, sents, r, sel, batch_size).line())

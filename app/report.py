@@ -19,6 +19,7 @@ or ``mlmscope report runs/demo --out docs/demo_report.md``.
 
 from __future__ import annotations
 
+from ..checkpoints.errors import MlmscopeError
 import math
 import os
 from pathlib import Path
@@ -42,7 +43,7 @@ _SCI_BELOW = 5e-4
 _UNITS = ("block", "attn", "ffn")
 
 
-class ReportError(Exception):
+class ReportError(MlmscopeError):
     """A user-facing problem with the report request (the CLI prints the message and exits 1)."""
 
 

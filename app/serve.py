@@ -6,6 +6,7 @@ prints the URL; ``app_command`` is the typer-annotated function the CLI mounts a
 
 from __future__ import annotations
 
+from ..checkpoints.errors import MlmscopeError
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8501
 
 
-class DashboardError(Exception):
+class DashboardError(MlmscopeError):
     """A problem starting the dashboard (missing run folder, port in use); the message is user-facing."""
 
 

@@ -28,6 +28,7 @@ Garbage and pathological input is handled before anything trains on it:
 
 from __future__ import annotations
 
+from .errors import MlmscopeError
 import hashlib
 import importlib.util
 import json
@@ -57,7 +58,7 @@ _LONG_RUN = re.compile(r"\S{%d,}" % (MAX_RUN_CHARS + 1))
 _BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
 
 
-class CorpusError(ValueError):
+class CorpusError(MlmscopeError, ValueError):
     """The corpus is missing, empty or unreadable (message is user-facing)."""
 
 

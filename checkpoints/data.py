@@ -8,13 +8,14 @@ padding mask (one of the speed levers, see README "Benchmark").
 
 from __future__ import annotations
 
+from .errors import MlmscopeError
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 
-class DataError(ValueError):
+class DataError(MlmscopeError, ValueError):
     """The corpus cannot feed the requested training configuration (user-facing message)."""
 
 

@@ -16,6 +16,7 @@ accepted by :func:`list_checkpoints`: steps are parsed from the folder names.
 
 from __future__ import annotations
 
+from .errors import MlmscopeError
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ WEIGHT_FILES = (WEIGHTS, "pytorch_model.bin")
 _STEP_RE = re.compile(r"(?:step|checkpoint)[_-]?0*(\d+)")
 
 
-class ManifestError(ValueError):
+class ManifestError(MlmscopeError, ValueError):
     """A run's ``manifest.json`` is unreadable, truncated or not a manifest (message names the file)."""
 
 

@@ -42,6 +42,7 @@ Trainer wiring (the lead's ``checkpoints/train.py``)::
 
 from __future__ import annotations
 
+from .errors import MlmscopeError
 import hashlib
 import json
 import os
@@ -63,7 +64,7 @@ REDUCTIONS = ("sum", "mean")
 ALIGN_VERSION = 1
 
 
-class SASRegError(ValueError):
+class SASRegError(MlmscopeError, ValueError):
     """Bad regulariser input or configuration (message is user-facing)."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .errors import MlmscopeError
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ ASSETS = Path(__file__).parent / "assets" / "tokenizers"
 HASHES = "hashes.json"  # {key: tokenizer_hash} of every shipped tokenizer, checked at load
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MlmscopeError, ValueError):
     """The corpus cannot support the requested tokenizer."""
 
 

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+from ..checkpoints.errors import MlmscopeError
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 
-class ProbeError(Exception):
+class ProbeError(MlmscopeError):
     """Base class of user-facing errors raised by ``probes`` (the CLI prints the message and exits 1)."""
 
 

@@ -344,7 +344,7 @@ def test_benchmark_store_and_timing(analysed, tmp_path, monkeypatch):
 def test_analyses_bench_scratch_stores_identical_results(analysed):
     """`mlmscope analyses bench`: three modes on the same checkpoints, shared and naive results identical, and the
     run's own results store untouched (the bench writes to scratch stores only)."""
-    from mlmscope.analyses.cli import run_bench
+    from mlmscope.app.analyses_cli import run_bench
 
     index = analysed / "results" / "index.json"
     before = index.read_bytes() if index.exists() else None

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from conftest import FIXTURE_TEXT
 from mlmscope.probes import ProbeError, capture, load_model, prepare
 from mlmscope.probes.align import SKIP_EMPTY, SKIP_EMPTY_WORD, SKIP_TOO_LONG, empty_words, encode_words, piece_to_word_matrix
-from mlmscope.app.probes_cli import app
+from mlmscope.app.cli import app
 from mlmscope.probes.probeset import (BuildConfig, ProbeSetError, build_probe_set, load_parser, load_probe_set, read_conllu,
                              sentences_of)
 
@@ -158,20 +158,20 @@ def test_cli_import_conllu_and_errors(tmp_path, micro_model_dir):
     runner = CliRunner()
     f = tmp_path / "gold.conllu"
     f.write_text(GOOD)
-    r = runner.invoke(app, ["build", "--conllu", str(f), "--out", str(tmp_path / "ps"),
+    r = runner.invoke(app, ["probes", "build", "--conllu", str(f), "--out", str(tmp_path / "ps"),
                             "--model", str(micro_model_dir)])
     assert r.exit_code == 0, r.output
     ps = load_probe_set(tmp_path / "ps")
     assert len(ps) == 2 and ps.tokenizer_hash == load_model(micro_model_dir).tokenizer_hash
     f.write_text(GOOD.replace("\t3\tnsubj", "\tx\tnsubj"))
-    r = runner.invoke(app, ["build", "--conllu", str(f), "--out", str(tmp_path / "ps2")])
+    r = runner.invoke(app, ["probes", "build", "--conllu", str(f), "--out", str(tmp_path / "ps2")])
     assert r.exit_code == 1 and "gold.conllu:4" in r.output and "Traceback" not in r.output
-    r = runner.invoke(app, ["bench", str(tmp_path), "--n", "5"])
+    r = runner.invoke(app, ["probes", "bench", str(tmp_path), "--n", "5"])
     assert r.exit_code == 1 and "no config.json" in r.output
 
 
 def test_cli_bench(micro_model_dir):
-    r = CliRunner().invoke(app, ["bench", str(micro_model_dir), "--n", "20", "--route", "both", "--batch-size", "8"])
+    r = CliRunner().invoke(app, ["probes", "bench", str(micro_model_dir), "--n", "20", "--route", "both", "--batch-size", "8"])
     assert r.exit_code == 0, r.output
     assert r.output.count("sentences/s") == 2 and "peak RSS" in r.output
 

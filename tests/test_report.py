@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from mlmscope.app.report import NA, ReportError, build_report, fmt, md_table, select_steps
-from mlmscope.app.report_cli import report_command
 
 STEPS = [0, 1, 2, 4, 8, 10, 20]
 SECTIONS = ["### Training", "### Syntactic attention structure (SAS)", "### [MASK] rank deficiency",
@@ -309,12 +308,10 @@ def test_bad_input_is_one_clear_error(tmp_path):
 
 
 def test_command_prints_and_writes(run, tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    app = typer.Typer()
-    app.command("report")(report_command)
-    app.command("other")(lambda: None)          # two commands: typer keeps the sub-command name
+    from mlmscope.app.cli import app
+
     out = tmp_path / "docs" / "report.md"
     res = CliRunner().invoke(app, ["report", str(run), "--out", str(out), "--max-rows", "3"])
     assert res.exit_code == 0, res.output

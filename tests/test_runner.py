@@ -484,18 +484,14 @@ def test_kill_9_then_resume(tmp_path):
 # --- CLI -------------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def cli(monkeypatch):
-    """A typer app mounting analyze_command and the analyses group (as app/cli.py does), with the fakes registered."""
-    import typer
+    """The ``mlmscope`` typer app (its error boundary included), with the fakes registered."""
     from typer.testing import CliRunner
 
     from mlmscope.analyses import base
-    from mlmscope.analyses.cli import analyze_command, app as analyses_app
+    from mlmscope.app.cli import app as root
 
     monkeypatch.setitem(base.REGISTRY, FakeNorm.name, FakeNorm)
     monkeypatch.setitem(base.REGISTRY, FakeMasked.name, FakeMasked)
-    root = typer.Typer()
-    root.command("analyze")(analyze_command)
-    root.add_typer(analyses_app, name="analyses")
     runner_ = CliRunner()
     return lambda *args: runner_.invoke(root, [str(a) for a in args], env={"COLUMNS": "250"})
 

@@ -28,20 +28,14 @@ MLMSCOPE = Path(sys.executable).parent / "mlmscope"  # the entry point of the en
 
 @pytest.fixture
 def cli(monkeypatch):
-    """``mlmscope analyze`` / ``analyses`` / ``report`` mounted as app/cli.py does, fake analyses registered."""
-    import typer
+    """The ``mlmscope`` typer app (its error boundary included), fake analyses registered."""
     from typer.testing import CliRunner
 
     from mlmscope.analyses import base
-    from mlmscope.analyses.cli import analyze_command, app as analyses_app
-    from mlmscope.app.report_cli import report_command
+    from mlmscope.app.cli import app as root
 
     monkeypatch.setitem(base.REGISTRY, FakeNorm.name, FakeNorm)
     monkeypatch.setitem(base.REGISTRY, NeedsHead.name, NeedsHead)
-    root = typer.Typer()
-    root.command("analyze")(analyze_command)
-    root.command("report")(report_command)
-    root.add_typer(analyses_app, name="analyses")
     runner_ = CliRunner()
     return lambda *args: runner_.invoke(root, [str(a) for a in args], env={"COLUMNS": "250"})
 

@@ -8,6 +8,7 @@ measure. The pure functions take a ``LoadedModel`` and can be used from a notebo
 
 from __future__ import annotations
 
+from ...checkpoints.errors import MlmscopeError
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +21,7 @@ from ...analyses.lens import decode_hidden, lens_sites
 from ...analyses.sas import word_attention, word_index_tensor
 
 
-class LiveInputError(ValueError):
+class LiveInputError(MlmscopeError, ValueError):
     """A sentence the live panel cannot run (empty, too long, no [MASK]); the message is shown to the user."""
 
 

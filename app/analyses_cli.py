@@ -14,14 +14,16 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from .boundary import UserError
+
 if TYPE_CHECKING:
-    from .runner import RunnerConfig
+    from ..analyses.runner import JobResult, RunnerConfig, Summary
     from ..probes.probeset import ProbeSet
 
 # mlmscope.analyses.runner / mlmscope.analyses.store (torch, pandas) are imported inside the commands so `mlmscope --help` stays fast.
@@ -29,24 +31,6 @@ if TYPE_CHECKING:
 app = typer.Typer(help="The registered analyses: list them, show recorded failures, benchmark the runner.",
                   no_args_is_help=True)
 console = Console(stderr=True)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception classes whose message is user-facing (printed without a traceback)."""
-    from .runner import RunnerError
-    from .store import StoreError
-    from .target import TargetError
-    from ..probes.model import ProbeError
-
-    return RunnerError, StoreError, TargetError, ProbeError, FileNotFoundError
-
-
-def _guard(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except _user_errors() as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
 
 
 def _names(values: Optional[list[str]]) -> Optional[list[str]]:
@@ -85,21 +69,21 @@ def analyze_command(
     verify_hash: bool = typer.Option(True, help="Re-hash weights against the manifest before analysing."),
 ) -> None:
     """Run every requested analysis over every checkpoint of RUN (or on one model): cached, resumable, in parallel."""
-    from .runner import Runner, RunnerConfig, RichReporter, print_summary
-    from .store import ResultStore
-    from .target import resolve_target
+    from ..analyses.runner import Runner, RunnerConfig
+    from ..analyses.store import ResultStore
+    from ..analyses.target import resolve_target
 
     cfg = RunnerConfig(analyses=_names(analyses), steps=steps, workers=workers, backend=backend, address=address,
                        force=force, follow=follow, poll_s=poll, idle_timeout_s=idle_timeout,
                        probes=str(probes) if probes else None, batch_size=batch_size, device=device,
                        verify_hash=verify_hash, threads=threads)
-    probe_set = _guard(lambda: _check_options(cfg, probes))
-    target = _guard(lambda: resolve_target(run, out, follow))
+    probe_set = _check_options(cfg, probes)
+    target = resolve_target(run, out, follow)
     if target.kind == "model":
         console.print(f"single model {str(target.path)!r}: a trajectory of one checkpoint; results in "
                       f"{str(target.run_dir)!r} (then: mlmscope report {target.run_dir})", highlight=False,
                       soft_wrap=True)
-    summary = _guard(lambda: Runner(target.run_dir, cfg, probe_set=probe_set, reporter=RichReporter(console)).run())
+    summary = Runner(target.run_dir, cfg, probe_set=probe_set, reporter=RichReporter(console)).run()
     print_summary(summary, Console())
     if summary.failed:
         console.print(f"[red]{summary.failed} (checkpoint, analysis) pairs failed[/]; errors are recorded in "
@@ -113,7 +97,7 @@ def _check_options(cfg: RunnerConfig, probes: Optional[Path]) -> Optional[ProbeS
     Raises:
         RunnerError, ProbeError: with a one-line message.
     """
-    from .runner import Runner, RunnerError, parse_steps
+    from ..analyses.runner import Runner, RunnerError, parse_steps
     from ..probes.probeset import load_probe_set
 
     if cfg.threads is not None and cfg.threads < 1:
@@ -132,7 +116,7 @@ def _check_options(cfg: RunnerConfig, probes: Optional[Path]) -> Optional[ProbeS
 @app.command("list")
 def list_command() -> None:
     """Registered analyses with version, capture variants and a one-line description."""
-    from .base import load_all
+    from ..analyses.base import load_all
 
     table = Table("name", "version", "variants", "MLM head", "description")
     for name, cls in sorted(load_all().items()):
@@ -145,13 +129,12 @@ def list_command() -> None:
 def failures_command(run: Path = typer.Argument(..., help="Run folder, or a model folder / its results folder.")
                      ) -> None:
     """Recorded failures of RUN (checkpoint, analysis, error); exit 1 if there are any."""
-    from .store import ResultStore
-    from .target import results_folder
+    from ..analyses.store import ResultStore
+    from ..analyses.target import results_folder
 
     if not run.is_dir():
-        console.print(f"[bold red]error:[/] run folder {str(run)!r} does not exist", highlight=False)
-        raise typer.Exit(1)
-    recs = ResultStore(_guard(lambda: results_folder(run))).failures()
+        raise UserError(f"run folder {str(run)!r} does not exist")
+    recs = ResultStore(results_folder(run)).failures()
     table = Table("step", "checkpoint", "analysis", "error")
     for r in sorted(recs, key=lambda r: (r.get("step") or 0, r["analysis"])):
         table.add_row(str(r.get("step", "")), r["checkpoint"], r["analysis"], r["error"])
@@ -171,8 +154,7 @@ def bench_command(
     out: Optional[Path] = typer.Option(None, help="Also write the timings as JSON here."),
 ) -> None:
     """Time shared capture vs. naive (one capture per analysis), and 1 vs N workers, into scratch stores."""
-    timings = _guard(lambda: run_bench(run, _names(analyses), steps, str(probes) if probes else None, batch_size,
-                                       workers))
+    timings = run_bench(run, _names(analyses), steps, str(probes) if probes else None, batch_size, workers)
     out_console = Console()
     table = Table("mode", "seconds", "load s", "capture s", "analyses s", "checkpoints", "failed")
     for mode, t in timings["modes"].items():
@@ -204,7 +186,7 @@ def run_bench(run: Path, analyses: Optional[list[str]], steps: Optional[str], pr
         ``{"modes": {mode: {seconds, checkpoints, failed, load_s, capture_s, compute_s}}, "naive_over_shared",
         "capture_ratio", "compute_share", "speedup_workers", "identical"}``.
     """
-    from .runner import RichReporter, Runner, RunnerConfig
+    from ..analyses.runner import Runner, RunnerConfig
 
     base = dict(analyses=analyses, steps=steps, probes=probes, batch_size=batch_size, force=True)
     probe_set = Runner(run, RunnerConfig(**base)).probe_set()
@@ -213,7 +195,7 @@ def run_bench(run: Path, analyses: Optional[list[str]], steps: Optional[str], pr
     out: dict[str, Any] = {"modes": {}}
     with tempfile.TemporaryDirectory(prefix="mlmscope-bench-") as scratch:
         # untimed warm-up on the first checkpoint: imports and first-call costs would otherwise land on one mode
-        from .runner import parse_steps
+        from ..analyses.runner import parse_steps
         from ..checkpoints.manifest import list_checkpoints
 
         first = next((c.step for c in list_checkpoints(run) if parse_steps(steps)(c.step)), 0)
@@ -250,3 +232,76 @@ def _same_results(a: Any, b: Any) -> bool:
             except AssertionError:
                 return False
     return a.analyses() == b.analyses()
+
+
+# --- progress and summary on the terminal ------------------------------------------------------------------------
+class RichReporter:
+    """Progress bar: checkpoints done / total, elapsed, ETA; failures printed as they happen."""
+
+    def __init__(self, console: Any | None = None) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(TextColumn("[bold]checkpoints"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=self.console, transient=False)
+        self.task: Any = None
+
+    def start(self, total: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("analyze", total=total)
+
+    def add_total(self, n: int) -> None:
+        self.progress.update(self.task, total=(self.progress.tasks[0].total or 0) + n)
+
+    def advance(self, result: JobResult | None, n: int = 1) -> None:
+        for o in result.outcomes if result else []:
+            if o.status == "failed":
+                self.progress.console.print(f"[red]failed[/red] step {o.step} ({o.rel}) {o.analysis}: {o.error}")
+        self.progress.advance(self.task, n)
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text, soft_wrap=True, highlight=False)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def summary_table(summary: Summary) -> Table:
+    """A rich Table: one row per analysis with ok / cached / skipped / failed counts and compute seconds."""
+    t = Table(title=f"{summary.checkpoints} checkpoints in {summary.wall_s:.1f} s "
+                    f"(load {summary.load_s:.1f} s, capture {summary.capture_s:.1f} s)")
+    for col in ("analysis", "ok", "cached", "skipped", "failed", "compute s"):
+        t.add_column(col, justify="left" if col == "analysis" else "right")
+    for name in sorted({a for a, _ in summary.counts}):
+        t.add_row(name, *(str(summary.counts[(name, s)]) for s in ("ok", "cached", "skipped", "failed")),
+                  f"{summary.seconds[name]:.1f}")
+    return t
+
+
+def analyze_run(run_dir: str | os.PathLike, config: RunnerConfig | None = None, console: Any | None = None,
+                **options: Any) -> Summary:
+    """Analyse a run with a progress bar and print the summary table (``mlmscope demo`` calls this).
+
+    Args:
+        run_dir: Run folder.
+        config: Runner options (or pass them as keyword arguments, e.g. ``workers=2``).
+        console: rich Console to print to (default: stderr).
+    """
+    from ..analyses.runner import Runner, RunnerConfig
+
+    console = console or Console(stderr=True)
+    summary = Runner(run_dir, config or RunnerConfig(**options), reporter=RichReporter(console)).run()
+    print_summary(summary, console)
+    return summary
+
+
+def print_summary(summary: Summary, console: Any) -> None:
+    """The summary table, one line per probe-set warning, one line per failure."""
+    console.print(summary_table(summary))
+    for w in summary.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+    for o in summary.failures:
+        console.print(f"[red]failed[/red] step {o.step} ({o.rel}) {o.analysis}: {o.error}", highlight=False)
