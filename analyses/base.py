@@ -1,8 +1,11 @@
-"""One small interface every analysis implements, and the registry the runner and CLI read.
+"""The contract every analysis implements, and the registry the runner, CLI, report and dashboard read.
 
 An analysis declares which capture variants it needs and which activation names; the runner loads a checkpoint
 once, runs each needed capture variant once, and feeds every requested analysis's accumulator from the same batches
-(never one forward pass per analysis). See ``analyses/runner.py``.
+(never one forward pass per analysis). See :mod:`mlmscope.analyses.runner`.
+
+Every module of this package is imported by :func:`load_all`, so an analysis is registered by defining it with
+``@register`` in a module here; nothing else lists it. A module that fails to import is an error, not a silent skip.
 
 Example::
 
@@ -14,23 +17,37 @@ Example::
         variants = ("clean",)
 
         def names(self, ctx): return [f"blocks.{l}.hook_resid_post" for l in range(ctx.n_layers)]
-        def accumulator(self, ctx): return MyAccumulator(...)
+        def accumulator(self, ctx): return MyAccumulator(...)   # a subclass of Accumulator
 """
 
 from __future__ import annotations
 
-from ..checkpoints.errors import MlmscopeError
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
 
+from ..checkpoints.errors import MlmscopeError
 from ..probes.batch import CaptureBatch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..probes.model import Arch
+    from ..probes.probeset import ProbeSet
 
 
 class SkipAnalysis(MlmscopeError):
-    """Raised by an analysis that cannot run on this model/probe set; the message is the user-facing reason."""
+    """Raised by an analysis that cannot run on this model/probe set; the message is the user-facing reason.
+
+    A skip is final (stored, not retried); any other exception is a failure that the next run retries.
+    """
 
 
 @dataclass
@@ -38,39 +55,62 @@ class AnalysisContext:
     """What an analysis may know about the checkpoint and probe set before the first batch.
 
     Attributes:
-        model: The loaded HF model (eval mode); analyses that intervene (layer drop, lens) use it.
-        arch: Architecture adapter from ``mlmscope.probes.model`` (module paths, has_mlm_head, ...).
+        model: The loaded HF model (eval mode); analyses that intervene (layer drop, lens) use it. None in tests
+            that feed synthetic batches.
+        arch: Architecture adapter (:class:`mlmscope.probes.model.Arch`): module paths and shape facts.
         n_layers: Number of transformer blocks.
         n_heads: Attention heads per layer.
         d_model: Hidden size.
-        probe_set: The probe set (sentences, parses, split halves).
+        probe_set: The probe set (sentences, parses, split halves), or plain word lists.
         step: Training step of the checkpoint, or None for a foreign model.
-        device: torch device the model runs on.
+        device: Torch device the model runs on.
+        checkpoint: How messages name the checkpoint (its folder), when known.
+        previous: For a :attr:`Analysis.chained` analysis, the stored result folder of the same analysis on the
+            previous checkpoint (None at the first one). The runner fills it; a notebook may pass any result folder
+            of that analysis. This is the one way state travels from checkpoint to checkpoint.
     """
 
-    model: Any
-    arch: Any
+    model: nn.Module | None
+    arch: Arch | None
     n_layers: int
     n_heads: int
     d_model: int
-    probe_set: Any
+    probe_set: ProbeSet | Sequence[Sequence[str]] | None
     step: int | None = None
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    previous: Path | None = None
 
 
-class Accumulator(Protocol):
-    """Streaming consumer of capture batches: memory must not grow with the probe-set size."""
+class Accumulator(ABC):
+    """Streaming consumer of capture batches for one checkpoint: memory must not grow with the probe-set size."""
 
+    @abstractmethod
     def update(self, batch: CaptureBatch) -> None:
         """Consume one batch (``batch.variant`` says which capture variant it came from)."""
 
+    @abstractmethod
     def result(self) -> dict[str, pd.DataFrame]:
         """Return tidy frames, keyed by a short table name (e.g. ``"per_layer"``)."""
 
+    def save_artefacts(self, folder: Path) -> None:  # noqa: B027 - optional hook with an empty default
+        """Write files that are not tables (e.g. fitted weights) into the result folder, after :meth:`result`.
 
-class Analysis:
-    """Base class: subclasses set the class attributes and implement ``names`` and ``accumulator``.
+        The store calls this before the folder is renamed into place, so artefacts appear atomically with the
+        tables. The default writes nothing.
+        """
+
+
+class Analysis(ABC):
+    """Base class: subclasses set the class attributes and implement :meth:`names` and :meth:`accumulator`.
+
+    Attributes:
+        name: Registry key, results folder name and ``-a`` value.
+        version: Bump when the numbers change; part of the results key.
+        description: One line for ``mlmscope analyses list``.
+        variants: Capture variants to be fed (``clean``, ``mask15``, ``mask1``).
+        needs_mlm_head: Skip head-less checkpoints.
+        chained: Run checkpoints in step order and hand each one the previous result (``ctx.previous``).
 
     Parameters are a dataclass (``Params``) so they double as CLI options and are hashed into the results key.
     """
@@ -80,6 +120,7 @@ class Analysis:
     description: ClassVar[str] = ""
     variants: ClassVar[tuple[str, ...]] = ("clean",)
     needs_mlm_head: ClassVar[bool] = False
+    chained: ClassVar[bool] = False
 
     @dataclass
     class Params:
@@ -88,13 +129,13 @@ class Analysis:
     def __init__(self, params: Any | None = None) -> None:
         self.params = params if params is not None else self.Params()
 
+    @abstractmethod
     def names(self, ctx: AnalysisContext) -> list[str]:
         """Activation names this analysis needs captured (for every variant it declares)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def accumulator(self, ctx: AnalysisContext) -> Accumulator:
         """A fresh accumulator for one checkpoint; raise SkipAnalysis with a reason if it cannot run."""
-        raise NotImplementedError
 
     def params_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.params)
@@ -118,18 +159,13 @@ def get(name: str) -> type[Analysis]:
     return REGISTRY[name]
 
 
-#: Modules that define analyses; imported by :func:`load_all`. One line per analysis module.
-ANALYSIS_MODULES = ("mlmscope.analyses.sas", "mlmscope.analyses.mask_rank", "mlmscope.analyses.outliers", "mlmscope.analyses.redundancy", "mlmscope.analyses.lens")
-
-
 def load_all() -> dict[str, type[Analysis]]:
-    """Import every analysis module so its ``@register`` runs; modules not written yet are skipped."""
-    import importlib
+    """Import every module of this package so each ``@register`` runs; return the registry.
 
-    for mod in ANALYSIS_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+    Raises:
+        ImportError (or whatever the module raises): a module of the package is broken; never skipped silently.
+    """
+    package = importlib.import_module(__package__ or "mlmscope.analyses")
+    for info in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
+        importlib.import_module(info.name)
     return REGISTRY

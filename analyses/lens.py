@@ -28,8 +28,9 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from .base import Analysis, AnalysisContext, SkipAnalysis, register
+from .base import Accumulator, Analysis, AnalysisContext, SkipAnalysis, register
 from ..probes.batch import CaptureBatch
+from ..probes.model import Arch
 
 __all__ = [
     "DepthAnalysisError",
@@ -70,11 +71,10 @@ class NoMaskedPositionsError(SkipAnalysis):
 
 
 def checkpoint_label(ctx: AnalysisContext) -> str:
-    """How error messages name the checkpoint: its folder (``ctx.extra["ckpt_dir"]``, set by the runner, or
-    ``"checkpoint"``) if known, else the training step, else ``"<unnamed checkpoint>"``."""
-    for key in ("ckpt_dir", "checkpoint"):
-        if ctx.extra.get(key):
-            return str(ctx.extra[key])
+    """How error messages name the checkpoint: its folder (``ctx.checkpoint``, set by the runner) if known, else
+    the training step, else ``"<unnamed checkpoint>"``."""
+    if ctx.checkpoint:
+        return ctx.checkpoint
     return f"step {ctx.step}" if ctx.step is not None else "<unnamed checkpoint>"
 
 
@@ -86,16 +86,12 @@ def check_finite(t: torch.Tensor, what: str, ctx_label: str) -> None:
             "training diverged; re-save it or exclude it from the analysis")
 
 
-def is_pre_ln(arch: Any) -> bool:
-    """Whether the architecture adapter declares a pre-LN model (final norm after the last block).
-
-    The adapter (``mlmscope.probes.model.ArchAdapter``) is post-LN BERT/RoBERTa unless it sets ``pre_ln = True`` and
-    provides ``final_norm()``.
-    """
-    return bool(getattr(arch, "pre_ln", False))
+def is_pre_ln(arch: Arch) -> bool:
+    """Whether the model is pre-LN (a final norm after the last block); BERT and RoBERTa are post-LN."""
+    return arch.pre_ln
 
 
-def decode_hidden(arch: Any, hidden: torch.Tensor) -> torch.Tensor:
+def decode_hidden(arch: Arch, hidden: torch.Tensor) -> torch.Tensor:
     """Logit-lens decoding of any layer's hidden state through the model's full MLM head.
 
     Args:
@@ -106,14 +102,15 @@ def decode_hidden(arch: Any, hidden: torch.Tensor) -> torch.Tensor:
         (..., V) logits. For a pre-LN model the final norm is applied first with statistics recomputed on
         ``hidden`` itself (a ``LayerNorm`` module normalises each vector by its own mean/variance).
     """
-    if is_pre_ln(arch):
-        hidden = arch.final_norm()(hidden)
+    norm = arch.final_norm()
+    if norm is not None:
+        hidden = norm(hidden)
     return arch.apply_mlm_head(hidden)
 
 
 def require_mlm_head(ctx: AnalysisContext, analysis: str) -> None:
     """Raise :class:`SkipAnalysis` with a clear reason when the model has no trained MLM head."""
-    if not getattr(ctx.arch, "has_mlm_head", False):
+    if ctx.arch is None or not ctx.arch.has_mlm_head:
         raise SkipAnalysis(
             f"{analysis}: the model has no trained MLM head (a head-less encoder such as all-MiniLM-L6-v2); "
             "decoding hidden states through a random head would be meaningless")
@@ -280,7 +277,7 @@ def final_reference(batch: CaptureBatch, arch: Any, n_layers: int, device: str =
     return batch.memo(f"lens.final_ref:{device}", make)
 
 
-class LogitLensAccumulator:
+class LogitLensAccumulator(Accumulator):
     """Streams ``mask15`` batches: decodes every site at masked positions, accumulates metric sums.
 
     Memory: O(N_batch·V) per batch (sites are decoded one at a time); nothing is kept across batches but the sums.
@@ -342,7 +339,3 @@ class LogitLens(Analysis):
         require_mlm_head(ctx, self.name)
         return LogitLensAccumulator(ctx.arch, lens_sites(ctx.n_layers, self.params.include_mid), checkpoint_label(ctx),
                                     ctx.device)
-
-
-# The tuned lens is registered from its own module; importing it here lets ``mlmscope.analyses.base.load_all`` find it.
-from . import tuned_lens  # noqa: E402,F401

@@ -5,8 +5,8 @@ an MLM's representations of inputs *with* [MASK] have a higher effective rank th
 some dimensions are spent on [MASK] alone. This analysis measures that per layer and checkpoint, from streamed
 float64 second-moment accumulators (:mod:`mlmscope.analyses.stats`), never from a stored matrix of all vectors.
 
-Definitions (see the ``mask_rank.md`` reference note). Let H ∈ ℝ^{n×d} hold the n selected token vectors of one
-layer (layer 0 = embedding output ``embed.hook_out``, layer l + 1 = ``blocks.{l}.hook_resid_post``):
+Definitions (docs/notes/geometry.md, "[MASK]-dimension deficiency"). Let H ∈ ℝ^{n×d} hold the n selected token
+vectors of one layer (layer 0 = embedding output ``embed.hook_out``, layer l + 1 = ``blocks.{l}.hook_resid_post``):
 
 * ``normalisation``: ``centred`` — eigenvalues λ of the scatter (H − 1μᵀ)ᵀ(H − 1μᵀ) (= σ² of the centred rows);
   ``uncentred`` — eigenvalues of HᵀH; ``standardised`` — eigenvalues of the correlation matrix (each dimension
@@ -34,8 +34,8 @@ is the same fraction for the offset μ_mask − μ_clean_real. Coordinate view (
 var(masked_mask) / var(clean_at_mask) (equal n, same tokens); the top ``top_dims`` dimensions by that ratio.
 
 Sample size: ranks are limited by n (rank ≤ min(n, d)) and finite-sample estimates grow with n, so every row
-carries ``n_tokens`` and ``low_n`` / ``warning`` when n < ``min_tokens_per_dim`` · d (the note recommends
-n ≥ 100·d; Meng et al. used ≈5M tokens for d = 768).
+carries ``n_tokens`` and ``low_n`` / ``warning`` when n < ``min_tokens_per_dim`` · d (default 100, i.e. n ≥ 100·d;
+Meng et al. reportedly used ≈5M tokens for d = 768; docs/notes/geometry.md, "Sample size").
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .base import Analysis, AnalysisContext, register
+from .base import Accumulator, Analysis, AnalysisContext, register
 from .stats import (
     StreamingCovariance,
     correlation_from_covariance,
@@ -134,7 +134,7 @@ def merged(a: StreamingCovariance, b: StreamingCovariance) -> StreamingCovarianc
     return out
 
 
-class MaskRankAccumulator:
+class MaskRankAccumulator(Accumulator):
     """Per layer and token set, a :class:`StreamingCovariance` (O(L·d²) memory, independent of the probe size)."""
 
     def __init__(self, names: list[str], d_model: int, params: "MaskRank.Params") -> None:
@@ -296,7 +296,7 @@ class MaskRank(Analysis):
             tau: Variance fraction of the variance rank (0.9 = Meng et al.'s "0.9-effective rank").
             include_special: Also count [CLS]/[SEP] vectors (atypical, large-norm; excluded by default).
             min_tokens_per_dim: Warn when a token set has fewer than this many tokens per hidden dimension
-                (100, the reference note's recommendation, §5).
+                (100: docs/notes/geometry.md, "Sample size").
             mask_seed: Masking seed of the capture (``mlmscope.probes.capture.capture(seed=...)``, default 0); used to find
                 the ``clean_at_mask`` positions in the clean pass.
             top_dims: Dimensions listed per layer in ``mask_dims``.

@@ -1,8 +1,8 @@
 """Onset detection on training curves: a three-segment piecewise-linear fit on log-step with bootstrap intervals.
 
 Used for the structure onset (SAS score rising), the loss-drop onset (validation loss falling) and any other curve
-over checkpoints. sas.md §5 notes that Chen et al.'s operational onset definition is not verified and proposes a
-breakpoint fit; this module implements that proposal and stores the rule with every result.
+over checkpoints. Chen et al. describe onsets without an operational definition we could reproduce, so mlmscope
+defines its own breakpoint rule and stores it with every result (docs/notes/sas.md, "Onsets").
 
 **Method** (``method = "3seg-log10"``).
 

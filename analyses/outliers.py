@@ -3,9 +3,10 @@
 Luo, Kulmizev & Mao, "Positional Artefacts Propagate Through Masked Language Model Embeddings" (ACL 2021,
 arXiv 2011.04393) find a few hidden dimensions that hold the minimum (or maximum) of almost every token vector,
 born from the position embeddings and propagated by LayerNorm. This analysis detects them per layer and checkpoint
-(never hard-coding indices) and measures how they follow position. Definitions (``outliers.md`` reference note):
+(never hard-coding indices) and measures how they follow position. Definitions and the choices behind them:
+docs/notes/geometry.md, "Positional outlier neurons".
 
-* ``freq`` (Luo §2–3): for dimension d of layer l, f_max(l, d) = share of token vectors whose argmax is d (f_min
+* ``freq`` (Luo et al.): for dimension d of layer l, f_max(l, d) = share of token vectors whose argmax is d (f_min
   likewise). Chance is 1/d_model. Layer 0 is the embedding output (Luo excluded it from detection; it is reported
   but never used to *detect*).
 * **Activation outlier** (project rule, documented): d is an outlier at a checkpoint when f_max or f_min ≥
@@ -15,20 +16,20 @@ born from the position embeddings and propagated by LayerNorm. This analysis det
   ``check_out_of_sigma``): on each block's *output* LayerNorm, flag d when |γ_d − mean(γ)| > 3·std(γ) (also for
   β); d is an LN outlier when flagged in more than ``ln_layer_fraction`` · n_layers layers (0.25 reproduces the
   published "more than 3 of 12 layers" and scales to shallow models).
-* **Position link** (Luo §3): for each candidate dim (activation outliers, LN outliers and each layer's top-1
+* **Position link** (Luo et al.): for each candidate dim (activation outliers, LN outliers and each layer's top-1
   argmax/argmin dim) and layer, ``eta2`` = share of the dim's variance explained by the token's position
   (between-position variance / total, from streamed per-position means), and ``pe_corr`` = Pearson correlation
   over positions between the dim's per-position mean and the dim's column of the position-embedding matrix.
   ``pe_dims`` gives, per candidate dim, the share of position-embedding rows whose argmax/argmin it is and its
   z-score in the first position's row. Skipped (with the reason in ``notes``) for models without learned absolute
   position embeddings.
-* **Position probe** (Luo §3, adapted): a closed-form ridge probe from the layer's vectors to the one-hot position,
-  fitted on a hash-selected half of the sentences and scored (held-out R², multi-output) on the other half, with
-  all dims and without the activation outlier dims. Accuracy of an iterative classifier would need the vectors
-  stored; R² is exactly computable from streamed moments (:mod:`mlmscope.analyses.stats`).
+* **Position probe** (Luo et al.'s probe, adapted): a closed-form ridge probe from the layer's vectors to the
+  one-hot position, fitted on a hash-selected half of the sentences and scored (held-out R², multi-output) on the
+  other half, with all dims and without the activation outlier dims. Accuracy of an iterative classifier would
+  need the vectors stored; R² is exactly computable from streamed moments (:mod:`mlmscope.analyses.stats`).
 * **Anisotropy** (Ethayarajh, EMNLP 2019): mean cosine of random token pairs — one seeded random token from each
-  of ``anisotropy_sentences`` sentences, paired — raw, with the activation outlier dims zeroed (Luo §4 clipping),
-  and after per-dimension standardisation.
+  of ``anisotropy_sentences`` sentences, paired — raw, with the activation outlier dims zeroed (Luo et al.'s
+  clipping), and after per-dimension standardisation.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .base import Analysis, AnalysisContext, register
+from .base import Accumulator, Analysis, AnalysisContext, register
 from .stats import StreamingCovariance, hash_uniform, residual_stream_names
 from ..probes.batch import CaptureBatch
 
@@ -231,7 +232,7 @@ class _Reservoir:
         self.keys, self.rows = allk[order], allr[order]
 
 
-class OutlierAccumulator:
+class OutlierAccumulator(Accumulator):
     """Counts, per-position moments and an anisotropy sample per layer (memory O(L·(d + P)²), bounded)."""
 
     def __init__(self, names: list[str], d_model: int, n_positions: int, params: "Outliers.Params",

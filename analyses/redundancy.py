@@ -1,11 +1,11 @@
 """Layer redundancy: 1 − cos per block and sub-layer, linear CKA between layers, and layer-drop Δloss.
 
-Reference: docs/notes/depth.md. Two registered analyses:
+Reference: docs/notes/depth.md ("Method"). Two registered analyses:
 
 ``redundancy`` (variant ``clean``; runs on head-less models too)
     * 1 − cos(in, out) per token, averaged over real non-special tokens (``CaptureBatch.token_mask``; [CLS]/[SEP]
-      and padding excluded), for each block and sub-layer — He et al. (arXiv 2406.15786) adapted to post-LN BERT as
-      redundancy.md §2 proposes. Tensors (capture names, post-LN):
+      and padding excluded), for each block and sub-layer — He et al. (arXiv 2406.15786) adapted to post-LN BERT
+      (docs/notes/depth.md, "Redundancy on post-LN models"). Tensors (capture names, post-LN):
 
       ======  =====================================================  ==========================================
       unit    in                                                     out
@@ -18,12 +18,13 @@ Reference: docs/notes/depth.md. Two registered analyses:
       For a pre-LN model the same names are the raw residual stream (resid_mid = resid_pre + attn_out), which is
       He et al.'s X vs X + f(LN(X)) exactly.
     * A pooled centred cosine tr Cov(x, y) / √(tr Cov(x) · tr Cov(y)) (means over the probe set's tokens) as the
-      redundancy.md §2 control for the shared LayerNorm β / outlier dims that push raw cosines towards 1. It is the
-      streamable form (per-token centred cosines would need the mean before the first batch).
+      control for the shared LayerNorm β / outlier dims that push raw cosines towards 1. It is the streamable form
+      (per-token centred cosines would need the mean before the first batch).
     * Linear CKA (Kornblith et al. 2019, arXiv 1905.00414) between every pair of hidden states (embedding output and
       every block output) in the feature-space form ‖C_xy‖²_F / (‖C_xx‖_F ‖C_yy‖_F), read from one streamed
-      float64 covariance of the concatenation [h_0 | … | h_L] (redundancy.md §3), plus the standardised variant
-      (every dimension scaled to unit variance first), which outlier dimensions cannot dominate.
+      float64 covariance of the concatenation [h_0 | … | h_L] (docs/notes/depth.md, "Linear CKA between layers"),
+      plus the standardised variant (every dimension scaled to unit variance first), which outlier dimensions cannot
+      dominate.
       Memory: 8·((L + 1)·D)² bytes (13 MB for ``tiny``, 0.8 GB for a BERT-base shape; ``cka=False`` turns it off).
 
 ``layer_drop`` (variant ``mask15``; needs the MLM head)
@@ -31,11 +32,10 @@ Reference: docs/notes/depth.md. Two registered analyses:
     one-shot (each unit removed alone from the full model), done as an nnsight intervention on the unmodified model.
     This analysis **runs its own forward passes by nature** (one traced pass per batch over the batch repeated for
     the 1 + 3L configurations — split when that exceeds ``MAX_STACKED_ROWS`` rows — on at most ``max_sentences``
-    sentences) — the shared capture cannot provide
-    counterfactual runs. Conventions
-    (redundancy.md §4): post-LN block skip h_out := h_in; attention skip h_mid := h_in (LN1 removed with the
-    sub-layer); FFN skip h_out := h_mid (LN2 removed). Pre-LN: the sub-layer's output projection is zeroed (its
-    residual contribution removed); the final norm stays.
+    sentences) — the shared capture cannot provide counterfactual runs. Conventions (docs/notes/depth.md,
+    "Layer drop"): post-LN block skip h_out := h_in; attention skip h_mid := h_in (LN1 removed with the sub-layer);
+    FFN skip h_out := h_mid (LN2 removed). Pre-LN: the sub-layer's output projection is zeroed (its residual
+    contribution removed); the final norm stays.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .base import Analysis, AnalysisContext, SkipAnalysis, register
+from .base import Accumulator, Analysis, AnalysisContext, SkipAnalysis, register
 from .lens import (
     DepthAnalysisError, NoMaskedPositionsError, check_finite, checkpoint_label, decode_hidden, is_pre_ln,
     require_mlm_head,
@@ -68,7 +68,8 @@ UNITS = ("block", "attn", "ffn")
 #: The ``demo`` model's 7 configurations × 32 sentences fit in one pass; BERT-base's 37 take five.
 MAX_STACKED_ROWS = 256
 
-#: What skipping a unit means, stored with every layer-drop result (redundancy.md §4 asks to record it).
+#: What skipping a unit means, stored with every layer-drop result: the Δloss depends on it
+#: (docs/notes/depth.md, "Layer drop").
 DROP_CONVENTIONS = {
     "post_ln": "block: h_out:=h_in; attn: h_mid:=h_in (LN1 removed); ffn: h_out:=h_mid (LN2 removed); one-shot",
     "pre_ln": "block/attn/ffn: sub-layer output projection(s) zeroed (residual kept), final norm kept; one-shot",
@@ -158,7 +159,7 @@ class _PairedTraceCovariance:
         return self.tr_xy / (self.tr_xx[self.a] * self.tr_xx[self.b]).sqrt()
 
 
-class RedundancyAccumulator:
+class RedundancyAccumulator(Accumulator):
     """Streams ``clean`` batches: per-token cosines, pooled centred cosines and the CKA covariance."""
 
     def __init__(self, n_layers: int, d_model: int, label: str, cka: bool = True, include_special: bool = False,
@@ -312,7 +313,7 @@ class _DropRunner:
         return out.view(C, B, T, -1)
 
 
-class LayerDropAccumulator:
+class LayerDropAccumulator(Accumulator):
     """Streams ``mask15`` batches; for each, the MLM loss with every unit skipped in turn (own forward passes)."""
 
     def __init__(self, arch: Any, n_layers: int, units: tuple[str, ...], max_sentences: int, label: str,

@@ -14,10 +14,9 @@ Backends:
   cluster has GPUs. Workers write to the same store, so on several machines the run folder must be on a shared
   filesystem (the checkpoints have to be readable there anyway).
 
-Warm starts: an analysis that defines ``warm_start_from(previous_result_dir: Path | None)`` (e.g. the tuned lens)
-is run in step order; before its accumulator is built for checkpoint t_k it is handed the stored result folder of
-the nearest earlier step with a finished result of the same (version, probe set, params) — or None at the first
-step. With several workers these analyses form one sequential chain of jobs interleaved with the parallel ones.
+Warm starts: a ``chained`` analysis (e.g. the tuned lens) is run in step order; its accumulator for checkpoint t_k
+gets, as ``ctx.previous``, the stored result folder of the nearest earlier step with a finished result of the same
+(version, probe set, params), or None at the first step. With several workers these analyses form one sequential chain of jobs interleaved with the parallel ones.
 
 Example::
 
@@ -37,7 +36,7 @@ import traceback as tb
 import warnings
 from collections import Counter, deque
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
@@ -211,11 +210,6 @@ def result_key(analysis: Analysis, ckpt_hash: str, probe_hash: str) -> ResultKey
                      stable_hash(analysis.params_dict()))
 
 
-def is_chained(analysis: Analysis) -> bool:
-    """True for analyses that want the previous step's result (``warm_start_from``)."""
-    return callable(getattr(analysis, "warm_start_from", None))
-
-
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -285,34 +279,31 @@ class _Active:
         self.trace = tb.format_exc()
 
 
-def _warm_start(active: _Active, job: Job, store: ResultStore, probe_hash: str) -> None:
-    prev = None
+def _previous_result(analysis: Analysis, job: Job, store: ResultStore, probe_hash: str) -> Path | None:
+    """A chained analysis's finished result folder on the nearest earlier checkpoint of the job, or None."""
     for _, h in job.earlier:
-        key = result_key(active.analysis, h, probe_hash)
+        key = result_key(analysis, h, probe_hash)
         meta = store.meta(key)
         if meta is not None and meta.get("status") == "ok":
-            prev = store.path(key)
-            break
-    active.analysis.warm_start_from(prev)
+            return store.path(key)
+    return None
 
 
 def _prepare(job: Job, lm: Any, env: WorkerEnv, store: ResultStore, device: str) -> tuple[list[_Active], list[Outcome]]:
     """Build contexts and accumulators; return the analyses to feed and the outcomes already known (skips)."""
     ctx = AnalysisContext(model=lm.model, arch=lm.arch, n_layers=lm.n_layers, n_heads=lm.n_heads,
                           d_model=lm.d_model, probe_set=env.probe_set, step=job.step, device=device,
-                          extra={"lm": lm, "tokenizer": lm.tokenizer, "ckpt_hash": job.ckpt_hash,
-                                 "ckpt_dir": job.path, "probe_hash": env.probe_hash})
+                          checkpoint=str(job.path))
     actives, done = [], []
     for a in job.analyses:
         act = _Active(a, result_key(a, job.ckpt_hash, env.probe_hash))
         try:
             with act.tracked():
-                if a.needs_mlm_head and not getattr(lm, "has_mlm_head", True):
+                if a.needs_mlm_head and not lm.has_mlm_head:
                     raise SkipAnalysis("the checkpoint has no MLM head (head-less BertModel/RobertaModel folder)")
-                if is_chained(a):
-                    _warm_start(act, job, store, env.probe_hash)
-                act.acc = a.accumulator(ctx)
-                act.names = list(a.names(ctx))
+                a_ctx = replace(ctx, previous=_previous_result(a, job, store, env.probe_hash)) if a.chained else ctx
+                act.acc = a.accumulator(a_ctx)
+                act.names = list(a.names(a_ctx))
         except SkipAnalysis as e:
             rec = store.save_skip(act.key, str(e), _meta(job, a))
             store.clear_failure(job.rel, a.name)
@@ -363,9 +354,8 @@ def _finish(act: _Active, job: Job, store: ResultStore) -> Outcome:
         try:
             with act.tracked():
                 tables = act.acc.result()
-            extra = getattr(act.acc, "save_artefacts", None)
             rec = store.save(act.key, tables, {**_meta(job, a), "seconds": act.seconds, "warnings": act.warnings},
-                             write_extra=extra if callable(extra) else None)
+                             write_extra=act.acc.save_artefacts)
             store.clear_failure(job.rel, a.name)
             store.clear_failure(job.rel, CHECKPOINT_SCOPE)
             return Outcome(job.step, job.rel, a.name, "ok", act.seconds, record=rec)
@@ -694,8 +684,8 @@ class Runner:
         chain: deque[list[Job]] = deque()
         combine = self.config.backend == "local" and self.config.workers == 1
         for j in jobs:
-            chained = [a for a in j.analyses if is_chained(a)]
-            free = [a for a in j.analyses if not is_chained(a)]
+            chained = [a for a in j.analyses if a.chained]
+            free = [a for a in j.analyses if not a.chained]
             if combine or not chained or not free:
                 (chain if chained and not combine else parallel).append([j])
             else:

@@ -1,7 +1,7 @@
 """Syntactic attention structure (SAS): per-head UAS of attention against dependency parses.
 
-Method (Clark et al. 2019, "What Does BERT Look At?", §4.1; Chen et al. 2024, "Sudden Drops in the Loss"; exact
-reference and pitfalls in ``docs/notes/sas.md``):
+Method (Clark et al. 2019, "What Does BERT Look At?", Section 4.1; Chen et al. 2024, "Sudden Drops in the Loss";
+definitions, choices and differences from the papers in ``docs/notes/sas.md``):
 
 1. **Word-level attention.** With S_i the word pieces of word i, ``A_w[i, j] = mean_{a in S_i} sum_{b in S_j} A[a, b]``
    (attention FROM a word = mean over its pieces' rows, TO a word = sum over its pieces' columns). [CLS]/[SEP] (and
@@ -13,18 +13,19 @@ reference and pitfalls in ``docs/notes/sas.md``):
    non-words. Ties go to the leftmost word (``torch.argmax``).
 3. **Scoring.** A hit is ``prediction == gold head``. ROOT (head 0) can never be hit. Counts are kept per
    (layer, head, direction, relation, probe-set half). The row ``relation == "all"`` pools every relation
-   **except the root word and ``punct``** (Clark/Chen's ``all`` includes both; the MiniLM number in sas.md §2
-   excludes them, as here). The root word's relation is reported as ``"root"`` whatever the parser calls it.
+   **except the root word and ``punct``** (Clark/Chen's ``all`` includes both; see docs/notes/sas.md, "Comparing
+   with Clark et al. and Chen et al."). The root word's relation is reported as ``"root"`` whatever the parser
+   calls it.
 4. **Fixed-offset baselines** ``head = word i + k`` for k in -3..+3, k != 0 (k = 0 is the word itself and always
    wrong). Unlike Clark's ``clip(i + k, 0, n)`` an offset that falls outside the sentence predicts nothing (a miss),
    so a baseline hit is exactly "the gold head is at offset k".
 5. **Positional vs syntactic.** For each (head, direction, relation) with the relation's best offset k*: the share of
    the head's predictions that fall at offset k* (``offset_share``) and its UAS on the words whose gold head is *not*
    at k* (``uas_nonoffset``). A previous/next-token head has ``offset_share`` near 1 and ``uas_nonoffset`` near 0.
-6. **Held-out selection** (sas.md §7): the best (layer, head, direction) and the best offset are chosen on one half
-   of the probe set and scored on the other, both ways; the pooled held-out UAS of relation ``all`` is the
-   checkpoint's **SAS score**. The in-sample maximum (Clark's way; optimistic, biased by head count) is reported
-   beside it, with the number of candidate predictors.
+6. **Held-out selection** (docs/notes/sas.md, "Held-out head selection"): the best (layer, head, direction) and
+   the best offset are chosen on one half of the probe set and scored on the other, both ways; the pooled held-out
+   UAS of relation ``all`` is the checkpoint's **SAS score**. The in-sample maximum (Clark's way; optimistic,
+   biased by head count) is reported beside it, with the number of candidate predictors.
 
 Tables returned by the accumulator (all tidy):
 
@@ -57,12 +58,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .base import Analysis, AnalysisContext, SkipAnalysis, register
+from .base import Accumulator, Analysis, AnalysisContext, SkipAnalysis, register
 from ..probes.batch import CaptureBatch
 
 #: Prediction directions, in Clark et al.'s naming.
 DIRECTIONS: tuple[str, ...] = ("dep->head", "head<-dep")
-#: Fixed-offset baselines (sas.md §1.8; the issue asks for -3..+3; 0 = the word itself is never a candidate).
+#: Fixed-offset baselines k = -3..+3 (docs/notes/sas.md, "What is computed"); 0 = the word itself is never a
+#: candidate.
 OFFSETS: tuple[int, ...] = (-3, -2, -1, 1, 2, 3)
 #: Name given to the root word's relation (head 0), whatever label the parser used (spaCy "ROOT", UD "root").
 ROOT = "root"
@@ -169,7 +171,7 @@ def piece_word_matrices(word_index: torch.Tensor, n_words: int) -> tuple[torch.T
 
 def word_attention(pattern: torch.Tensor, word_index: torch.Tensor, n_words: int,
                    matrices: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Word-to-word attention ``A_w = P @ A @ S^T`` of shape (B, H, W, W) (Clark et al. §4.1 merge).
+    """Word-to-word attention ``A_w = P @ A @ S^T`` of shape (B, H, W, W) (Clark et al. 2019, Sec. 4.1 merge).
 
     Args:
         pattern: (B, H, T, T) attention probabilities (rows = queries).
@@ -263,7 +265,7 @@ class SASCounts:
             1, pred_cell.reshape(h * d, -1), torch.ones(pred_cell.shape, dtype=torch.float64).view(h * d, -1))
 
 
-class SASAccumulator:
+class SASAccumulator(Accumulator):
     """Consumes ``clean`` capture batches and produces the SAS tables (see the module docstring)."""
 
     def __init__(self, gold: GoldTable, n_layers: int, params: "SAS.Params") -> None:
@@ -615,7 +617,9 @@ def sas_curve(source: Any, table: str = "summary") -> pd.DataFrame:
 
 
 def fixed_head_curve(heads: pd.DataFrame, relation: str = ALL) -> pd.DataFrame:
-    """UAS over steps of the one (layer, head, direction) that is best at the last step (sas.md §7).
+    """UAS over steps of the one (layer, head, direction) that is best at the last step.
+
+    Why a fixed head: docs/notes/sas.md, "Held-out head selection".
 
     Args:
         heads: Stored ``heads`` tables of several checkpoints with a ``step`` column.

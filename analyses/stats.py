@@ -10,7 +10,7 @@ conversions yourself if you need numpy). All accumulators support ``merge`` so p
 combined, and the result is independent of how the rows were split into batches (up to float64 rounding).
 
 Spectrum helpers (:func:`eigvals_desc`, :func:`variance_rank`, :func:`entropy_rank`) implement the two
-effective-rank definitions of the ``mask_rank.md`` reference note (§2):
+effective-rank definitions of docs/notes/geometry.md ("Effective-rank definitions"):
 
 * 0.9-variance rank (Meng et al., "Representation Deficiency in Masked Language Modeling", arXiv 2302.02060):
   smallest k whose top-k eigenvalues (= squared singular values) reach ``tau`` of the total.
@@ -259,9 +259,10 @@ def numerical_tolerance(acc: StreamingCovariance) -> float:
     """Eigenvalues at or below this are numerically zero for a matrix built by ``acc``.
 
     Follows numpy's ``matrix_rank`` default (``max(M, N) · eps · ‖A‖``, after Golub & Van Loan, "Matrix
-    Computations", §2.6 / 5.4) applied to the d×d second-moment matrix, with ‖A‖ replaced by the uncentred energy
-    Σ‖x‖²: centring subtracts the mean from rows whose size is set by the uncentred energy, so rounding errors scale
-    with it — this is what makes all-identical vectors come out as rank 0 instead of rank d of rounding noise.
+    Computations", Sections 2.6 and 5.4) applied to the d×d second-moment matrix, with ‖A‖ replaced by the
+    uncentred energy Σ‖x‖²: centring subtracts the mean from rows whose size is set by the uncentred energy, so
+    rounding errors scale with it — this is what makes all-identical vectors come out as rank 0 instead of rank d
+    of rounding noise.
     """
     return acc.d * float(np.finfo(np.float64).eps) * acc.energy
 

@@ -13,11 +13,10 @@ Reference: Belrose et al., arXiv 2303.08112 (recipe; code AlignmentResearch/tune
   mlmscope departs from the recipe in the data (lens.md §5 [proposal]): a fixed set of masked positions of the
   probe set (capped at ``max_positions``), full-batch steps, and early stopping when the training KL plateaus.
 * Translators are trained one layer at a time (independent parameters; peak memory O(N·V) for one layer).
-* Across a trajectory the runner (``mlmscope.analyses.runner``) calls :meth:`TunedLens.warm_start_from` with the result
-  folder of the previous checkpoint, whose ``translators.safetensors`` (written by
-  :meth:`TunedLensAccumulator.save_artefacts`) becomes the warm start. In a notebook, pass
-  ``ctx.extra["tuned_lens_init"]`` instead: a state dict from :meth:`TunedLensAccumulator.translator_state` or a
-  path written by :func:`save_translators`. With ``compare_cold=True`` the accumulator also fits from zero and reports
+* The analysis is ``chained``: across a trajectory the runner (``mlmscope.analyses.runner``) hands each checkpoint
+  the result folder of the previous one as ``ctx.previous``, whose ``translators.safetensors`` (written by
+  :meth:`TunedLensAccumulator.save_artefacts`) becomes the warm start. In a notebook, pass ``previous=`` any folder
+  holding that file (e.g. one written by ``save_artefacts``). With ``compare_cold=True`` the accumulator also fits from zero and reports
   how many optimiser steps the warm start needed to reach the cold fit's final KL; a warm fit whose held-out KL is
   worse than the cold one's by more than ``warm_tolerance`` is replaced by the cold fit (lens.md §7).
 
@@ -40,7 +39,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .base import Analysis, AnalysisContext, register
+from .base import Accumulator, Analysis, AnalysisContext, register
 from .lens import (
     METRICS, FinalRef, LensSite, LensSums, NoMaskedPositionsError, check_finite, checkpoint_label, decode_hidden,
     lens_metric_sums, masked_states, require_mlm_head,
@@ -295,7 +294,7 @@ def load_translators(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-class TunedLensAccumulator:
+class TunedLensAccumulator(Accumulator):
     """Collects masked-position hidden states (capped), fits the translators in :meth:`result`, scores both lenses.
 
     Memory: at most ``max_positions`` × (L + 1) × D floats of hidden states (bounded, independent of the probe-set
@@ -401,7 +400,7 @@ class TunedLensAccumulator:
         beside the results with :func:`save_translators`."""
         return self._state
 
-    def save_artefacts(self, folder: str | os.PathLike) -> None:
+    def save_artefacts(self, folder: Path) -> None:
         """Write the fitted translators into the result folder (called by the runner's store before the rename)."""
         if self._state is not None:
             save_translators(self._state, Path(folder) / TRANSLATORS_FILE)
@@ -416,6 +415,7 @@ class TunedLens(Analysis):
     description = "Tuned lens for MLMs at [MASK] positions (warm-started across checkpoints), side by side with the logit lens"
     variants = ("mask15",)
     needs_mlm_head = True
+    chained = True
 
     @dataclass
     class Params:
@@ -453,25 +453,16 @@ class TunedLens(Analysis):
             return FitConfig(optimizer=self.optimizer, lr=self.lr, max_steps=self.max_steps, tol=self.tol,
                              patience=self.patience, atol=self.atol, weight_decay=self.weight_decay)
 
-    def __init__(self, params: Any | None = None) -> None:
-        super().__init__(params)
-        self._warm_path: Path | None = None
-
-    def warm_start_from(self, previous_result_dir: str | os.PathLike | None) -> None:
-        """Runner hook: the previous checkpoint's result folder (None at the first step = cold start)."""
-        p = Path(previous_result_dir) / TRANSLATORS_FILE if previous_result_dir is not None else None
-        self._warm_path = p if p is not None and p.exists() else None
-
     def names(self, ctx: AnalysisContext) -> list[str]:
         return ["embed.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(ctx.n_layers)]
 
     def accumulator(self, ctx: AnalysisContext) -> TunedLensAccumulator:
         require_mlm_head(ctx, self.name)
-        init = self._warm_path if self._warm_path is not None else ctx.extra.get("tuned_lens_init")
-        if isinstance(init, (str, os.PathLike)):
-            init = load_translators(init)
+        warm = ctx.previous / TRANSLATORS_FILE if ctx.previous is not None else None
+        init = load_translators(warm) if warm is not None and warm.exists() else None
         if init is not None and tuple(init["weight"].shape) != (ctx.n_layers, ctx.d_model, ctx.d_model):
             init = None     # another architecture (e.g. a foreign checkpoint in the folder): cold start
-        frozen = [ctx.arch.mlm_head()] + ([ctx.arch.final_norm()] if getattr(ctx.arch, "pre_ln", False) else [])
+        norm = ctx.arch.final_norm()
+        frozen = [ctx.arch.mlm_head()] + ([norm] if norm is not None else [])
         return TunedLensAccumulator(ctx.arch, ctx.n_layers, self.params, checkpoint_label(ctx), ctx.device, init,
                                     frozen)

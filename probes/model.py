@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -41,6 +41,58 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, bool, str]] = {
     "BertModel": ("bert", False, "BertModel"),
     "RobertaModel": ("roberta", False, "RobertaModel"),
 }
+
+
+@runtime_checkable
+class Arch(Protocol):
+    """What analyses and the capture may ask of a model's architecture: every module path and shape fact.
+
+    :class:`ArchAdapter` implements it for BERT and RoBERTa; a test double (e.g. a tiny pre-LN model) implements
+    the same members. ``pre_ln`` says whether a final norm follows the last block (:meth:`final_norm`); BERT and
+    RoBERTa are post-LN (each block ends in its own LayerNorm), so theirs is ``False`` and ``final_norm`` is None.
+    """
+
+    model: nn.Module
+    has_mlm_head: bool
+
+    @property
+    def pre_ln(self) -> bool: ...
+
+    @property
+    def config(self) -> Any: ...
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def d_model(self) -> int: ...
+
+    @property
+    def n_heads(self) -> int: ...
+
+    @property
+    def max_length(self) -> int: ...
+
+    @property
+    def encoder_model(self) -> nn.Module: ...
+
+    def final_norm(self) -> nn.Module | None: ...
+
+    def position_embeddings(self) -> tuple[torch.Tensor | None, int]: ...
+
+    def layer(self, l: int) -> nn.Module: ...
+
+    def ln1(self, l: int) -> nn.Module: ...
+
+    def ln2(self, l: int) -> nn.Module: ...
+
+    def attn_out_dense(self, l: int) -> nn.Module: ...
+
+    def mlp_out_dense(self, l: int) -> nn.Module: ...
+
+    def mlm_head(self) -> nn.Module: ...
+
+    def apply_mlm_head(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -66,6 +118,15 @@ class ArchAdapter:
         if not self.has_mlm_head:
             return self.model
         return getattr(self.model, self.family)
+
+    @property
+    def pre_ln(self) -> bool:
+        """BERT and RoBERTa are post-LN: no final norm after the last block."""
+        return False
+
+    def final_norm(self) -> nn.Module | None:
+        """The norm after the last block of a pre-LN model; None for these post-LN families."""
+        return None
 
     @property
     def config(self) -> Any:

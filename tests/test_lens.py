@@ -107,15 +107,21 @@ class TinyPreLNForMaskedLM(nn.Module):
 
 
 class PreLNAdapter:
-    """The subset of ``probes.model.ArchAdapter`` the depth analyses use, for the tiny pre-LN model."""
+    """The tiny pre-LN model behind the :class:`mlmscope.probes.model.Arch` protocol (as ``ArchAdapter`` is)."""
 
     pre_ln = True
     has_mlm_head = True
+    config = None
 
     def __init__(self, model: TinyPreLNForMaskedLM) -> None:
         self.model = model
         self.n_layers = len(model.encoder.layers)
+        self.n_heads = model.encoder.layers[0].n_heads
         self.d_model = model.final_norm.weight.shape[0]
+        self.max_length = model.encoder.pos.num_embeddings
+
+    def position_embeddings(self) -> tuple[torch.Tensor | None, int]:
+        return self.model.encoder.pos.weight, 0
 
     @property
     def encoder_model(self) -> nn.Module:
@@ -183,13 +189,13 @@ def prel_batch(model: TinyPreLNForMaskedLM, B: int = 6, T: int = 12, seed: int =
                         (labels != -100).nonzero(), acts)
 
 
-def make_ctx(arch, n_layers: int, d_model: int, model=None, **extra) -> AnalysisContext:
+def make_ctx(arch, n_layers: int, d_model: int, model=None, **fields) -> AnalysisContext:
     return AnalysisContext(model=model, arch=arch, n_layers=n_layers, n_heads=2, d_model=d_model, probe_set=None,
-                           step=7, extra=extra)
+                           step=7, **fields)
 
 
-def lm_ctx(lm, **extra) -> AnalysisContext:
-    return make_ctx(lm.arch, lm.n_layers, lm.d_model, model=lm.model, **extra)
+def lm_ctx(lm, **fields) -> AnalysisContext:
+    return make_ctx(lm.arch, lm.n_layers, lm.d_model, model=lm.model, **fields)
 
 
 def run_analysis(analysis, ctx, batches):
@@ -345,7 +351,7 @@ def test_final_layer_nan_names_checkpoint(micro, micro_mask15):
     bad = CaptureBatch(b.variant, b.sentence_ids, b.input_ids, b.attention_mask, b.special_mask, b.word_ids,
                        b.labels, b.head_positions, acts)
     for analysis in (LogitLens(), TunedLens()):
-        acc = analysis.accumulator(lm_ctx(micro, ckpt_dir="runs/x/step_000400"))
+        acc = analysis.accumulator(lm_ctx(micro, checkpoint="runs/x/step_000400"))
         with pytest.raises(NonFiniteActivationError, match=r"runs/x/step_000400.*final layer"):
             acc.update(bad)
 
@@ -425,12 +431,13 @@ def test_tuned_lens_accumulator_micro_warm_start_round_trip(micro, micro_mask15,
         assert per[per["lens"] == lens].iloc[-1]["kl"] == pytest.approx(0.0, abs=1e-6)
     state = acc.translator_state()
     path = save_translators(state, tmp_path / "tl.safetensors")
+    acc.save_artefacts(tmp_path)                        # what the runner stores beside the tables
     loaded = load_translators(path)
     torch.testing.assert_close(loaded["weight"], state["weight"])
     assert loaded["steps"] == state["steps"] and loaded["checkpoint"] == "step 7"
     # warm start from the file, with the cold comparison
     params_cmp = TunedLens.Params(max_steps=40, heldout_every=3, compare_cold=True)
-    acc2, res2 = run_analysis(TunedLens(params_cmp), lm_ctx(micro, tuned_lens_init=str(path)), micro_mask15)
+    acc2, res2 = run_analysis(TunedLens(params_cmp), lm_ctx(micro, previous=tmp_path), micro_mask15)
     fit2 = res2["fit"]
     assert set(fit2["init"]) <= {"warm", "zero (warm start rejected)"}
     assert {"cold_steps", "warm_steps_to_cold_kl", "heldout_kl_warm", "drift_fro"} <= set(fit2.columns)
@@ -489,3 +496,12 @@ def test_lens_metric_sums_float64_accuracy():
     ent = -(lq.exp() * lq).sum(-1)
     assert float(s["kl"][0]) / 64 == pytest.approx(float(kl.mean()), rel=1e-3)
     assert abs(float(s["entropy"][0]) / 64 - float(ent.mean())) < 1e-5
+
+
+def test_real_adapter_and_the_pre_ln_double_satisfy_the_arch_protocol(micro):
+    from mlmscope.probes.model import Arch
+
+    _, double = prel_model()
+    assert isinstance(micro.arch, Arch) and isinstance(double, Arch)
+    assert (micro.arch.pre_ln, micro.arch.final_norm()) == (False, None)
+    assert double.pre_ln and double.final_norm() is double.model.final_norm

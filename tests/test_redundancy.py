@@ -107,7 +107,7 @@ def test_nan_state_names_checkpoint():
     states, mask, _ = _rotated_states()
     states["blocks.1.hook_resid_post"] = states["blocks.1.hook_resid_post"].clone()
     states["blocks.1.hook_resid_post"][0, 3, 0] = float("nan")
-    acc = Redundancy().accumulator(make_ctx(None, 2, 6, ckpt_dir="runs/demo/step_000800"))
+    acc = Redundancy().accumulator(make_ctx(None, 2, 6, checkpoint="runs/demo/step_000800"))
     with pytest.raises(NonFiniteActivationError, match=r"step_000800.*blocks\.1\.hook_resid_post"):
         acc.update(_synthetic(states, mask))
 

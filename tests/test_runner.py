@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mlmscope.analyses.base import Analysis, SkipAnalysis
+from mlmscope.analyses.base import Accumulator, Analysis, SkipAnalysis
 from mlmscope.analyses.runner import Runner, RunnerConfig, RunnerError, parse_steps
 from mlmscope.analyses.store import CHECKPOINT_SCOPE, ResultStore, load_results
 from mlmscope.checkpoints.manifest import CheckpointEntry, Manifest, step_dirname, weights_sha256
@@ -76,7 +76,7 @@ class RecordingCapture:
         return fake_capture(lm, probe_set, variants=variants, names=names, batch_size=batch_size)
 
 
-class NormAcc:
+class NormAcc(Accumulator):
     """Mean L2 norm and mean first coordinate of the residual stream over real tokens, per requested layer."""
 
     def __init__(self, layers: list[int], variant: str, delay: float = 0.0) -> None:
@@ -149,7 +149,7 @@ class Broken(Analysis):
         return resid_names(ctx.n_layers)[:1]
 
     def accumulator(self, ctx):
-        class _Acc:
+        class _Acc(Accumulator):
             def update(self, batch):
                 raise RuntimeError("boom in update")
 
@@ -177,22 +177,16 @@ class Chained(Analysis):
 
     name = "_t_chain"
     variants = ("clean",)
-
-    def __init__(self, params=None) -> None:
-        super().__init__(params)
-        self.prev_step = -1
-
-    def warm_start_from(self, previous_result_dir):
-        self.prev_step = -1 if previous_result_dir is None else json.loads(
-            (Path(previous_result_dir) / "meta.json").read_text())["step"]
+    chained = True
 
     def names(self, ctx):
         return resid_names(ctx.n_layers)[:1]
 
     def accumulator(self, ctx):
-        prev, step = self.prev_step, ctx.step
+        prev = -1 if ctx.previous is None else json.loads((ctx.previous / "meta.json").read_text())["step"]
+        step = ctx.step
 
-        class _Acc:
+        class _Acc(Accumulator):
             def update(self, batch):
                 pass
 
