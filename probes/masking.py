@@ -2,7 +2,8 @@
 
 * ``clean``: no masking.
 * ``mask15``: ``max(1, round(0.15 * n))`` of a sentence's n non-special pieces replaced by [MASK] (the BERT masking
-  rate, Devlin et al. 2019 §3.1; all replaced by [MASK], no 80/10/10, so the probe is a pure [MASK] probe).
+  rate, Devlin et al. 2019, Section 3.1; all replaced by [MASK], no 80/10/10, so the probe is a pure [MASK] probe;
+  docs/notes/probes.md, "Masking variants").
 * ``mask1``: exactly one piece per sentence replaced by [MASK].
 
 Positions depend only on ``(seed, variant, sentence id)``, never on batching or order, so every checkpoint of a
@@ -18,7 +19,7 @@ import numpy as np
 from .model import ProbeError
 
 VARIANTS = ("clean", "mask15", "mask1")
-#: BERT's masking rate (Devlin et al. 2019, §3.1).
+#: BERT's masking rate (Devlin et al. 2019, Section 3.1).
 MASK15_RATE = 0.15
 _VARIANT_CODE = {"clean": 0, "mask15": 1, "mask1": 2}
 

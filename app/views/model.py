@@ -2,8 +2,9 @@
 
 Everything goes through the project's own contracts: ``mlmscope.probes.model.load_model`` (architecture adapter),
 ``mlmscope.probes.capture.capture`` (activation names), ``mlmscope.analyses.sas.word_attention`` (Clark et al.'s word-level merge) and
-``mlmscope.analyses.lens.decode_hidden`` (the full MLM head, lens.md §2), so the live views show exactly what the analyses
-measure. The pure functions take a ``LoadedModel`` and can be used from a notebook too.
+``mlmscope.analyses.lens.decode_hidden`` (the full MLM head; docs/notes/depth.md, "Decoding through the full MLM
+head"), so the live views show exactly what the analyses measure. The pure functions take a ``LoadedModel`` and
+can be used from a notebook too.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def _one(lm: Any, words: Sequence[str], names: list[str]) -> Any:
 
 
 def attention_maps(lm: Any, words: Sequence[str]) -> np.ndarray:
-    """Word-level attention (Clark et al. §4.1 merge) of every layer and head: (L, H, W, W), rows = from-word."""
+    """Word-level attention (Clark et al. 2019 merge) of every layer and head: (L, H, W, W), rows = from-word."""
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(lm.n_layers)]
     batch = _one(lm, words, names)
     t = batch.input_ids.shape[1]

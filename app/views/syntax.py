@@ -171,7 +171,9 @@ def _best_table(view: View, used: int | None) -> None:
     st.markdown(f"**Best head per relation at step {used}**")
     common.table(at[[c for c in cols if c in at]], "syntax_best",
                  "Per relation: the in-sample best head, its held-out UAS, and the best fixed-offset baseline "
-                 "(head = word i + k) held out; kind as in the SAS notes (sas `best` table).")
+                 "(head = word i + k) held out. kind (default thresholds): syntactic if the held-out UAS beats that "
+                 "baseline by more than 2 standard errors, else positional if at least half of the head's "
+                 "predictions fall at the best offset, else neither (sas `best` table).")
 
 
 def _attention_viewer(view: View, used: int | None) -> None:
