@@ -56,6 +56,7 @@ from .lens import (
 )
 from .stats import StreamingCovariance
 from ..probes.batch import CaptureBatch
+from ..probes.capture import envoy_at, nnsight_wrapper
 
 __all__ = ["LayerDrop", "LayerDropAccumulator", "Redundancy", "RedundancyAccumulator", "cka_matrix", "state_names",
            "unit_pairs", "DROP_CONVENTIONS"]
@@ -252,8 +253,6 @@ class Redundancy(Analysis):
 
 def _envoy(net: Any, root: torch.nn.Module, module: torch.nn.Module) -> Any:
     """The nnsight envoy of ``module`` inside ``net`` (= NNsight(root)), found by its path under ``root``."""
-    from ..probes.capture import envoy_at
-
     return envoy_at(net, next(p for p, m in root.named_modules() if m is module))
 
 
@@ -262,14 +261,10 @@ class _DropRunner:
     (rows ``c·B … (c+1)·B − 1`` carry configuration ``c``), so a batch costs one pass, not 1 + 3L."""
 
     def __init__(self, arch: Any) -> None:
-        from nnsight import NNsight
-
         self.arch = arch
         self.pre_ln = is_pre_ln(arch)
         enc = arch.encoder_model
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*nnsight already serves.*")
-            self.net = NNsight(enc)
+        self.net = nnsight_wrapper(enc)
         self._env: Callable[[torch.nn.Module], Any] = lambda m: _envoy(self.net, enc, m)
         self.last = self._env(arch.layer(arch.n_layers - 1))
 

@@ -599,7 +599,7 @@ def sas_curve(source: Any, table: str = "summary") -> pd.DataFrame:
     Returns:
         One row per step, sorted: ``step``, the summary columns and, when the manifest has it, ``val_loss``.
     """
-    from ..checkpoints.trajectory import Trajectory
+    from .trajectory import Trajectory
 
     if isinstance(source, pd.DataFrame):
         curve, loss = source.copy(), None
@@ -702,31 +702,3 @@ def sas_onsets(curve: pd.DataFrame, params: Any = None, score: str = "sas_score"
     else:
         row.update({"loss_found": False, "loss_reason": "no validation loss in the curve", "coincide": None})
     return pd.DataFrame([row])
-
-
-def sas_figure(curve: pd.DataFrame, onsets: pd.DataFrame | None = None) -> Any:
-    """Plotly figure: held-out and in-sample SAS, the held-out best-offset baseline and validation loss over steps
-    (log x), with the structure-onset and loss-drop ramps shaded (from :func:`sas_onsets`)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
-    for col, name, dash in [("sas_score", "SAS (held-out best head)", None),
-                            ("sas_in_sample", "best head, in-sample", "dot"),
-                            ("offset_uas_held_out", "best offset baseline (held-out)", "dash")]:
-        if col in curve:
-            fig.add_trace(go.Scatter(x=curve["step"] + 1, y=curve[col], name=name, line={"dash": dash}))
-    if "val_loss" in curve:
-        fig.add_trace(go.Scatter(x=curve["step"] + 1, y=curve["val_loss"], name="validation MLM loss",
-                                 line={"color": "grey"}), secondary_y=True)
-    if onsets is not None and len(onsets):
-        row = onsets.iloc[0]
-        for prefix, color, label in [("sas_", "rgba(31,119,180,0.15)", "structure onset"),
-                                     ("loss_", "rgba(128,128,128,0.15)", "loss drop")]:
-            if row.get(f"{prefix}found"):
-                fig.add_vrect(x0=row[f"{prefix}onset_step"] + 1, x1=row[f"{prefix}end_step"] + 1, fillcolor=color,
-                              line_width=0, annotation_text=label)
-    fig.update_xaxes(type="log", title="step + 1")
-    fig.update_yaxes(title="UAS (all: no root, no punct)", secondary_y=False)
-    fig.update_yaxes(title="loss (nats)", secondary_y=True)
-    return fig

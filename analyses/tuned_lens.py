@@ -1,16 +1,16 @@
 """Tuned lens for masked language models, with warm starts across a checkpoint trajectory.
 
 Reference: Belrose et al., arXiv 2303.08112 (recipe; code AlignmentResearch/tuned-lens) and docs/notes/depth.md
-(warm starts over a trajectory, a mlmscope proposal).
+("Tuned lens over a trajectory (warm starts)").
 
 * One affine translator per hidden state except the last (embedding output and blocks 0 … L−2; L translators):
   h′ = h + (A h + b), A and b initialised to zero, i.e. the translator starts as the identity = the logit lens.
 * Decoded through the full MLM head (``mlmscope.analyses.lens.decode_hidden``; final norm recomputed for pre-LN models).
 * Loss: KL(p_final ‖ q_lens) against the model's own final distribution at the same **masked** position (the
   tuned-lens ``CE`` option's next-token shift is meaningless for an MLM).
-* Optimiser (tuned-lens defaults, lens.md §5): SGD with Nesterov momentum 0.9, lr = 1.0·(1 − 0.9), weight decay
+* Optimiser (tuned-lens defaults; docs/notes/depth.md, "Tuned lens"): SGD with Nesterov momentum 0.9, lr = 1.0·(1 − 0.9), weight decay
   1e-3 (pulls towards the identity), gradient clip 1.0, linear lr decay over at most 250 steps, no warm-up.
-  mlmscope departs from the recipe in the data (lens.md §5 [proposal]): a fixed set of masked positions of the
+  mlmscope departs from the recipe in the data (docs/notes/depth.md, "Tuned lens"): a fixed set of masked positions of the
   probe set (capped at ``max_positions``), full-batch steps, and early stopping when the training KL plateaus.
 * Translators are trained one layer at a time (independent parameters; peak memory O(N·V) for one layer).
 * The analysis is ``chained``: across a trajectory the runner (``mlmscope.analyses.runner``) hands each checkpoint
@@ -18,7 +18,7 @@ Reference: Belrose et al., arXiv 2303.08112 (recipe; code AlignmentResearch/tune
   :meth:`TunedLensAccumulator.save_artefacts`) becomes the warm start. In a notebook, pass ``previous=`` any folder
   holding that file (e.g. one written by ``save_artefacts``). With ``compare_cold=True`` the accumulator also fits from zero and reports
   how many optimiser steps the warm start needed to reach the cold fit's final KL; a warm fit whose held-out KL is
-  worse than the cold one's by more than ``warm_tolerance`` is replaced by the cold fit (lens.md §7).
+  worse than the cold one's by more than ``warm_tolerance`` is replaced by the cold fit (docs/notes/depth.md, "Tuned lens over a trajectory (warm starts)").
 
 Public API::
 
@@ -108,7 +108,7 @@ class AffineTranslators(nn.Module):
 
 @dataclass
 class FitConfig:
-    """Translator optimisation settings (defaults: tuned-lens ``train_loop.py`` SGD recipe, lens.md §5).
+    """Translator optimisation settings (defaults: tuned-lens ``train_loop.py`` SGD recipe of Belrose et al. 2023; docs/notes/depth.md, "Tuned lens").
 
     Attributes:
         optimizer: ``"sgd"`` (Nesterov, tuned-lens default) or ``"adam"`` (tuned-lens Adam option, amsgrad).
@@ -118,7 +118,7 @@ class FitConfig:
         grad_clip: Max gradient norm per layer.
         max_steps: Optimiser steps per layer at most (tuned lens: 250; lr decays linearly to 0 there).
         tol: Early stop when the best KL improved by less than ``tol`` (relative) over the last ``patience``
-            steps — a mlmscope choice (lens.md §5 [proposal]: "stop when KL plateaus").
+            steps — a mlmscope choice (docs/notes/depth.md, "Tuned lens").
         patience: Window of the plateau test, in steps.
         atol: Absolute floor of the plateau test (nats): gains below it count as a plateau however small the KL.
         chunk: Positions per forward/backward chunk within a full-batch step (memory O(chunk·V); 512 keeps the
@@ -422,7 +422,7 @@ class TunedLens(Analysis):
         """Options of the tuned lens (see :class:`FitConfig` for the optimiser fields).
 
         Attributes:
-            max_positions: Masked positions kept for fitting + evaluation (bounds memory; keep ≫ d_model, lens.md §5).
+            max_positions: Masked positions kept for fitting + evaluation (bounds memory; keep ≫ d_model; docs/notes/depth.md, "Tuned lens").
             max_steps, tol, patience: At most 100 steps (tuned-lens uses 250), stopped when the training KL improved
                 by less than 1 % over the last 10 steps. On 1,024 positions longer fits overfit: along a warm-started
                 chain of five ``demo`` checkpoints (10,800–12,000) the held-out KL of the embedding translator was
@@ -434,7 +434,7 @@ class TunedLens(Analysis):
                 (0 = evaluate on the training positions).
             compare_cold: With a warm start, also fit from zero and report the step saving (doubles the cost).
             warm_tolerance: A warm fit whose held-out KL exceeds the cold one's by more than this fraction is
-                replaced by the cold fit (lens.md §7).
+                replaced by the cold fit (docs/notes/depth.md, "Tuned lens over a trajectory (warm starts)").
         """
 
         max_positions: int = 1024

@@ -219,7 +219,7 @@ def bench_command(
     live: bool = typer.Option(True, help="Also time the live page on the source run (loads checkpoints)."),
     out: Optional[Path] = typer.Option(None, help="Also write the timings as JSON here."),
 ) -> None:
-    """Time a page rerun after a step-slider move on a synthetic results store (issue target ≤ 300 ms)."""
+    """Time a page rerun after a step-slider move on a synthetic results store (target: ≤ 300 ms)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="mlmscope-bench-app-") as tmp:
         src = source if source is not None else Path("runs/demo")

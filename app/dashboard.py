@@ -15,9 +15,6 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import streamlit as st
 
 from mlmscope.app.views import PAGES, page_module
@@ -108,6 +105,9 @@ def status_banner(view: View) -> None:
 
 
 def main() -> None:
+    """The script's body (Streamlit runs the whole file on every interaction)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # this script is an entry point: process defaults are set here
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     st.set_page_config(page_title="mlmscope", layout="wide")
     sources, problems = discover_sources(configured_runs())
     for p in problems:

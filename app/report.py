@@ -31,7 +31,7 @@ import pandas as pd
 from ..analyses.onset import OnsetParams, detect_onset
 from ..analyses.store import ResultStore, StoreError
 from ..checkpoints.manifest import atomic_write_text
-from ..checkpoints.trajectory import Trajectory
+from ..analyses.trajectory import Trajectory
 
 #: Widest per-layer table before sub-layer columns are dropped (a layout limit: 12 columns still fit a README page).
 MAX_COLUMNS = 12

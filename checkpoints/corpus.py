@@ -35,11 +35,11 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
-
-datasets.disable_progress_bars()
 
 from .config import DataConfig
 
@@ -203,8 +203,20 @@ def _in_validation(text: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(h[:8], "big") / 2**64 < fraction
 
 
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """``datasets`` progress bars off for the block (they would interleave with the trainer's), then as before."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def load_corpus(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
-    """Load, split and Arrow-cache a corpus.
+    """Load, split and Arrow-cache a corpus (without ``datasets`` progress bars).
 
     Returns:
         (DatasetDict with ``train`` and ``validation`` splits, each with a ``text`` column, fingerprint) where the
@@ -213,6 +225,11 @@ def load_corpus(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
     Raises:
         CorpusError: missing/empty/unreadable corpus, or a split that leaves one side empty.
     """
+    with _quiet_datasets():
+        return _load_corpus(cfg)
+
+
+def _load_corpus(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
     docs, source = _read_texts(cfg)
     if not docs:
         raise CorpusError(f"corpus {cfg.corpus} is empty")

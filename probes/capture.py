@@ -141,20 +141,36 @@ def envoy_at(net: Any, path: str) -> Any:
     return envoy
 
 
+#: Where :func:`nnsight_wrapper` keeps a module's wrapper (in the module's own ``__dict__``, not as a submodule).
+_WRAPPER_ATTR = "_mlmscope_nnsight"
+
+
+def nnsight_wrapper(module: torch.nn.Module) -> Any:
+    """The one ``nnsight.NNsight`` wrapper of ``module``, created on first use and reused by every caller.
+
+    nnsight patches the wrapped modules' ``forward`` and renames clashing submodules, so the capture and the
+    interventions (layer drop) share one wrapper per loaded model instead of stacking several.
+    """
+    wrapper = module.__dict__.get(_WRAPPER_ATTR)
+    if wrapper is None:
+        from nnsight import NNsight
+
+        with warnings.catch_warnings():
+            # nnsight renames BERT's `output` submodules to `E_output` and warns per layer; resolved by _envoy.
+            warnings.filterwarnings("ignore", message=".*nnsight already serves.*")
+            wrapper = NNsight(module)
+        module.__dict__[_WRAPPER_ATTR] = wrapper
+    return wrapper
+
+
 class _Tracer:
     """An nnsight wrapper of the bare encoder plus the envoys of the requested taps."""
 
     def __init__(self, lm: LoadedModel, names: list[str]) -> None:
-        from nnsight import NNsight
         from nnsight.intervention.envoy import Envoy
 
         enc = lm.arch.encoder_model
-        if "nnsight" not in lm.cache:  # wrap once per loaded model (nnsight patches the modules' forward)
-            with warnings.catch_warnings():
-                # nnsight renames BERT's `output` submodules to `E_output` and warns per layer; resolved below.
-                warnings.filterwarnings("ignore", message=".*nnsight already serves.*")
-                lm.cache["nnsight"] = NNsight(enc)
-        self.net = lm.cache["nnsight"]
+        self.net = nnsight_wrapper(enc)
         paths = {id(m): p for p, m in enc.named_modules()}
         taps = _taps(lm)
         self.plan: list[tuple[str, Any, str, int | None]] = []

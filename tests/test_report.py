@@ -128,7 +128,7 @@ def test_report_has_every_section_and_the_selected_steps(run):
 def test_report_numbers_match_the_stored_results(run):
     from mlmscope.analyses.mask_rank import rank_gap_over_steps
     from mlmscope.analyses.sas import sas_curve
-    from mlmscope.checkpoints.trajectory import Trajectory
+    from mlmscope.analyses.trajectory import Trajectory
 
     md = build_report(run, max_rows=12)
     t = Trajectory(run)
@@ -175,7 +175,7 @@ def test_report_numbers_match_the_stored_results(run):
 
 def test_outliers_and_tuned_lens_sections(run):
     from mlmscope.analyses.outliers import outlier_emergence
-    from mlmscope.checkpoints.trajectory import Trajectory
+    from mlmscope.analyses.trajectory import Trajectory
 
     t = Trajectory(run)
     sec = _sections(build_report(run))

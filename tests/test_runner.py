@@ -27,7 +27,7 @@ from mlmscope.analyses.base import Accumulator, Analysis, SkipAnalysis
 from mlmscope.analyses.runner import Runner, RunnerConfig, RunnerError, parse_steps
 from mlmscope.analyses.store import CHECKPOINT_SCOPE, ResultStore, load_results
 from mlmscope.checkpoints.manifest import CheckpointEntry, Manifest, step_dirname, weights_sha256
-from mlmscope.checkpoints.trajectory import Trajectory
+from mlmscope.analyses.trajectory import Trajectory
 from mlmscope.probes.batch import CaptureBatch
 
 PROBES = [["the", "cat", "sat", "on", "the", "mat"], ["the", "dog", "slept", "near", "the", "fire"],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .manifest import MANIFEST, CheckpointEntry, Manifest, list_checkpoints, read_train_log
+from ..checkpoints.manifest import MANIFEST, CheckpointEntry, Manifest, list_checkpoints, read_train_log
 
 
 class Trajectory:
@@ -15,7 +15,7 @@ class Trajectory:
 
     Example::
 
-        from .trajectory import Trajectory
+        from mlmscope.analyses.trajectory import Trajectory
         t = Trajectory("runs/demo")
         t.checkpoints_frame()         # step, tokens, losses, hash, duplicate flag
         t.results("sas")              # one tidy frame with a `step` column (after `mlmscope analyze`)
@@ -45,6 +45,6 @@ class Trajectory:
 
     def results(self, analysis: str, table: str | None = None) -> pd.DataFrame:
         """All stored results of one analysis across checkpoints, with a ``step`` column (see mlmscope.analyses.store)."""
-        from ..analyses.store import load_results
+        from .store import load_results
 
         return load_results(self.run_dir, analysis, table=table)
