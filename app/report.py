@@ -346,6 +346,24 @@ def _sas_best_table(best: pd.DataFrame, max_rows: int) -> str:
             + md_table(["relation", "n", "best head", "head UAS", "offset UAS (k)", "Δ", "kind"], rows))
 
 
+def attention_section(traj: Trajectory, max_rows: int) -> str:
+    """Per-layer mean attention entropy (relative to uniform) and share on [SEP] and the previous token."""
+    out = ["### Attention: where heads look"]
+    heads = _results(traj, "attention", "heads")
+    if heads is None or heads.empty:
+        return "\n".join(out + [no_results(traj, "attention")])
+    out.append("Mean over each layer's heads of the attention entropy divided by that of uniform attention (1 = "
+               "attends everywhere), and of the attention weight on [SEP] and on the previous token, over every "
+               "real token of the probe set (Clark et al. 2019).")
+    heads = heads.assign(entropy_norm=heads["entropy"] / heads["entropy_uniform"])
+    sel = select_steps(heads["step"], max_rows)
+    cols = {c: _per_layer(heads.groupby(["step", "layer"], as_index=False)[c].mean(), c, sel)
+            for c in ("entropy_norm", "to_sep", "to_prev")}
+    layers = _layer_names(int(heads["layer"].nunique()))
+    rows = [[str(s), *(cols[c].get(s, NA) for c in cols)] for s in sel]
+    return "\n".join(out + ["", md_table(["step", f"entropy / uniform ({layers})", "on [SEP]", "on previous"], rows)])
+
+
 def mask_rank_section(traj: Trajectory, max_rows: int) -> str:
     """Per-layer 0.9-rank with vs without [MASK], the gap, and the mask-only variance fraction."""
     from ..analyses.mask_rank import rank_gap_over_steps
@@ -559,7 +577,7 @@ def build_report(run: str | os.PathLike, max_rows: int = 12, onset: OnsetParams 
     head = ([single_model_section(traj)] if single_model else
             [header_section(traj) + ("\n\nSingle checkpoint: every table has one row; onsets need a trajectory."
                                      if single else ""), training_section(traj, max_rows, p)])
-    parts = [*head, sas_section(traj, max_rows, p, trajectory=not single),
+    parts = [*head, sas_section(traj, max_rows, p, trajectory=not single), attention_section(traj, max_rows),
              mask_rank_section(traj, max_rows), outliers_section(traj, max_rows),
              redundancy_section(traj, max_rows), lens_section(traj, max_rows, trajectory=not single)]
     return "\n\n".join(parts) + "\n"

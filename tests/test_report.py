@@ -15,16 +15,19 @@ import pandas as pd
 import pytest
 import torch
 
+from mlmscope.analyses.base import load_all
 from mlmscope.app.report import NA, ReportError, build_report, fmt, md_table, select_steps
 
 STEPS = [0, 1, 2, 4, 8, 10, 20]
-SECTIONS = ["### Training", "### Syntactic attention structure (SAS)", "### [MASK] rank deficiency",
+SECTIONS = ["### Training", "### Syntactic attention structure (SAS)", "### Attention: where heads look",
+            "### [MASK] rank deficiency",
             "### Outlier dimensions", "### Layer redundancy and layer drop", "### Logit lens and tuned lens"]
-ANALYSES = ["sas", "mask_rank", "outliers", "redundancy", "layer_drop", "logit_lens", "tuned_lens"]
+ANALYSES = ["sas", "attention", "mask_rank", "outliers", "redundancy", "layer_drop", "logit_lens", "tuned_lens"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, small_corpus) -> Path:
+    from mlmscope.analyses.attention import AttentionStats
     from mlmscope.analyses.lens import LogitLens
     from mlmscope.analyses.mask_rank import MaskRank
     from mlmscope.analyses.outliers import Outliers
@@ -45,7 +48,7 @@ def run(tmp_path_factory, small_corpus) -> Path:
     ps = build_probe_set(PROBE_TEXT, BuildConfig(n=len(PROBE_TEXT), min_words=3), tokenizer=lm.tokenizer,
                          max_length=lm.arch.max_length)
     ps.save(path / DEFAULT_PROBES)
-    analyses = [SAS(), MaskRank(), Outliers(), Redundancy(), LayerDrop(), LogitLens(),
+    analyses = [SAS(), AttentionStats(), MaskRank(), Outliers(), Redundancy(), LayerDrop(), LogitLens(),
                 TunedLens(TunedLens.Params(compare_cold=True, max_steps=40))]
     summary = Runner(path, RunnerConfig(batch_size=8, device="cpu"), analyses=analyses).run()
     assert summary.failed == 0
@@ -110,6 +113,7 @@ def test_report_has_every_section_and_the_selected_steps(run):
     for s in SECTIONS:
         assert s in md
     assert "(no results" not in md
+    assert set(ANALYSES) == set(load_all())          # every registered analysis has a report section
     expected = select_steps(STEPS, 5)
     assert expected[0] == 0 and expected[-1] == 20 and len(expected) == 5
     train = _table_after(md, "### Training")

@@ -10,7 +10,7 @@ import importlib
 from types import ModuleType
 
 #: Page slugs in sidebar order (the slug is the module name and the ``?page=`` query parameter).
-PAGES: tuple[str, ...] = ("overview", "syntax", "mask_rank", "outliers", "redundancy", "lens", "live")
+PAGES: tuple[str, ...] = ("overview", "syntax", "attention", "mask_rank", "outliers", "redundancy", "lens", "live")
 
 
 def page_module(slug: str) -> ModuleType:
