@@ -21,16 +21,16 @@ and metric functions of this module.
 
 from __future__ import annotations
 
-from ..checkpoints.errors import MlmscopeError
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
 
-from .base import Accumulator, Analysis, AnalysisContext, SkipAnalysis, register
+from ..checkpoints.errors import MlmscopeError
 from ..probes.batch import CaptureBatch
 from ..probes.model import Arch
+from .base import Accumulator, Analysis, AnalysisContext, SkipAnalysis, register
 
 __all__ = [
     "DepthAnalysisError",
@@ -165,7 +165,7 @@ class FinalRef:
     plogp: torch.Tensor
 
     @classmethod
-    def from_logits(cls, final_logits: torch.Tensor, kmax: int = 10) -> "FinalRef":
+    def from_logits(cls, final_logits: torch.Tensor, kmax: int = 10) -> FinalRef:
         fin = final_logits.float()
         logp = torch.log_softmax(fin, -1)
         p = logp.exp()

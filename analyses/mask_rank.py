@@ -40,7 +40,6 @@ Meng et al. reportedly used ≈5M tokens for d = 768; docs/notes/geometry.md, "S
 
 from __future__ import annotations
 
-from ..checkpoints.errors import MlmscopeError
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +48,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checkpoints.errors import MlmscopeError
+from ..probes.batch import CaptureBatch
 from .base import Accumulator, Analysis, AnalysisContext, register
 from .stats import (
     StreamingCovariance,
@@ -59,7 +60,6 @@ from .stats import (
     residual_stream_names,
     variance_rank,
 )
-from ..probes.batch import CaptureBatch
 
 #: Stored token sets (``clean_real`` and ``masked_all`` are merged from these at result time).
 _STORED = ("clean_at_mask", "clean_other", "masked_mask", "masked_real")
@@ -137,7 +137,7 @@ def merged(a: StreamingCovariance, b: StreamingCovariance) -> StreamingCovarianc
 class MaskRankAccumulator(Accumulator):
     """Per layer and token set, a :class:`StreamingCovariance` (O(L·d²) memory, independent of the probe size)."""
 
-    def __init__(self, names: list[str], d_model: int, params: "MaskRank.Params") -> None:
+    def __init__(self, names: list[str], d_model: int, params: MaskRank.Params) -> None:
         self.names = names
         self.d = d_model
         self.p = params

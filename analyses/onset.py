@@ -33,12 +33,14 @@ Example::
 
 from __future__ import annotations
 
-from ..checkpoints.errors import MlmscopeError
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+
+from ..checkpoints.errors import MlmscopeError
 
 METHOD = "3seg-log10"
 

@@ -34,7 +34,6 @@ docs/notes/geometry.md, "Positional outlier neurons".
 
 from __future__ import annotations
 
-from ..checkpoints.errors import MlmscopeError
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,9 +41,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checkpoints.errors import MlmscopeError
+from ..probes.batch import CaptureBatch
 from .base import Accumulator, Analysis, AnalysisContext, register
 from .stats import StreamingCovariance, hash_uniform, residual_stream_names
-from ..probes.batch import CaptureBatch
 
 KINDS = ("argmax", "argmin")
 CONDITIONS_PROBE = ("all_dims", "without_outliers")
@@ -185,7 +185,7 @@ class PositionMoments:
         self.sums.index_add_(0, pos, xd)
         self.counts += torch.bincount(pos, minlength=self.P).double()
 
-    def merge(self, other: "PositionMoments") -> None:
+    def merge(self, other: PositionMoments) -> None:
         self.xp.merge(other.xp)
         self.sums += other.sums
         self.counts += other.counts
@@ -235,7 +235,7 @@ class _Reservoir:
 class OutlierAccumulator(Accumulator):
     """Counts, per-position moments and an anisotropy sample per layer (memory O(L·(d + P)²), bounded)."""
 
-    def __init__(self, names: list[str], d_model: int, n_positions: int, params: "Outliers.Params",
+    def __init__(self, names: list[str], d_model: int, n_positions: int, params: Outliers.Params,
                  ctx: AnalysisContext) -> None:
         self.names, self.d, self.P, self.p, self.ctx = names, d_model, n_positions, params, ctx
         L = len(names)

@@ -41,22 +41,27 @@ Reference: docs/notes/depth.md ("Method"). Two registered analyses:
 from __future__ import annotations
 
 import math
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..probes.batch import CaptureBatch
+from ..probes.capture import envoy_at, nnsight_wrapper
 from .base import Accumulator, Analysis, AnalysisContext, SkipAnalysis, register
 from .lens import (
-    DepthAnalysisError, NoMaskedPositionsError, check_finite, checkpoint_label, decode_hidden, is_pre_ln,
+    DepthAnalysisError,
+    NoMaskedPositionsError,
+    check_finite,
+    checkpoint_label,
+    decode_hidden,
+    is_pre_ln,
     require_mlm_head,
 )
 from .stats import StreamingCovariance
-from ..probes.batch import CaptureBatch
-from ..probes.capture import envoy_at, nnsight_wrapper
 
 __all__ = ["LayerDrop", "LayerDropAccumulator", "Redundancy", "RedundancyAccumulator", "cka_matrix", "state_names",
            "unit_pairs", "DROP_CONVENTIONS"]

@@ -48,7 +48,6 @@ loss-drop onset, classification and coincidence; see ``mlmscope.analyses.onset``
 
 from __future__ import annotations
 
-from ..checkpoints.errors import MlmscopeError
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,8 +57,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .base import Accumulator, Analysis, AnalysisContext, SkipAnalysis, register
+from ..checkpoints.errors import MlmscopeError
 from ..probes.batch import CaptureBatch
+from .base import Accumulator, Analysis, AnalysisContext, SkipAnalysis, register
 
 #: Prediction directions, in Clark et al.'s naming.
 DIRECTIONS: tuple[str, ...] = ("dep->head", "head<-dep")
@@ -268,7 +268,7 @@ class SASCounts:
 class SASAccumulator(Accumulator):
     """Consumes ``clean`` capture batches and produces the SAS tables (see the module docstring)."""
 
-    def __init__(self, gold: GoldTable, n_layers: int, params: "SAS.Params") -> None:
+    def __init__(self, gold: GoldTable, n_layers: int, params: SAS.Params) -> None:
         self.gold = gold
         self.params = params
         self.counts = SASCounts(n_rel=len(gold.relations), n_layers=n_layers, offsets=tuple(params.offsets),
@@ -403,7 +403,7 @@ def _classify(uas_ho: np.ndarray, base_ho: np.ndarray, n: np.ndarray, share: np.
     return np.where(np.isnan(uas_ho) | np.isnan(base_ho), "unknown", out)
 
 
-def sas_tables(counts: SASCounts, relations: list[str], excluded: list[int], params: "SAS.Params"
+def sas_tables(counts: SASCounts, relations: list[str], excluded: list[int], params: SAS.Params
                ) -> dict[str, pd.DataFrame]:
     """Turn streamed counts into the ``heads``, ``offsets``, ``best`` and ``summary`` tables."""
     p = _pool(counts, relations, excluded)
@@ -449,7 +449,7 @@ def sas_tables(counts: SASCounts, relations: list[str], excluded: list[int], par
     return {"heads": heads, "offsets": offsets_df, "best": best, "summary": summary}
 
 
-def _best_table(p: _Pooled, params: "SAS.Params", n_r: np.ndarray, uas: np.ndarray, hits_rh: np.ndarray,
+def _best_table(p: _Pooled, params: SAS.Params, n_r: np.ndarray, uas: np.ndarray, hits_rh: np.ndarray,
                 share: np.ndarray, uas_nonoff: np.ndarray, off_uas: np.ndarray, best_k: np.ndarray,
                 off_ho: np.ndarray, offsets: np.ndarray, excluded: list[int]) -> pd.DataFrame:
     """Per relation (>= min_count, never root/excluded; ``all`` always): best head vs best offset."""
@@ -484,7 +484,7 @@ def _best_table(p: _Pooled, params: "SAS.Params", n_r: np.ndarray, uas: np.ndarr
     return df.reset_index(drop=True)
 
 
-def _summary(best: pd.DataFrame, counts: SASCounts, params: "SAS.Params", n_cand: int) -> pd.DataFrame:
+def _summary(best: pd.DataFrame, counts: SASCounts, params: SAS.Params, n_cand: int) -> pd.DataFrame:
     row = best[best["relation"] == ALL].iloc[0] if "relation" in best and (best["relation"] == ALL).any() else None
     get = (lambda k: row.get(k, np.nan)) if row is not None else (lambda k: np.nan)
     return pd.DataFrame([{
@@ -554,7 +554,7 @@ class SAS(Analysis):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sas_frames(model: Any, probe_set: Any, params: "SAS.Params | None" = None, batch_size: int = 32,
+def sas_frames(model: Any, probe_set: Any, params: SAS.Params | None = None, batch_size: int = 32,
                device: str = "cpu") -> dict[str, pd.DataFrame]:
     """Run the SAS analysis on one model; the same accumulator the trajectory runner uses.
 

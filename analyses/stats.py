@@ -90,7 +90,7 @@ class StreamingMean:
         self._sum = s if self._sum is None else self._sum + s.to(self._sum.device)
         self.n += t.shape[0]
 
-    def merge(self, other: "StreamingMean") -> None:
+    def merge(self, other: StreamingMean) -> None:
         """Fold another accumulator of the same width into this one."""
         if other.n == 0:
             return
@@ -151,7 +151,7 @@ class StreamingCrossCovariance:
         mx, my = tx.mean(0), ty.mean(0)
         self._merge_moments(tx.shape[0], mx, my, (tx - mx).T @ (ty - my))
 
-    def merge(self, other: "StreamingCrossCovariance") -> None:
+    def merge(self, other: StreamingCrossCovariance) -> None:
         """Fold another accumulator with the same widths into this one."""
         if other.n:
             self._merge_moments(other.n, other._mx.clone(), other._my.clone(), other._sxy.clone())
@@ -214,7 +214,7 @@ class StreamingCovariance:
         c = t - m
         self._xx._merge_moments(t.shape[0], m, m, c.T @ c)
 
-    def merge(self, other: "StreamingCovariance") -> None:
+    def merge(self, other: StreamingCovariance) -> None:
         """Fold another accumulator of the same width into this one."""
         self._xx.merge(other._xx)
 

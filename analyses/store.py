@@ -25,19 +25,20 @@ Example::
 
 from __future__ import annotations
 
-from ..checkpoints.errors import MlmscopeError
 import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pandas as pd
 
+from ..checkpoints.errors import MlmscopeError
 from ..checkpoints.manifest import atomic_write_text, list_checkpoints
 
 RESULTS = "results"
@@ -146,7 +147,7 @@ class ResultStore:
             if write_extra is not None:
                 write_extra(tmp)
             record = {**(meta or {}), **asdict(key), "dirname": key.dirname, "status": status,
-                      "tables": sorted(tables), "rows": {k: int(len(v)) for k, v in tables.items()},
+                      "tables": sorted(tables), "rows": {k: len(v) for k, v in tables.items()},
                       "result_id": uuid.uuid4().hex, "created": time.time()}
             atomic_write_text(tmp / META, json.dumps(record, indent=1, default=str))
             _fsync_dir(tmp)

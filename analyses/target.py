@@ -19,15 +19,23 @@ Example::
 
 from __future__ import annotations
 
-from ..checkpoints.errors import MlmscopeError
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoints.manifest import (MANIFEST, WEIGHT_FILES, WEIGHTS, CheckpointEntry, Manifest, has_weights,
-                                  list_checkpoints, weights_sha256)
+from ..checkpoints.errors import MlmscopeError
+from ..checkpoints.manifest import (
+    MANIFEST,
+    WEIGHT_FILES,
+    WEIGHTS,
+    CheckpointEntry,
+    Manifest,
+    has_weights,
+    list_checkpoints,
+    weights_sha256,
+)
 
 #: Manifest ``run.kind`` of a single-model results folder (a training run has no ``kind``).
 SINGLE_MODEL_KIND = "single_model"

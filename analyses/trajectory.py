@@ -44,7 +44,7 @@ class Trajectory:
         return pd.DataFrame(read_train_log(self.run_dir))
 
     def results(self, analysis: str, table: str | None = None) -> pd.DataFrame:
-        """All stored results of one analysis across checkpoints, with a ``step`` column (see mlmscope.analyses.store)."""
+        """All stored results of one analysis across checkpoints, with a ``step`` column (see :mod:`.store`)."""
         from .store import load_results
 
         return load_results(self.run_dir, analysis, table=table)

@@ -27,24 +27,34 @@ Public API::
 
 from __future__ import annotations
 
-from ..checkpoints.errors import MlmscopeError
 import json
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 
+from ..checkpoints.errors import MlmscopeError
+from ..probes.batch import CaptureBatch
 from .base import Accumulator, Analysis, AnalysisContext, register
 from .lens import (
-    METRICS, FinalRef, LensSite, LensSums, NoMaskedPositionsError, check_finite, checkpoint_label, decode_hidden,
-    lens_metric_sums, masked_states, require_mlm_head,
+    METRICS,
+    FinalRef,
+    LensSite,
+    LensSums,
+    NoMaskedPositionsError,
+    check_finite,
+    checkpoint_label,
+    decode_hidden,
+    lens_metric_sums,
+    masked_states,
+    require_mlm_head,
 )
-from ..probes.batch import CaptureBatch
 
 __all__ = [
     "TRANSLATORS_FILE",
@@ -99,7 +109,7 @@ class AffineTranslators(nn.Module):
         return h + torch.einsum("kij,knj->kni", self.weight, h) + self.bias[:, None, :]
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "AffineTranslators":
+    def from_state(cls, state: dict[str, torch.Tensor]) -> AffineTranslators:
         """Rebuild from a state dict with ``weight`` (K, D, D) and ``bias`` (K, D)."""
         t = cls(*state["weight"].shape[:2])
         t.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
@@ -301,7 +311,7 @@ class TunedLensAccumulator(Accumulator):
     size), plus O(N·V) while fitting one layer.
     """
 
-    def __init__(self, arch: Any, n_layers: int, params: "TunedLens.Params", label: str, device: str,
+    def __init__(self, arch: Any, n_layers: int, params: TunedLens.Params, label: str, device: str,
                  init: dict[str, Any] | None, frozen: list[nn.Module]) -> None:
         self.arch = arch
         self.params = params

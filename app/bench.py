@@ -20,7 +20,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -212,12 +211,12 @@ def _has_results(run: Path) -> bool:
 
 
 def bench_command(
-    source: Optional[Path] = typer.Argument(None, help="An analysed run to replicate (default: runs/demo if it has "
+    source: Path | None = typer.Argument(None, help="An analysed run to replicate (default: runs/demo if it has "
                                                        "results, else a freshly trained micro run)."),
     checkpoints: int = typer.Option(100, help="Checkpoints in the synthetic store."),
     moves: int = typer.Option(10, help="Slider moves timed per page."),
     live: bool = typer.Option(True, help="Also time the live page on the source run (loads checkpoints)."),
-    out: Optional[Path] = typer.Option(None, help="Also write the timings as JSON here."),
+    out: Path | None = typer.Option(None, help="Also write the timings as JSON here."),
 ) -> None:
     """Time a page rerun after a step-slider move on a synthetic results store (target: ≤ 300 ms)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

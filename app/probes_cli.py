@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import typer
 
 from .boundary import UserError
-
 
 app = typer.Typer(help="Probe sets (parsed held-out sentences) and activation capture.", no_args_is_help=True)
 
@@ -21,10 +20,10 @@ def build(
     min_words: int = typer.Option(5, help="Shortest sentence in words."),
     max_words: int = typer.Option(40, help="Longest sentence in words."),
     seed: int = typer.Option(0, help="Seed of document order and the half split."),
-    model: Optional[Path] = typer.Option(None, help="Checkpoint folder: skip sentences that do not fit its tokenizer "
+    model: Path | None = typer.Option(None, help="Checkpoint folder: skip sentences that do not fit its tokenizer "
                                                     "and position limit, and record the tokenizer hash."),
     corpus: str = typer.Option("wiki", help="Corpus (as for training); its validation split is parsed."),
-    conllu: Optional[Path] = typer.Option(None, help="Use this CoNLL-U file (e.g. a gold treebank) instead of "
+    conllu: Path | None = typer.Option(None, help="Use this CoNLL-U file (e.g. a gold treebank) instead of "
                                                      "parsing text."),
 ) -> None:
     """Build a probe set from held-out validation text (spaCy silver parses) or import a CoNLL-U file."""
@@ -60,12 +59,12 @@ def build(
 
 @app.command()
 def bench(
-    model: Optional[Path] = typer.Argument(None, help="Checkpoint folder (BertForMaskedLM / RobertaForMaskedLM / "
+    model: Path | None = typer.Argument(None, help="Checkpoint folder (BertForMaskedLM / RobertaForMaskedLM / "
                                                       "BertModel); or use --preset."),
-    preset: Optional[str] = typer.Option(None, help="Benchmark a random-init model of this preset's shape "
+    preset: str | None = typer.Option(None, help="Benchmark a random-init model of this preset's shape "
                                                     "(e.g. tiny) instead of a folder."),
     n: int = typer.Option(1000, help="Sentences (synthetic unless --probes)."),
-    probes: Optional[Path] = typer.Option(None, help="Probe set folder or CoNLL-U file to use instead."),
+    probes: Path | None = typer.Option(None, help="Probe set folder or CoNLL-U file to use instead."),
     batch_size: int = typer.Option(32),
     names: Literal["all", "attn", "resid"] = typer.Option("all", help="all | attn (patterns) | resid (embed + "
                                                         "resid_post)."),

@@ -19,19 +19,18 @@ or ``mlmscope report runs/demo --out docs/demo_report.md``.
 
 from __future__ import annotations
 
-from ..checkpoints.errors import MlmscopeError
 import math
 import os
-from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ..analyses.onset import OnsetParams, detect_onset
 from ..analyses.store import ResultStore, StoreError
-from ..checkpoints.manifest import atomic_write_text
 from ..analyses.trajectory import Trajectory
+from ..checkpoints.errors import MlmscopeError
 
 #: Widest per-layer table before sub-layer columns are dropped (a layout limit: 12 columns still fit a README page).
 MAX_COLUMNS = 12

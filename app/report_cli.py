@@ -4,16 +4,15 @@ imported when the command runs, so ``mlmscope --help`` stays fast."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
-from typing_extensions import Annotated
 
 
 def report_command(
     run: Annotated[Path, typer.Argument(help="Run folder analysed with `mlmscope analyze`, a single model's results "
                                         "folder, or the model folder itself (its default results folder is found).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the Markdown to this file.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the Markdown to this file.")] = None,
     max_rows: Annotated[int, typer.Option("--max-rows", help="Checkpoints per table (log-spaced, first and last "
                                           "included).")] = 12,
     onset_min_step: Annotated[float, typer.Option("--onset-min-step", help="Onsets ignore checkpoints before this "

@@ -6,7 +6,6 @@ prints the URL; ``app_command`` is the typer-annotated function the CLI mounts a
 
 from __future__ import annotations
 
-from ..checkpoints.errors import MlmscopeError
 import os
 import signal
 import socket
@@ -14,9 +13,10 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
+
+from ..checkpoints.errors import MlmscopeError
 
 #: The Streamlit entry script.
 DASHBOARD = Path(__file__).resolve().with_name("dashboard.py")
@@ -130,7 +130,7 @@ def serve(runs: list[Path], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) 
 
 
 def app_command(
-    runs: Optional[list[Path]] = typer.Argument(None, help="Run folders (default runs/demo); a folder of seed_* "
+    runs: list[Path] | None = typer.Argument(None, help="Run folders (default runs/demo); a folder of seed_* "
                                                            "runs is shown as one group (mean ± band)."),
     host: str = typer.Option(DEFAULT_HOST, help="Address to bind (127.0.0.1 = this machine only)."),
     port: int = typer.Option(DEFAULT_PORT, help="TCP port."),

@@ -28,15 +28,19 @@ from . import hardware
 from .config import make_config
 from .corpus import load_corpus
 from .data import Masker, StepBatches, pack
-from .train import (SparseMLM, _build_model, _build_tokenizer, _optimizer, _train_step, lr_factor,
-                               resolve_levers)
+from .train import SparseMLM, _build_model, _build_tokenizer, _optimizer, _train_step, lr_factor, resolve_levers
 
 
 def _hf_round(cfg, tok, data: torch.Tensor, steps: int, warmup: int) -> float:
     """Tokens/s of HF Trainer over ``steps`` timed steps (after ``warmup`` untimed ones)."""
     import datasets
-    from transformers import (BertForMaskedLM, DataCollatorForLanguageModeling, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import (
+        BertForMaskedLM,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

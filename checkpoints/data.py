@@ -8,11 +8,12 @@ padding mask (one of the speed levers, see README "Benchmark").
 
 from __future__ import annotations
 
-from .errors import MlmscopeError
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .errors import MlmscopeError
 
 
 class DataError(MlmscopeError, ValueError):

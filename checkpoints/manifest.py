@@ -16,7 +16,6 @@ accepted by :func:`list_checkpoints`: steps are parsed from the folder names.
 
 from __future__ import annotations
 
-from .errors import MlmscopeError
 import hashlib
 import json
 import os
@@ -25,6 +24,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import MlmscopeError
 
 MANIFEST = "manifest.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -73,7 +74,7 @@ class Manifest:
     checkpoints: list[CheckpointEntry] = field(default_factory=list)
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike) -> "Manifest":
+    def load(cls, run_dir: str | os.PathLike) -> Manifest:
         """Read ``run_dir/manifest.json``.
 
         Raises:

@@ -42,16 +42,18 @@ Trainer wiring (``checkpoints/train.py``)::
 
 from __future__ import annotations
 
-from .errors import MlmscopeError
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
+from .errors import MlmscopeError
 
 #: Chen et al.'s code default ``--lambda_reg`` (run_mlm_reg_depparse.py).
 CHEN_CODE_LAMBDA = 0.01

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from .errors import MlmscopeError
 import hashlib
 import json
 import os
@@ -11,6 +10,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from .errors import MlmscopeError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 ASSETS = Path(__file__).parent / "assets" / "tokenizers"

@@ -9,14 +9,29 @@ Notebook use::
         print(batch.sentence_ids, batch["blocks.0.attn.hook_pattern"].shape)
 """
 
-from .align import (EncodedProbes, empty_words, encode_words, first_piece_positions, piece_to_word_matrix,
-                          word_ids_tensor, words_to_pieces)
+from .align import (
+                          EncodedProbes,
+                          empty_words,
+                          encode_words,
+                          first_piece_positions,
+                          piece_to_word_matrix,
+                          word_ids_tensor,
+                          words_to_pieces,
+)
 from .batch import CaptureBatch
 from .capture import ACTIVATION_NAMES, activation_names, capture, prepare
 from .masking import VARIANTS, apply_mask, mask_positions
 from .model import ArchAdapter, LoadedModel, ModelLoadError, ProbeError, load_model, tokenizer_hash
-from .probeset import (BuildConfig, ProbeSet, ProbeSetError, build_default, build_probe_set, load_probe_set,
-                             read_conllu, sentences_of)
+from .probeset import (
+                          BuildConfig,
+                          ProbeSet,
+                          ProbeSetError,
+                          build_default,
+                          build_probe_set,
+                          load_probe_set,
+                          read_conllu,
+                          sentences_of,
+)
 
 __all__ = [
     "BuildConfig", "ProbeSet", "ProbeSetError", "build_default", "build_probe_set", "load_probe_set", "read_conllu",

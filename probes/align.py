@@ -12,8 +12,9 @@ attention ``A_w = (P @ A @ Pᵀ) / |S_i|`` (Clark et al. 2019; docs/notes/sas.md
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -25,8 +25,9 @@ into an analysis that forgets the mask; analyses should still use ``token_mask``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 

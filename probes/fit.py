@@ -112,7 +112,7 @@ def load_tokenizer(model_dir: str | Path) -> tuple[Any, int]:
     cfg = _read_config(p)
     try:
         tok = AutoTokenizer.from_pretrained(str(p))
-    except Exception as e:  # noqa: BLE001 - any failure is a folder problem, reported by the caller
+    except Exception as e:
         raise ModelLoadError(f"{str(p)!r}: could not load a tokenizer ({type(e).__name__}: {e})") from None
     n = int(cfg.get("max_position_embeddings", 512))  # 512: the BERT default when a config omits it
     if cfg.get("model_type") == "roberta":  # fairseq offset, as mlmscope.probes.model.ArchAdapter.max_length

@@ -48,7 +48,7 @@ def _positions(variant: str, n_pieces: int, sentence_id: int, seed: int) -> tupl
     """Memoised: a trajectory asks for the same sentences at every checkpoint (a generator costs ~50 µs to seed)."""
     if variant == "clean" or n_pieces == 0:
         return ()
-    k = 1 if variant == "mask1" else max(1, int(round(MASK15_RATE * n_pieces)))
+    k = 1 if variant == "mask1" else max(1, round(MASK15_RATE * n_pieces))
     rng = np.random.default_rng([seed, _VARIANT_CODE[variant], sentence_id])
     return tuple(np.sort(rng.choice(n_pieces, size=min(k, n_pieces), replace=False)).tolist())
 

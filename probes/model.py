@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-from ..checkpoints.errors import MlmscopeError
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from ..checkpoints.errors import MlmscopeError
 
 
 class ProbeError(MlmscopeError):
@@ -335,13 +336,13 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     family, has_head, cls_name = SUPPORTED_ARCHITECTURES[arch_name]
     try:
         tok = AutoTokenizer.from_pretrained(str(p))
-    except Exception as e:  # noqa: BLE001 - any failure here is a user-facing folder problem
+    except Exception as e:
         raise ModelLoadError(f"{str(p)!r}: could not load a tokenizer ({type(e).__name__}: {e})") from None
     if not getattr(tok, "is_fast", False):
         raise ModelLoadError(f"{str(p)!r}: a fast tokenizer (tokenizer.json) is needed for word_ids() alignment")
     try:
         model = getattr(transformers, cls_name).from_pretrained(str(p), attn_implementation="eager")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ModelLoadError(f"{str(p)!r}: could not load {cls_name} weights ({type(e).__name__}: {e})") from None
     model.eval().to(device)
     vocab = int(model.config.vocab_size)

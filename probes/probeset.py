@@ -23,9 +23,10 @@ import json
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -352,7 +353,7 @@ def read_conllu(path: str | Path, seed: int = 0) -> ProbeSet:
     _check_conllu(text, str(p))
     try:
         sents = conllu.parse(text)
-    except Exception as e:  # noqa: BLE001 - conllu raises several types
+    except Exception as e:
         raise ProbeSetError(f"{p}: not valid CoNLL-U ({e})") from None
     n_blocks = len(sents)
     sents = [s for s in sents if any(isinstance(t["id"], int) for t in s)]

@@ -13,16 +13,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 
-from mlmscope.app.bench import PROBE_TEXT  # noqa: E402 - the dashboard's micro fixture uses the same sentences
+from mlmscope.app.bench import PROBE_TEXT
 
 #: A few hundred words of varied English, enough to train a small WordPiece vocab for fixtures.
 FIXTURE_TEXT = PROBE_TEXT * 4
 
 
 def _save_micro(tmp, model_cls_name: str = "BertForMaskedLM", seed: int = 0, **cfg_overrides):
+    import transformers
+
     from mlmscope.checkpoints.config import make_config
     from mlmscope.checkpoints.tokenizer import train_wordpiece
-    import transformers
 
     tok = train_wordpiece(FIXTURE_TEXT, vocab_size=300, min_frequency=1)
     cfg = make_config("micro").model

@@ -4,8 +4,6 @@ analysed with a visible warning and a count, or refused when nothing usable is l
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from transformers import AutoTokenizer
 

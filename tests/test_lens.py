@@ -9,15 +9,26 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import FIXTURE_TEXT
 from mlmscope.analyses.base import AnalysisContext, SkipAnalysis
 from mlmscope.analyses.lens import (
-    LogitLens, NoMaskedPositionsError, NonFiniteActivationError, decode_hidden, lens_metric_sums, lens_sites,
+    LogitLens,
+    NoMaskedPositionsError,
+    NonFiniteActivationError,
+    decode_hidden,
+    lens_metric_sums,
+    lens_sites,
 )
 from mlmscope.analyses.tuned_lens import (
-    TRANSLATORS_FILE, AffineTranslators, FitConfig, TunedLens, fit_tuned_lens, load_translators, save_translators,
+    TRANSLATORS_FILE,
+    AffineTranslators,
+    FitConfig,
+    TunedLens,
+    fit_tuned_lens,
+    load_translators,
+    save_translators,
     steps_to_reach,
 )
-from conftest import FIXTURE_TEXT
 from mlmscope.probes import capture, load_model
 from mlmscope.probes.batch import CaptureBatch
 from tolerance import assert_close_scaled
@@ -363,7 +374,7 @@ def _toy_problem(seed=0, K=2, N=400, d=8, V=20):
     """hiddens whose final distribution is head(R_k h + c_k): an affine translator can reach KL = 0."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(V, d, generator=g)
-    head = lambda h: h @ W.T  # noqa: E731
+    head = lambda h: h @ W.T
     h = torch.randn(K, N, d, generator=g)
     R = torch.eye(d) + 0.3 * torch.randn(d, d, generator=g)
     final = head(h[0] @ R.T + 0.2)

@@ -234,8 +234,8 @@ def test_bad_params():
 @pytest.mark.slow
 def test_real_capture_minilm(minilm_dir):
     """Both geometry analyses through the real capture on the pretrained MiniLM (head-less BertModel)."""
-    from mlmscope.analyses.mask_rank import MaskRank
     from conftest import FIXTURE_TEXT
+    from mlmscope.analyses.mask_rank import MaskRank
     from mlmscope.probes.capture import capture
     from mlmscope.probes.model import load_model
 

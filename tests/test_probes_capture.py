@@ -108,7 +108,7 @@ def test_padding_invariance_every_name(micro):
                 assert_close_scaled(a[sid], s[sid])
     # MLM logits at every token position: same rows (in order) as one-by-one.
     for v in kw["variants"]:
-        big = [b for b in batched if b.variant == v][0]
+        big = next(b for b in batched if b.variant == v)
         rows = big.head_positions[:, 0]
         for r, sid in enumerate(big.sentence_ids.tolist()):
             one = next(b for b in single if b.variant == v and b.sentence_ids.item() == sid)
@@ -172,7 +172,7 @@ def test_masking_deterministic_and_counts(micro):
         a = apply_mask(enc.input_ids[i], special, "mask15", sid, 4, seed=3)
         assert a == apply_mask(enc.input_ids[i], special, "mask15", sid, 4, seed=3)
         assert sum(x != -100 for x in a[1]) == max(1, round(0.15 * n))
-        ids1, lab1 = apply_mask(enc.input_ids[i], special, "mask1", sid, 4)
+        _ids1, lab1 = apply_mask(enc.input_ids[i], special, "mask1", sid, 4)
         assert sum(x != -100 for x in lab1) == 1 and not any(s and l != -100 for s, l in zip(special, lab1))
     assert any(mask_positions("mask15", 30, s, 0).tolist() != mask_positions("mask15", 30, s, 1).tolist()
                for s in range(5))

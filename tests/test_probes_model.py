@@ -54,7 +54,7 @@ def test_roberta(tmp_path, micro_model_dir):
 
 
 def test_non_bert_folder_names_what_was_found(tmp_path):
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(
         tmp_path)

@@ -8,11 +8,25 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import FIXTURE_TEXT
-from mlmscope.probes import ProbeError, capture, load_model, prepare
-from mlmscope.probes.align import SKIP_EMPTY, SKIP_EMPTY_WORD, SKIP_TOO_LONG, empty_words, encode_words, piece_to_word_matrix
 from mlmscope.app.cli import app
-from mlmscope.probes.probeset import (BuildConfig, ProbeSetError, build_probe_set, load_parser, load_probe_set, read_conllu,
-                             sentences_of)
+from mlmscope.probes import ProbeError, capture, load_model, prepare
+from mlmscope.probes.align import (
+    SKIP_EMPTY,
+    SKIP_EMPTY_WORD,
+    SKIP_TOO_LONG,
+    empty_words,
+    encode_words,
+    piece_to_word_matrix,
+)
+from mlmscope.probes.probeset import (
+    BuildConfig,
+    ProbeSetError,
+    build_probe_set,
+    load_parser,
+    load_probe_set,
+    read_conllu,
+    sentences_of,
+)
 
 #: 15 distinct sentences, grouped 3 per document; plus a 3-word one (too short) and repeats (duplicates).
 DOCS = [" ".join(FIXTURE_TEXT[i: i + 3]) for i in range(0, 15, 3)] + ["Too short here.", FIXTURE_TEXT[0]]

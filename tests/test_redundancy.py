@@ -9,12 +9,11 @@ from torch import nn
 
 from mlmscope.analyses.base import SkipAnalysis
 from mlmscope.analyses.lens import NoMaskedPositionsError, NonFiniteActivationError
-from mlmscope.analyses.redundancy import LayerDrop, Redundancy, cka_matrix, state_names
+from mlmscope.analyses.redundancy import LayerDrop, Redundancy, state_names
 from mlmscope.probes import capture, load_model
 from mlmscope.probes.batch import CaptureBatch
 from test_lens import SENTS, lm_ctx, make_ctx, prel_batch, prel_model, run_analysis
 from tolerance import approx_scaled, assert_close_scaled
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,8 +11,19 @@ import torch
 
 from mlmscope.analyses.base import SkipAnalysis, load_all
 from mlmscope.analyses.sas import (
-    SAS, SASAccumulator, SASInputError, _held_out, fixed_head_curve, gold_table, predict_heads, sas_curve, sas_frames,
-    sas_onsets, word_attention, word_index_tensor)
+    SAS,
+    SASAccumulator,
+    SASInputError,
+    _held_out,
+    fixed_head_curve,
+    gold_table,
+    predict_heads,
+    sas_curve,
+    sas_frames,
+    sas_onsets,
+    word_attention,
+    word_index_tensor,
+)
 from mlmscope.probes.batch import CaptureBatch
 from mlmscope.probes.probeset import ProbeSet, sentences_of
 from tolerance import assert_close_scaled
@@ -340,9 +351,9 @@ def test_minilm_best_head_beats_best_offset(minilm_dir):
 
 def test_runner_results_feed_the_trajectory_curve(tmp_path, parsed_fixture_probes):
     """SAS through the trajectory runner (real capture) -> stored tables -> sas_curve with val_loss -> onsets."""
+    from conftest import _save_micro
     from mlmscope.analyses.runner import Runner, RunnerConfig
     from mlmscope.checkpoints.manifest import CheckpointEntry, Manifest, step_dirname, weights_sha256
-    from conftest import _save_micro
 
     run = tmp_path / "run"
     manifest = Manifest(run={"status": "finished"})

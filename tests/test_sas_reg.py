@@ -8,8 +8,17 @@ import torch
 
 from mlmscope.checkpoints.data import Masker, StepBatches, pack
 from mlmscope.checkpoints.sas_reg import (
-    SASRegConfig, SASRegError, iter_arcs, pack_heads, parse_corpus, piece_heads, sas_attention_score, sas_regularizer,
-    step_heads, training_heads)
+    SASRegConfig,
+    SASRegError,
+    iter_arcs,
+    pack_heads,
+    parse_corpus,
+    piece_heads,
+    sas_attention_score,
+    sas_regularizer,
+    step_heads,
+    training_heads,
+)
 
 
 def hand_attentions() -> list[torch.Tensor]:
@@ -105,8 +114,8 @@ def nlp():
 
 @pytest.fixture(scope="module")
 def tok():
-    from tests.conftest import FIXTURE_TEXT
     from mlmscope.checkpoints.tokenizer import train_wordpiece
+    from tests.conftest import FIXTURE_TEXT
 
     return train_wordpiece(FIXTURE_TEXT, vocab_size=300, min_frequency=1)
 

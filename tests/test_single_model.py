@@ -230,7 +230,7 @@ def test_report_of_an_unanalysed_model_says_what_to_do(cli, micro_model_dir, tmp
     assert "mlmscope analyze" in _one_error_line(res.output)
 
 
-# --- dashboard ---------------------------------------------------------------------------------------------------------
+# --- dashboard -------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def single_results(tmp_path_factory, micro_model_dir):
     """A single-model results folder of the micro MLM with four real analyses (a few seconds)."""

@@ -8,8 +8,15 @@ import os
 import pandas as pd
 import pytest
 
-from mlmscope.analyses.store import (CHECKPOINT_SCOPE, INDEX, ResultKey, ResultStore, StoreError, load_results,
-                            stable_hash)
+from mlmscope.analyses.store import (
+    CHECKPOINT_SCOPE,
+    INDEX,
+    ResultKey,
+    ResultStore,
+    StoreError,
+    load_results,
+    stable_hash,
+)
 from mlmscope.checkpoints.manifest import CheckpointEntry, Manifest
 
 

@@ -1,7 +1,7 @@
 """Dashboard pages: one small module per page, each with ``TITLE`` and ``render(view)``.
 
-To add a page, write ``app/views/<name>.py`` with ``TITLE`` and ``render(view: mlmscope.app.views.common.View)`` and add its
-name to :data:`PAGES`; it then appears in the sidebar and follows the global step slider.
+To add a page, write ``app/views/<name>.py`` with ``TITLE`` and ``render(view: mlmscope.app.views.common.View)`` and
+add its name to :data:`PAGES`; it then appears in the sidebar and follows the global step slider.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ of :mod:`mlmscope.app.views.data`) and draws them with the helpers here, so each
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

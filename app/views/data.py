@@ -169,7 +169,10 @@ def stored(run: str, fp: tuple[int, ...]) -> dict[str, dict[str, Any]]:
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def results(run: str, analysis: str, table: str, fp: tuple[int, ...]) -> pd.DataFrame:
-    """One stored table of one analysis over all checkpoints (``mlmscope.analyses.store.load_results``); empty if absent."""
+    """One stored table of one analysis over all checkpoints (``mlmscope.analyses.store.load_results``).
+
+    Empty if absent.
+    """
     try:
         return ResultStore(run).load(analysis, table)
     except (StoreError, OSError, ValueError):
@@ -186,7 +189,10 @@ def failures(run: str, fp: tuple[int, ...]) -> pd.DataFrame:
 
 @st.cache_data(show_spinner="Verifying checkpoint hashes…", max_entries=16)
 def verification(run: str, fp: tuple[int, ...]) -> pd.DataFrame:
-    """``mlmscope.checkpoints.verify.verify_run``: step, path, status (ok/mismatch/corrupted/missing/duplicate), detail."""
+    """``mlmscope.checkpoints.verify.verify_run``: step, path, status, detail.
+
+    Status is one of ok/mismatch/corrupted/missing/duplicate.
+    """
     from ...checkpoints.verify import verify_run
 
     try:

@@ -70,8 +70,8 @@ def render(view: View) -> None:
             grid = _kl_grid(view.focus, view.fp(view.focus), include_mid, lens)
             common.show(_kl_heatmap(grid, used, name, zrange), sel, f"lens_kl_{lens}",
                         f"log10 KL(final ‖ {name}) per depth (0 = embeddings, l + 1 = output of block l, l + 0.5 = "
-                        f"after its attention; the last layer, KL = 0, is left out) and step, averaged over [MASK] positions of the probe set "
-                        f"({LOGIT if lens == 'logit' else TUNED} `per_layer` table). The selected step is "
+                        "after its attention; the last layer, KL = 0, is left out) and step, averaged over [MASK] "
+                        f"positions of the probe set ({LOGIT if lens == 'logit' else TUNED} `per_layer` table). The selected step is "
                         "outlined.")
     _kl_at_step(view, at, used)
     _topk(view)
@@ -143,5 +143,6 @@ def show_topk(top: pd.DataFrame, key: str, caption: str) -> None:
     wide.columns = [f"top {c}" if isinstance(c, (int, np.integer)) else c for c in wide.columns]
     st.dataframe(wide, key=f"df_{key}", hide_index=True)
     st.caption(caption + ". Each layer's hidden state at the [MASK] decoded through the full MLM head "
-                         "(mlmscope.analyses.lens.decode_hidden); tuned lens = the stored affine translators applied first.")
+                         "(mlmscope.analyses.lens.decode_hidden); tuned lens = the stored affine translators applied "
+                         "first.")
     common.csv_button(top, key)

@@ -9,9 +9,9 @@ can be used from a notebook too.
 
 from __future__ import annotations
 
-from ...checkpoints.errors import MlmscopeError
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,7 @@ import torch
 
 from ...analyses.lens import decode_hidden, lens_sites
 from ...analyses.sas import word_attention, word_index_tensor
+from ...checkpoints.errors import MlmscopeError
 
 
 class LiveInputError(MlmscopeError, ValueError):

@@ -18,7 +18,7 @@ def render(view: View) -> None:
         st.info(f"`{view.focus}` has no finished checkpoints yet. Train it with `mlmscope train {view.focus}` (or "
                 "wait: the first checkpoint appears once it is completely written and hashed).")
         return
-    rows, used = view.at_step(ck)
+    rows, _used = view.at_step(ck)
     r = rows.iloc[0]
     common.metric_row([
         ("step", int(r["step"]), "Optimiser steps taken (0 = initialisation)."),
@@ -86,7 +86,8 @@ def _checkpoint_table(view: View, ck: pd.DataFrame) -> None:
     tab.insert(0, "selected", tab["step"] == view.step)
     common.table(tab, "overview_checkpoints",
                  "Finished checkpoints of the focus run (manifest.json); hash = sha256 of the weights; "
-                 "verification re-hashes every weights file (mlmscope.checkpoints.verify); `selected` marks the global step.")
+                 "verification re-hashes every weights file (mlmscope.checkpoints.verify); `selected` marks the global "
+                 "step.")
 
 
 def _config(view: View) -> None:
