@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -29,7 +29,7 @@ console = Console(stderr=True)
 DEFAULT_RUN = Path("runs/demo")
 
 
-def _int_list(text: Optional[str], option: str = "") -> Optional[list[int]]:
+def _int_list(text: str | None, option: str = "") -> list[int] | None:
     """``"0,10,100"`` as ``[0, 10, 100]`` (None for no text).
 
     Raises:
@@ -79,9 +79,8 @@ def _merge_overrides(options: dict[str, Any], sets: dict[str, Any]) -> dict[str,
     merged = {k: v for k, v in options.items() if v is not None}
     for key, value in sets.items():
         if key in merged and merged[key] != value:
-            flag = "--" + {"sas_lam": "sas_lambda"}.get(key, key).replace("_", "-")
-            raise UserError(f"{key} is given twice with different values: {flag} {merged[key]!r} and --set "
-                            f"{key}={value!r}; give it once")
+            raise UserError(f"{key} is given twice with different values: --{key.replace('_', '-')} "
+                            f"{merged[key]!r} and --set {key}={value!r}; give it once")
         merged[key] = value
     return merged
 
@@ -96,51 +95,136 @@ def _show_warnings() -> None:
     warnings.showwarning = show
 
 
-@app.command()
+#: ``mlmscope train --help`` panels: the run's own options, then one per RunConfig section.
+_RUN_PANEL = "Run"
+_SECTION_PANELS = {"model": "Model", "train": "Training", "data": "Corpus and tokenizer",
+                   "sas_reg": "SAS regulariser (Chen et al. 2024)"}
+#: Where :class:`_TrainCommand` hands the values of the run-config options to :func:`train`.
+_CONFIG_OPTIONS = "mlmscope.train.config_options"
+
+
+def _config_params() -> list:
+    """One option per run-config field, generated from the dataclasses
+    (``mlmscope.checkpoints.config.config_fields``): ``--flat-name``, the field's type (a ``Literal`` becomes choices
+    that typer shows and checks; lists and tuples are comma-separated text read like ``--set``), the field's help,
+    and no default (an option not given keeps the preset's value). Built by typer from a generated signature."""
+    import functools
+    import inspect
+
+    from ..checkpoints.config import config_fields
+
+    params = []
+    for f in config_fields().values():
+        scalar = _scalar_type(f.type)
+        more = {} if scalar else {"parser": functools.partial(_field_text, f), "metavar": _list_metavar(f.type)}
+        option = typer.Option(None, help=f.help, rich_help_panel=_SECTION_PANELS[f.section], **more)
+        params.append(inspect.Parameter(f.key, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=(scalar or str) | None))
+
+    def options(**values: Any) -> None:
+        """Holds the generated signature; typer turns it into click options."""
+
+    options.__signature__ = inspect.Signature(params)
+    holder = typer.Typer(add_completion=False)
+    holder.command()(options)
+    return list(typer.main.get_command(holder).params)
+
+
+def _scalar_type(tp: Any) -> Any:
+    """``tp`` (or ``X`` of ``X | None``) if typer takes it as one value (int, float, str, bool, a Literal), else
+    None."""
+    import types
+    import typing
+
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = rest[0] if len(rest) == 1 else None
+    return tp if tp in (int, float, str, bool) or typing.get_origin(tp) is typing.Literal else None
+
+
+def _list_metavar(tp: Any) -> str:
+    """``FLOAT,FLOAT`` for ``tuple[float, float]``, ``INT,…`` for ``list[int] | None``."""
+    import typing
+
+    names = {int: "INT", float: "FLOAT", str: "TEXT"}
+    tp = next((a for a in typing.get_args(tp) if typing.get_origin(a) in (list, tuple)), tp)
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and args and args[-1] is not Ellipsis:
+        return ",".join(names.get(a, "VALUE") for a in args)
+    return names.get(args[0] if args else str, "VALUE") + ",…"
+
+
+def _field_text(f: Any, text: str) -> Any:
+    """An option's comma-separated text as the value of config field ``f``."""
+    from ..checkpoints.config import cast_text
+
+    return cast_text(text, f.type, repr(text))
+
+
+class _TrainCommand(typer.core.TyperCommand):
+    """``mlmscope train``. Its run-config options (:func:`_config_params`) are made when the command is parsed or
+    its help shown, not when the command line starts (the SAS regulariser's config imports torch, which
+    ``mlmscope --help`` must not pay for); their values reach :func:`train` through ``ctx.meta``."""
+
+    config_params: list | None = None
+
+    def get_params(self, ctx: Any) -> list:
+        if self.config_params is None:
+            self.config_params = _config_params()
+            at = next(i for i, p in enumerate(self.params) if p.name == "set_")
+            self.params[at:at] = self.config_params
+        return super().get_params(ctx)
+
+    def invoke(self, ctx: Any) -> Any:
+        ctx.meta[_CONFIG_OPTIONS] = {p.name: ctx.params.pop(p.name, None) for p in self.config_params or ()}
+        return super().invoke(ctx)
+
+
+def _preset_names() -> Any:
+    """The presets (``mlmscope.checkpoints.config.PRESETS``) as a ``Literal``: the choices of ``--preset``."""
+    import typing
+
+    from ..checkpoints.config import PRESETS
+
+    return typing.Literal[tuple(PRESETS)]
+
+
+_Preset = _preset_names()
+
+
+@app.command(cls=_TrainCommand)
 def train(
+    ctx: typer.Context,
     run: Path = typer.Argument(DEFAULT_RUN, help="Run folder (created under runs/ by convention)."),
-    preset: str = typer.Option("demo", help="Model/training preset: micro, demo, tiny, small, base."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run exactly from its latest checkpoint."),
+    preset: _Preset = typer.Option("demo", rich_help_panel=_RUN_PANEL,
+                                   help="Model and training preset; every option below that is not given takes "
+                                   "the preset's value."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run exactly from its latest checkpoint.",
+                                rich_help_panel=_RUN_PANEL),
     force: bool = typer.Option(False, help="Replace an existing run: once every option and the corpus have been "
                                "checked, the old run is moved aside; it is deleted when the new run's first "
-                               "checkpoint is written, and moved back if the new run fails before that."),
-    seeds: Optional[str] = typer.Option(None, help="Train several seeds (init and data) into RUN/seed_<s>/."),
-    corpus: Optional[str] = typer.Option(None, help="'wiki' (default), a .txt/.jsonl file or folder, or a datasets dir."),
-    text_field: Optional[str] = typer.Option(None, help="Text field for JSONL / datasets corpora."),
-    vocab_size: Optional[int] = typer.Option(None),
-    max_steps: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    grad_accum: Optional[int] = typer.Option(None),
-    seq_len: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    warmup_steps: Optional[int] = typer.Option(None),
-    mask_rate: Optional[float] = typer.Option(None),
-    mask_replace: Optional[str] = typer.Option(None, help="'80/10/10' (BERT) or 'mask' (100 % [MASK])."),
-    precision: Optional[str] = typer.Option(None, help="'bf16' (autocast) or 'fp32'."),
-    init_seed: Optional[int] = typer.Option(None),
-    data_seed: Optional[int] = typer.Option(None),
-    steps: Optional[str] = typer.Option(None, help="Explicit checkpoint steps, e.g. '0,10,100,1000'."),
-    linear_every: Optional[int] = typer.Option(None, help="Linear checkpoint spacing after the log-spaced start."),
-    sas_lambda: Optional[float] = typer.Option(None, help="SAS regulariser λ (Chen et al.): >0 suppresses, <0 "
-                                               "promotes syntactic attention; 0 = off."),
-    sas_release_step: Optional[int] = typer.Option(None, help="Step from which λ = 0 (Chen's SAS−(k) runs)."),
-    set_: list[str] = typer.Option([], "--set", help="Any config field: --set n_layers=4 --set dropout=0.1 "
-                                   "(cast to the field's type; lists comma-separated)."),
-    threads: Optional[int] = typer.Option(None, help="torch intra-op threads (default: torch's choice; a resumed "
-                                          "run reuses its recorded count). Recorded in the manifest."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+                               "checkpoint is written, and moved back if the new run fails before that.",
+                               rich_help_panel=_RUN_PANEL),
+    seeds: str | None = typer.Option(None, help="Train several seeds (init and data) into RUN/seed_<s>/, e.g. "
+                                        "0,1,2.", rich_help_panel=_RUN_PANEL),
+    threads: int | None = typer.Option(None, help="torch intra-op threads (default: torch's choice; a resumed "
+                                          "run reuses its recorded count). Recorded in the manifest.",
+                                          rich_help_panel=_RUN_PANEL),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available).",
+                                         rich_help_panel=_RUN_PANEL),
+    progress: bool = typer.Option(True, help="Show a progress bar.", rich_help_panel=_RUN_PANEL),
+    set_: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE", rich_help_panel=_RUN_PANEL,
+                                   help="Any config field by name: --set n_layers=4 --set betas=0.9,0.98 (cast to "
+                                   "the field's type; lists comma-separated, none clears)."),
 ) -> None:
-    """Train a BERT MLM into RUN with a dense, verifiable checkpoint trajectory (works under torchrun)."""
+    """Train a BERT MLM into RUN with a dense, verifiable checkpoint trajectory (works under torchrun).
+
+    Every field of the run configuration (mlmscope.checkpoints.config) is an option below.
+    """
     from ..checkpoints.config import make_config
 
     _show_warnings()
-    options = dict(corpus=corpus, text_field=text_field, vocab_size=vocab_size, max_steps=max_steps,
-                   batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
-                   mask_rate=mask_rate, mask_replace=mask_replace, precision=precision, init_seed=init_seed,
-                   data_seed=data_seed, steps=_int_list(steps, "--steps"), linear_every=linear_every,
-                   sas_lam=sas_lambda, sas_release_step=sas_release_step)
-    overrides = _merge_overrides(options, _parse_set(set_))
+    overrides = _merge_overrides(ctx.meta[_CONFIG_OPTIONS], _parse_set(set_))
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
     if resume and force:
@@ -164,7 +248,7 @@ def train(
                       f"{last.val_loss:.3f} (unigram entropy {m.run.get('val_unigram_entropy', float('nan')):.3f})")
 
 
-def _set_threads(threads: Optional[int], resumed_run: Optional[Path]) -> None:
+def _set_threads(threads: int | None, resumed_run: Path | None) -> None:
     """torch intra-op threads: ``--threads``, else (on resume) the count the run recorded, else torch's default."""
     import torch
 
@@ -182,7 +266,8 @@ def _train_one(run_dir: Path, cfg: Any, **kw: Any) -> Any:
     Under torchrun only rank 0 (which moved the old run aside) moves it back: ranks racing through
     ``recover_replaced`` could delete the run one of them had just restored.
     """
-    from ..checkpoints.train import recover_replaced, train as run_train
+    from ..checkpoints.train import recover_replaced
+    from ..checkpoints.train import train as run_train
 
     try:
         return run_train(run_dir, cfg, **kw)

@@ -1,38 +1,69 @@
-"""Dataclass configs: model shape presets and training settings.
+"""The run configuration, declared once: dataclass fields with their types, defaults and help, plus the presets.
 
-They double as CLI options (``mlmscope train --preset demo --lr 1e-3 ...``) and are saved in the run manifest.
+A :class:`RunConfig` is saved in the run manifest (``run.config``). Every field of its sections is also a flat
+name (:func:`config_fields`): the key of ``make_config(**overrides)`` and ``mlmscope train --set KEY=VALUE``, and the
+``mlmscope train --key`` option the command line generates from the field (type and choices from the annotation,
+help from the ``Attributes:`` section of its class docstring).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import itertools
 import math
+import re
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from .errors import MlmscopeError
+
+if TYPE_CHECKING:
+    from .sas_reg import SASRegConfig  # imports torch: loaded only where a RunConfig is built
 
 
-class ConfigError(ValueError):
+class ConfigError(MlmscopeError, ValueError):
     """A run configuration that cannot train (message is user-facing: every problem, one line)."""
+
+
+#: Closed sets of values (the command line offers and checks them as choices).
+Precision = Literal["auto", "fp32", "bf16"]
+Attention = Literal["auto", "sdpa", "eager", "eager_fp32"]
+MaskReplace = Literal["80/10/10", "mask"]
 
 
 @dataclass
 class ModelConfig:
-    """Shape of the ``BertForMaskedLM`` (post-LN, learned absolute positions, tied decoder)."""
+    """Shape of the ``BertForMaskedLM`` (post-LN, learned absolute positions, tied decoder).
+
+    The vocabulary is the tokenizer's: ``DataConfig.vocab_size`` asks the tokenizer trainer for it, and the model is
+    built with ``len(tokenizer)`` rows (:meth:`to_bert_config`).
+
+    Attributes:
+        n_layers: Transformer layers.
+        d_model: Hidden size.
+        n_heads: Attention heads per layer (must divide d_model).
+        d_ffn: Feed-forward inner size.
+        max_position: Learned absolute positions (at least seq_len).
+        dropout: Dropout on hidden states and attention probabilities.
+    """
 
     n_layers: int = 2
     d_model: int = 128
     n_heads: int = 4
     d_ffn: int = 512
-    vocab_size: int = 8192
     max_position: int = 128
     dropout: float = 0.0
 
-    def to_bert_config(self, vocab_size: int | None = None):
+    def to_bert_config(self, vocab_size: int):
+        """The ``transformers.BertConfig`` of this shape for a tokenizer of ``vocab_size`` entries."""
         from transformers import BertConfig
 
         return BertConfig(
-            vocab_size=vocab_size or self.vocab_size, hidden_size=self.d_model, num_hidden_layers=self.n_layers,
+            vocab_size=vocab_size, hidden_size=self.d_model, num_hidden_layers=self.n_layers,
             num_attention_heads=self.n_heads, intermediate_size=self.d_ffn,
             max_position_embeddings=self.max_position, hidden_dropout_prob=self.dropout,
             attention_probs_dropout_prob=self.dropout, type_vocab_size=2, tie_word_embeddings=True)
@@ -40,28 +71,37 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, masking, data and checkpointing settings of one run.
+    """Optimisation, masking, precision and checkpointing settings of one run.
+
+    AdamW with linear warm-up over ``warmup_steps``, then linear decay to 0 at ``max_steps``. Checkpoints are
+    log-spaced (0, 1, 2, 4, …) below ``linear_every``, then every ``linear_every`` steps to ``max_steps``, unless
+    ``steps`` lists them (``mlmscope.checkpoints.train.checkpoint_steps``).
 
     Attributes:
         seq_len: Tokens per packed training sequence (incl. [CLS]/[SEP]).
-        batch_size: Sequences per optimiser step (per process, times ``grad_accum``).
+        batch_size: Sequences per micro-batch (per process).
         grad_accum: Micro-batches accumulated per optimiser step.
-        lr, warmup_steps, max_steps, weight_decay, grad_clip, betas: AdamW with linear warm-up then linear decay
-            to 0 at ``max_steps``.
+        lr: Peak learning rate of AdamW (0: a frozen-weights control run).
+        warmup_steps: Linear warm-up steps.
+        max_steps: Optimiser steps; the learning rate decays linearly to 0 here.
+        weight_decay: AdamW weight decay (not on biases and LayerNorm weights).
+        grad_clip: Gradient-norm clip.
+        betas: AdamW betas, comma-separated.
         mask_rate: Fraction of non-special tokens selected for prediction (BERT: 0.15).
-        mask_replace: ``"80/10/10"`` (BERT default: [MASK] / random / unchanged) or ``"mask"`` (100 % [MASK]).
-        precision: ``"auto"`` (bf16 autocast where the device computes bf16 natively, else fp32;
-            ``mlmscope.checkpoints.hardware``), ``"fp32"`` or ``"bf16"`` (autocast; weights and optimiser state stay fp32).
-            What ``auto`` chose, and why, is saved in the manifest (``run.levers``).
-        attn: HF attention implementation while training: ``"sdpa"``, ``"eager"``, ``"eager_fp32"``
-            (``mlmscope.checkpoints.attention``) or ``"auto"`` (``mlmscope.checkpoints.hardware.resolve_attention``: SDPA on CUDA,
-            eager kernels on CPU). Checkpoints load with any implementation.
-        compile: ``torch.compile`` the model (CUDA only; on CPU it did not help).
-        init_seed: Seed of the weight initialisation (MultiBERTs-style, separate from ``data_seed``).
+        mask_replace: How selected tokens are corrupted: 80/10/10 = BERT's [MASK] / random / unchanged; mask =
+            always [MASK].
+        precision: auto = bf16 autocast where the device computes bf16 natively, else fp32
+            (mlmscope.checkpoints.hardware; what auto chose, and why, is saved in the manifest's run.levers).
+            Weights and optimiser state stay fp32.
+        attn: Attention kernels while training: auto = SDPA on CUDA, eager on CPU (eager_fp32 under bf16;
+            mlmscope.checkpoints.attention). Checkpoints load with any.
+        compile: torch.compile the model (CUDA only; it did not help on CPU).
+        init_seed: Seed of the weight initialisation (MultiBERTs-style, separate from data_seed).
         data_seed: Seed of the data order and masking.
-        eval_every / schedule: Checkpoint steps: log-spaced 0, 1, 2, 4, … below ``linear_every``, then every
-            ``linear_every`` steps to ``max_steps``; or an explicit increasing list in ``steps``.
-        val_batches: Validation batches (fixed masking) per checkpoint.
+        linear_every: Checkpoint spacing after the log-spaced start (0, 1, 2, 4, …).
+        steps: Explicit checkpoint steps instead, comma-separated (e.g. 0,10,100).
+        val_batches: Validation batches (fixed masks) scored at every checkpoint.
+        log_every: Write the training loss to train_log.jsonl every N steps.
     """
 
     seq_len: int = 64
@@ -74,9 +114,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.98)
     mask_rate: float = 0.15
-    mask_replace: str = "80/10/10"
-    precision: str = "auto"
-    attn: str = "auto"
+    mask_replace: MaskReplace = "80/10/10"
+    precision: Precision = "auto"
+    attn: Attention = "auto"
     compile: bool = False
     init_seed: int = 0
     data_seed: int = 0
@@ -88,15 +128,25 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Corpus and tokenizer settings."""
+    """Corpus and tokenizer settings.
 
-    corpus: str = "wiki"          # "wiki" (default package corpus), a .txt/.jsonl file or folder, or a datasets dir
+    Attributes:
+        corpus: 'wiki' (the packaged corpus), a .txt/.jsonl file or folder, or a datasets dir.
+        text_field: Text field of JSONL / datasets corpora.
+        val_fraction: Fraction of documents held out for validation.
+        split_seed: Seed of the train/validation split.
+        vocab_size: WordPiece vocabulary size, special tokens included (the model's vocabulary is the tokenizer's).
+        lowercase: Lowercase the text before tokenizing.
+        tokenizer: Reuse a tokenizer: a path, or the tokenizer_sha256 (a prefix will do) a run's manifest records.
+    """
+
+    corpus: str = "wiki"
     text_field: str = "text"
     val_fraction: float = 0.05
     split_seed: int = 0
     vocab_size: int = 8192
     lowercase: bool = True
-    tokenizer: str | None = None  # reuse a tokenizer: a path, or the hash a run's manifest records (tokenizer_sha256)
+    tokenizer: str | None = None
 
 
 @dataclass
@@ -108,7 +158,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    sas_reg: "SASRegConfig" = field(default_factory=lambda: _sas_reg_config())
+    sas_reg: SASRegConfig = field(default_factory=lambda: _sas_reg_config())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,20 +175,85 @@ class RunConfig:
             raise ConfigError("invalid configuration: " + "; ".join(problems))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        t = dict(d["train"])
-        t["betas"] = tuple(t["betas"])
-        reg = dict(d.get("sas_reg") or {})
-        if "directions" in reg:
-            reg["directions"] = tuple(reg["directions"])
-        return cls(preset=d["preset"], model=ModelConfig(**d["model"]), train=TrainConfig(**t),
-                   data=DataConfig(**d["data"]), sas_reg=_sas_reg_config(**reg))
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """The config a manifest saved (JSON lists back to tuples). A field an older version saved and this one
+        no longer has (:data:`RETIRED_FIELDS`) is dropped; fields added since take their defaults."""
+        values = {section: dict(d.get(section) or {}) for section, _, _ in config_sections()}
+        for section, names in RETIRED_FIELDS.items():
+            for name in names:
+                values[section].pop(name, None)
+        for f in config_fields().values():
+            if f.name in values[f.section] and get_origin(f.type) is tuple:
+                values[f.section][f.name] = tuple(values[f.section][f.name])
+        return cls(preset=d["preset"], **{section: klass(**values[section]) for section, klass, _ in config_sections()})
+
+
+#: Fields older manifests hold that are now derived elsewhere: ``model.vocab_size`` was a copy of
+#: ``data.vocab_size`` (the model's vocabulary is the tokenizer's).
+RETIRED_FIELDS: dict[str, tuple[str, ...]] = {"model": ("vocab_size",)}
 
 
 def _sas_reg_config(**kw: Any):
     from .sas_reg import SASRegConfig
 
     return SASRegConfig(**kw)
+
+
+def config_sections() -> tuple[tuple[str, type, str], ...]:
+    """RunConfig's sections: (attribute, dataclass, prefix of its fields' flat names).
+
+    The regulariser's fields carry ``sas_`` (``sas_lam``, ``sas_release_step`` …); the other sections' field names
+    are unique across them and used as they are.
+    """
+    from .sas_reg import SASRegConfig  # imports torch: only where a whole RunConfig is needed
+
+    return (("model", ModelConfig, ""), ("train", TrainConfig, ""), ("data", DataConfig, ""),
+            ("sas_reg", SASRegConfig, "sas_"))
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One field of a :class:`RunConfig` section under its flat name (``--set`` key, ``mlmscope train`` option)."""
+
+    key: str        # flat name: section prefix + field name
+    section: str    # RunConfig attribute: model, train, data or sas_reg
+    name: str       # the field's name in its section's dataclass
+    type: Any       # the declared type (typing objects, ``from __future__`` strings resolved)
+    help: str       # the field's entry in its class docstring's ``Attributes:`` section
+
+
+@functools.cache
+def config_fields() -> dict[str, ConfigField]:
+    """Every run-config field by flat name, in declaration order (model, train, data, sas_reg)."""
+    out: dict[str, ConfigField] = {}
+    for section, klass, prefix in config_sections():
+        hints, documented = get_type_hints(klass), _docstring_attributes(klass)
+        for f in dataclasses.fields(klass):
+            key = prefix + f.name
+            assert key not in out, f"config field {key!r} is declared twice"
+            text = documented.get(f.name, "").replace("``", "")  # rST literals read as plain text in --help
+            out[key] = ConfigField(key, section, f.name, hints[f.name], text)
+    return out
+
+
+def _docstring_attributes(klass: type) -> dict[str, str]:
+    """``name: text`` entries of the class docstring's Google-style ``Attributes:`` section (continuation lines
+    joined; ``a, b: text`` gives each name the text)."""
+    doc = inspect.getdoc(klass) or ""
+    m = re.search(r"^Attributes:\n((?:[ \t]+\S.*\n?|\n)+)", doc, re.M)
+    if not m:
+        return {}
+    out, names = {}, []
+    for line in m.group(1).splitlines():
+        entry = re.match(r"^ {4}(\w[\w, ]*):\s*(.*)$", line)
+        if entry:
+            names = [n.strip() for n in entry.group(1).split(",")]
+            for n in names:
+                out[n] = entry.group(2).strip()
+        elif line.strip() and names:
+            for n in names:
+                out[n] += " " + line.strip()
+    return out
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -167,51 +282,37 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def make_config(preset: str = "demo", **overrides: Any) -> RunConfig:
-    """Build a RunConfig from a preset plus ``section.field``-free overrides (field names are unique).
+    """A RunConfig from a preset plus overrides by flat field name (:func:`config_fields`; ``None`` = the preset's
+    value). Values are taken as given: :meth:`RunConfig.validate` checks them.
 
     Raises:
         KeyError: unknown preset or override name.
     """
     if preset not in PRESETS:
         raise KeyError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    p = PRESETS[preset]
-    cfg = RunConfig(preset=preset, model=ModelConfig(**p.get("model", {})), train=TrainConfig(**p.get("train", {})),
-                    data=DataConfig(**p.get("data", {})))
-    if "vocab_size" in p.get("data", {}):
-        cfg.model.vocab_size = p["data"]["vocab_size"]
+    fields = config_fields()
+    values = {section: dict(PRESETS[preset].get(section, {})) for section, _, _ in config_sections()}
     for key, value in overrides.items():
-        if value is None:
-            continue
-        if key.startswith("sas_"):  # sas_lam, sas_release_step, sas_directions, sas_reduction
-            name = key[4:]
-            if name == "directions" and isinstance(value, str):
-                value = tuple(v.strip() for v in value.split(",") if v.strip())
-            if name not in {f.name for f in dataclasses.fields(cfg.sas_reg)}:
-                raise KeyError(f"unknown config field {key!r}")
-            cfg.sas_reg = _sas_reg_config(**{**dataclasses.asdict(cfg.sas_reg), name: value})
-            continue
-        for section in (cfg.model, cfg.train, cfg.data):
-            if key in {f.name for f in dataclasses.fields(section)}:
-                setattr(section, key, value)
-                break
-        else:
+        if key not in fields:
             raise KeyError(f"unknown config field {key!r}")
-        if key == "vocab_size":
-            cfg.model.vocab_size = cfg.data.vocab_size = value
-    return cfg
+        if value is not None:
+            values[fields[key].section][fields[key].name] = value
+    return RunConfig(preset=preset, **{section: klass(**values[section]) for section, klass, _ in config_sections()})
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Validation: every field's range and the combinations that cannot train, checked before the disk is touched
 # ------------------------------------------------------------------------------------------------------------------
 
-#: [PAD] [UNK] [CLS] [SEP] [MASK] (``mlmscope.checkpoints.tokenizer.SPECIAL_TOKENS``): a vocabulary must hold more than these.
+#: [PAD] [UNK] [CLS] [SEP] [MASK] (``mlmscope.checkpoints.tokenizer.SPECIAL_TOKENS``): a vocabulary must hold more
+#: than these.
 N_SPECIAL_TOKENS = 5
 #: ``mlmscope.checkpoints.data.pack`` needs [CLS] + [SEP] + a few tokens per sequence.
 MIN_SEQ_LEN = 8
-#: Attention implementations the trainer knows (``TrainConfig.attn``; ``mlmscope.checkpoints.attention`` adds eager_fp32).
-ATTN_CHOICES = ("auto", "sdpa", "eager", "eager_fp32")
-MASK_REPLACE_CHOICES = ("80/10/10", "mask")
+#: Attention implementations the trainer knows (``TrainConfig.attn``; ``mlmscope.checkpoints.attention`` adds
+#: eager_fp32).
+ATTN_CHOICES: tuple[str, ...] = get_args(Attention)
+MASK_REPLACE_CHOICES: tuple[str, ...] = get_args(MaskReplace)
 
 
 def _is_int(v: Any) -> bool:
@@ -231,7 +332,8 @@ def _in_open_unit(v: Any) -> bool:
 
 
 #: (section, field, test, what the value must be). ``lr`` may be 0: a frozen-weights control run (every checkpoint
-#: is then flagged as a duplicate of step 0), but not negative.
+#: is then flagged as a duplicate of step 0), but not negative. Fields with a closed set of values (``Literal``)
+#: are checked against it by :func:`config_problems`.
 _RULES: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
     ("model", "n_layers", _int_at_least(1), "an integer >= 1"),
     ("model", "d_model", _int_at_least(1), "an integer >= 1"),
@@ -250,8 +352,6 @@ _RULES: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
     ("train", "betas", lambda v: isinstance(v, (tuple, list)) and len(v) == 2
      and all(_is_num(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. 0.9,0.98"),
     ("train", "mask_rate", _in_open_unit, "a number strictly between 0 and 1"),
-    ("train", "mask_replace", lambda v: v in MASK_REPLACE_CHOICES, f"one of {', '.join(MASK_REPLACE_CHOICES)}"),
-    ("train", "attn", lambda v: v in ATTN_CHOICES, f"one of {', '.join(ATTN_CHOICES)}"),
     ("train", "compile", lambda v: isinstance(v, bool), "true or false"),
     ("train", "init_seed", _int_at_least(0), "an integer >= 0"),
     ("train", "data_seed", _int_at_least(0), "an integer >= 0"),
@@ -275,24 +375,26 @@ _RULES: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
 
 def config_problems(cfg: RunConfig) -> list[str]:
     """Every problem of ``cfg`` as a user-facing phrase (empty if it can train). See :meth:`RunConfig.validate`."""
-    from .hardware import PRECISIONS
-
     problems, bad = [], set()
     for section, name, ok, what in _RULES:
         value = getattr(getattr(cfg, section), name)
         if not ok(value):
             problems.append(f"{name} must be {what}, got {value!r}")
             bad.add(name)
-    if cfg.train.precision not in PRECISIONS:
-        problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}")
+    for f in config_fields().values():
+        choices = get_args(f.type) if get_origin(f.type) is Literal else ()
+        value = getattr(getattr(cfg, f.section), f.name)
+        if choices and value not in choices:
+            problems.append(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+            bad.add(f.name)
     if not bad & {"d_model", "n_heads"} and cfg.model.d_model % cfg.model.n_heads:
         problems.append(f"d_model={cfg.model.d_model} is not divisible by n_heads={cfg.model.n_heads}")
     if not bad & {"seq_len", "max_position"} and cfg.train.seq_len > cfg.model.max_position:
         problems.append(f"seq_len={cfg.train.seq_len} exceeds the model's max_position={cfg.model.max_position} "
-                        f"(lower --seq-len or --set max_position={cfg.train.seq_len})")
+                        f"(lower --seq-len or raise --max-position to {cfg.train.seq_len})")
     steps = cfg.train.steps
     if steps and "steps" not in bad:
-        if any(b <= a for a, b in zip(steps, steps[1:])):
+        if any(b <= a for a, b in itertools.pairwise(steps)):
             problems.append(f"checkpoint steps must be strictly increasing, got {list(steps)}")
         if "max_steps" not in bad and steps[-1] > cfg.train.max_steps:
             problems.append(f"checkpoint step {steps[-1]} is beyond max_steps={cfg.train.max_steps}")
@@ -300,49 +402,49 @@ def config_problems(cfg: RunConfig) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# ``--set FIELD=VALUE``: text cast to the field's declared type
+# Text to values: ``--set FIELD=VALUE`` and the command line's options, cast to the field's declared type
 # ------------------------------------------------------------------------------------------------------------------
 
 
 def field_type(key: str) -> Any:
-    """The declared type of the config field ``key`` (``sas_``-prefixed names are ``SASRegConfig`` fields).
+    """The declared type of the config field with flat name ``key`` (:func:`config_fields`).
 
     Raises:
         KeyError: no such field.
     """
-    from .sas_reg import SASRegConfig
-
-    if key.startswith("sas_"):
-        hints = get_type_hints(SASRegConfig)
-        if key[4:] in hints:
-            return hints[key[4:]]
-    else:
-        for cls in (ModelConfig, TrainConfig, DataConfig):
-            hints = get_type_hints(cls)
-            if key in hints:
-                return hints[key]
-    raise KeyError(f"unknown config field {key!r}")
+    if key not in config_fields():
+        raise KeyError(f"unknown config field {key!r}")
+    return config_fields()[key].type
 
 
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
-def _cast(text: str, tp: Any, key: str) -> Any:
-    """``text`` as a value of type ``tp`` (int, float, str, bool, Optional, tuple/list of those)."""
+def cast_text(text: str, tp: Any, label: str) -> Any:
+    """``text`` as a value of type ``tp`` (int, float, str, bool, Literal, Optional, tuple/list of those; lists
+    and tuples comma-separated, ``none`` for None).
+
+    Raises:
+        ConfigError: ``"<label>: expected <what>"``.
+    """
     origin, args = get_origin(tp), get_args(tp)
     if origin in (Union, types.UnionType):
         if type(None) in args and text.strip().lower() in ("none", "null", ""):
             return None
         inner = [a for a in args if a is not type(None)]
-        return _cast(text, inner[0], key)
+        return cast_text(text, inner[0], label)
+    if origin is Literal:
+        if text not in args:
+            raise ConfigError(f"{label}: expected one of {', '.join(map(str, args))}")
+        return text
     if origin in (tuple, list):
         items = [t.strip() for t in text.split(",") if t.strip()]
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(items) != len(args):
                 kinds = {int: "integers", float: "numbers"}.get(args[0], "values")
-                raise ConfigError(f"--set {key}={text}: expected {len(args)} comma-separated {kinds}")
-            return tuple(_cast(t, a, key) for t, a in zip(items, args))
-        value = [_cast(t, args[0] if args else str, key) for t in items]
+                raise ConfigError(f"{label}: expected {len(args)} comma-separated {kinds}")
+            return tuple(cast_text(t, a, label) for t, a in zip(items, args))
+        value = [cast_text(t, args[0] if args else str, label) for t in items]
         return tuple(value) if origin is tuple else value
     try:
         if tp is bool:
@@ -353,7 +455,7 @@ def _cast(text: str, tp: Any, key: str) -> Any:
             return float(text)
     except (KeyError, ValueError):
         what = {bool: "true or false", int: "an integer", float: "a number"}[tp]
-        raise ConfigError(f"--set {key}={text}: expected {what}") from None
+        raise ConfigError(f"{label}: expected {what}") from None
     return text
 
 
@@ -363,4 +465,4 @@ def parse_field_value(key: str, text: str) -> Any:
     Raises:
         KeyError: unknown field. ConfigError: a value that does not parse as the field's type.
     """
-    return _cast(text, field_type(key), key)
+    return cast_text(text, field_type(key), f"--set {key}={text}")

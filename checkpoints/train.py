@@ -1,19 +1,23 @@
 """The lean MLM training loop: corpus → WordPiece → ``BertForMaskedLM`` → a dense trajectory of checkpoints.
 
-Read top to bottom: ``train()`` prepares the run folder, data and model, then loops over optimiser steps, saving a
-checkpoint (plus a rolling resumable state) at every step of the schedule. Speed levers on CPU (see README
-"Benchmark"): packed sequences with no padding mask, sparse prediction (the MLM head only at masked positions),
-attention and precision chosen by what the hardware computes natively (``mlmscope.checkpoints.hardware``: bf16 autocast only
-where bf16 is native), batches built by pure functions of the step (no data-loader workers).
+Read :func:`train` first: :func:`_setup` builds what a run needs (device, checked run folder, data, model,
+optimiser, scheduler, state) into a :class:`_Run`; the loop takes optimiser steps and calls :func:`_checkpoint` at
+every step of the schedule (the weights, plus a rolling resumable state); :func:`_finish` marks the run finished.
 
-Exact resume: each step's batch and masks are functions of (data_seed, step) (``mlmscope.checkpoints.data``); the optimiser,
-scheduler, RNG and loss-EMA states are saved with the latest checkpoint, so a run killed at any moment and resumed
-from it reproduces the uninterrupted per-step losses and final weights bit for bit (CPU, same machine).
+Speed (README "Benchmarks"): packed sequences with no padding mask; sparse prediction (the MLM head only at masked
+positions); batches built by pure functions of the step (no data-loader workers); and levers chosen by what the
+device computes natively (``mlmscope.checkpoints.hardware``): on CPU eager attention (``eager_fp32`` under bf16),
+SDPA only on CUDA; bf16 autocast only where bf16 is native, else fp32; fused AdamW where torch has the kernel.
+
+Exact resume: each step's batch and masks are functions of (data_seed, step) (``mlmscope.checkpoints.data``); the
+optimiser, scheduler, RNG and loss-EMA states are saved with the latest checkpoint, so a run killed at any moment and
+resumed from it reproduces the uninterrupted per-step losses and final weights bit for bit (CPU, same machine).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -22,10 +26,10 @@ import shutil
 import subprocess
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,17 +40,24 @@ from . import attention, distributed, hardware  # noqa: F401 (attention register
 from .config import RunConfig, TrainConfig
 from .corpus import CorpusWarning, cache_root, load_corpus, source_description
 from .data import Masker, StepBatches, pack, unigram_entropy
-from .manifest import (TRAIN_LOG, CheckpointEntry, Manifest, atomic_write_text, step_dirname,
-                                  weights_sha256)
-from .tokenizer import (load_tokenizer_ref, save_atomic, shipped_tokenizer, store_by_hash,
-                                   tokenizer_hash, tokenizer_key, train_wordpiece)
+from .errors import MlmscopeError
+from .manifest import TRAIN_LOG, CheckpointEntry, Manifest, atomic_write_text, step_dirname, weights_sha256
+from .tokenizer import (
+    load_tokenizer_ref,
+    save_atomic,
+    shipped_tokenizer,
+    store_by_hash,
+    tokenizer_hash,
+    tokenizer_key,
+    train_wordpiece,
+)
 
 RESUME_DIR = "resume"
 TOKENIZER_DIR = "tokenizer"
 VAL_MASK_SEED = 1234  # fixed masking of the validation sequences: every checkpoint is scored on the same masks
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MlmscopeError, RuntimeError):
     """Training stopped for a reason the user must act on (message is user-facing)."""
 
 
@@ -54,11 +65,12 @@ def checkpoint_steps(cfg: TrainConfig) -> list[int]:
     """The checkpoint schedule: 0, 1, 2, 4, … (powers of two below ``linear_every``), then every ``linear_every``
     steps, always ending at ``max_steps``; or the explicit ``cfg.steps`` (validated: strictly increasing, ≥ 0).
 
-    Pythia-style log+linear (training.md §5): dense where the model changes fastest, linear where it is slow.
+    Pythia-style log+linear (Biderman et al. 2023; docs/notes/training.md, "Checkpoint schedule"): dense where the
+    model changes fastest, linear where it is slow.
     """
     if cfg.steps:
         steps = [int(s) for s in cfg.steps]
-        if any(b <= a for a, b in zip(steps, steps[1:])) or steps[0] < 0:
+        if any(b <= a for a, b in itertools.pairwise(steps)) or steps[0] < 0:
             raise TrainingError(f"checkpoint steps must be strictly increasing and >= 0, got {steps}")
         if steps[-1] > cfg.max_steps:
             raise TrainingError(f"checkpoint step {steps[-1]} is beyond max_steps={cfg.max_steps}")
@@ -115,6 +127,12 @@ class TrainState:
     tokens_seen: int = 0
     wall_clock_s: float = 0.0
     loss_ema: float | None = None
+
+    def advance(self, loss: float, tokens: int) -> None:
+        """Count one optimiser step: its tokens and its loss in the EMA (0.98)."""
+        self.step += 1
+        self.tokens_seen += tokens
+        self.loss_ema = loss if self.loss_ema is None else 0.98 * self.loss_ema + 0.02 * loss
 
 
 def _autocast(precision: str, device: str):
@@ -335,7 +353,7 @@ def _build_model(cfg: RunConfig, vocab_size: int, device: str = "cpu") -> BertFo
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and LayerNorm weights (BERT convention)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused AdamW: one kernel per step instead of a loop over tensors (measured ~15 % faster per step on CPU), where
@@ -437,6 +455,51 @@ def _log_step(line: str) -> int | None:
         return None
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# One run: set-up, the loop, the end
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    """The run's tokenizer and token data (:func:`_load_data`)."""
+
+    tok: PreTrainedTokenizerFast
+    tok_source: str                 # where the tokenizer came from (manifest ``tokenizer_source``)
+    fingerprint: str                # of the corpus
+    train_texts: list[str]          # what the SAS regulariser parses for dependency heads
+    batches: StepBatches            # the training batch of any step
+    val_inputs: torch.Tensor        # validation sequences, masked once with VAL_MASK_SEED
+    val_labels: torch.Tensor
+    facts: dict                     # what the manifest records about the data
+
+
+@dataclass
+class _Run:
+    """A run being trained: what :func:`_setup` builds, the loop advances and :func:`_checkpoint` saves."""
+
+    run_dir: Path
+    cfg: RunConfig                  # as trained: precision and attention resolved for the device
+    device: str
+    dist: distributed.Dist
+    manifest: Manifest
+    schedule: list[int]             # checkpoint steps
+    data: _Data
+    model: BertForMaskedLM
+    objective: torch.nn.Module      # SparseMLM over the model (DDP-wrapped / compiled as configured)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    heads: torch.Tensor | None      # dependency heads of the training sequences (SAS regulariser only)
+    state: TrainState
+    t0: float                       # time.perf_counter() at which the run's wall clock read 0
+    last_good: int | None           # the latest checkpoint written completely
+    val_loss: float | None          # at the latest checkpoint
+
+    @property
+    def tc(self) -> TrainConfig:
+        return self.cfg.train
+
+
 def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, force: bool = False,
           device: str | None = None, progress: bool = True,
           on_checkpoint: Callable[[CheckpointEntry], None] | None = None) -> Manifest:
@@ -454,13 +517,36 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
     Raises:
         TrainingError / CorpusError / DataError / TokenizerError with a user-facing message.
     """
-    run_dir = Path(run_dir)
+    run = _setup(Path(run_dir), cfg, resume, force, device)
+    out = _Output(run, progress, on_checkpoint)
+    tc, state = run.tc, run.state
+    try:
+        while True:
+            if state.step in run.schedule and not any(c.step == state.step for c in run.manifest.checkpoints):
+                _checkpoint(run, out)
+            if state.step >= tc.max_steps:
+                break
+            loss = _train_step(run.objective, run.optimizer, run.scheduler, run.data.batches, state.step, tc,
+                               run.device, run.heads, run.cfg.sas_reg.lam_at(state.step))
+            loss = distributed.mean(loss, run.dist)
+            if distributed.any_flag(not math.isfinite(loss), run.dist):
+                raise TrainingError(f"loss became {loss} at step {state.step + 1}; training stopped, the last good "
+                                    f"checkpoint is step {run.last_good} (lower --lr or use --precision fp32)")
+            state.advance(loss, run.data.batches.tokens_per_step())
+            out.step(run, loss)
+    except BaseException as e:
+        _record_stop(run, e)
+        raise
+    finally:
+        out.close()
+    return _finish(run)
+
+
+def _setup(run_dir: Path, cfg: RunConfig, resume: bool, force: bool, device: str | None) -> _Run:
+    """Everything before the first step: device and process group, the checked run folder, the config (the saved one
+    on resume) with its levers resolved, data, model, optimiser and scheduler, and the state (restored on resume)."""
     hf_logging.disable_progress_bar()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dist = distributed.init(device)
-    if dist.enabled and device.startswith("cuda"):
-        device = f"cuda:{dist.local_rank}"
-        torch.cuda.set_device(device)
+    device, dist = _init_device(device)
     manifest = _prepare_run_dir(run_dir, cfg, resume, force) if dist.is_main else None
     distributed.barrier(dist)
     if resume:
@@ -472,136 +558,185 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
     schedule = checkpoint_steps(tc)
     if tc.max_steps < 1:
         raise TrainingError("max_steps must be >= 1")
-    # After _prepare_run_dir a new run's folder is absent or empty: if the set-up below fails (a tokenizer or packing
-    # error, Ctrl-C while the tokenizer trains), what it wrote is removed, so the next `train` is not refused as
-    # "already exists" by a folder that holds no checkpoint. Once a manifest exists this no longer applies.
-    fresh_dir = None if resume or not dist.is_main else run_dir.exists()
-    try:
+    with _undone_on_failure(run_dir, None if resume or not dist.is_main else run_dir.exists()):
         run_dir.mkdir(parents=True, exist_ok=True)
-
-        with warnings.catch_warnings():
-            if not (resume and dist.is_main):  # _prepare_run_dir has loaded (and warned about) it once already
-                warnings.simplefilter("ignore", CorpusWarning)
-            corpus, fingerprint = load_corpus(cfg.data)
-        train_texts, val_texts = list(corpus["train"]["text"]), list(corpus["validation"]["text"])
-        if dist.is_main:
-            tok, tok_source = _build_tokenizer(run_dir, cfg, train_texts, fingerprint, resume)
-        distributed.barrier(dist)
-        if not dist.is_main:
-            tok, tok_source = PreTrainedTokenizerFast.from_pretrained(str(run_dir / TOKENIZER_DIR)), "rank 0"
-        special = tuple(tok.all_special_ids)
-        masker = Masker(tok.mask_token_id, len(tok), special, tc.mask_rate, tc.mask_replace)
-        train_data = pack(tok, train_texts, tc.seq_len)
-        batches = StepBatches(train_data, masker, tc.batch_size, tc.grad_accum, tc.data_seed, dist.rank,
-                              dist.world_size)
-        val_all = pack(tok, val_texts, tc.seq_len)
-        val_data = val_all[: tc.val_batches * tc.batch_size]
-        val_inputs, val_labels = masker(val_data, torch.Generator().manual_seed(VAL_MASK_SEED))
-
-        model = _build_model(cfg, len(tok), device).to(device)
+        data = _load_data(run_dir, cfg, resume, dist)
+        model = _build_model(cfg, len(data.tok), device).to(device)
         model.train()
         heads = None
         if cfg.sas_reg.active:
             from .sas_reg import training_heads
 
-            heads = training_heads(tok, train_texts, tc.seq_len, root_to_cls=cfg.sas_reg.root_to_cls)
+            heads = training_heads(data.tok, data.train_texts, tc.seq_len, root_to_cls=cfg.sas_reg.root_to_cls)
         objective = distributed.wrap(SparseMLM(model, cfg.sas_reg), dist, device)
         if tc.compile and device.startswith("cuda"):
             objective = torch.compile(objective)
         optimizer = _optimizer(model, tc, fused=levers["optimizer"]["value"] == "fused")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
-
         if resume:
             state = _load_resume(run_dir, manifest, model, optimizer, scheduler)
         else:
             state = TrainState()
-            manifest = Manifest(run={
-                "config": requested_cfg.to_dict(), "levers": levers, "corpus": source_description(cfg.data),
-                "corpus_fingerprint": fingerprint, "tokenizer_sha256": tokenizer_hash(tok),
-                "tokenizer_source": tok_source, "n_train_sequences": len(train_data),
-                "n_val_sequences": len(val_data), "val_unigram_entropy": unigram_entropy(val_all, special),
-                "n_params": sum(p.numel() for p in model.parameters()), "schedule": schedule,
-                "versions": _versions(), "git_commit": _git_commit(), "world_size": dist.world_size,
-                "device": device, "threads": torch.get_num_threads(), "status": "training"})
+            manifest = _new_manifest(requested_cfg, levers, data, model, schedule, device, dist)
+    manifest.run["status"] = "training"
+    manifest.run.pop("error", None)
+    last = manifest.checkpoints[-1] if manifest.checkpoints else None
+    return _Run(run_dir, cfg, device, dist, manifest, schedule, data, model, objective, optimizer, scheduler, heads,
+                state, t0=time.perf_counter() - state.wall_clock_s, last_good=last.step if last else None,
+                val_loss=last.val_loss if last else None)
+
+
+def _init_device(device: str | None) -> tuple[str, distributed.Dist]:
+    """The device to train on (default: CUDA if available) and this process's place in a torchrun group."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dist = distributed.init(device)
+    if dist.enabled and device.startswith("cuda"):
+        device = f"cuda:{dist.local_rank}"
+        torch.cuda.set_device(device)
+    return device, dist
+
+
+@contextmanager
+def _undone_on_failure(run_dir: Path, existed: bool | None):
+    """If the set-up of a new run fails (a tokenizer or packing error, Ctrl-C while the tokenizer trains), remove
+    what it wrote, so the next ``train`` is not refused as "already exists" by a folder that holds no checkpoint.
+
+    ``existed``: whether the (then empty: :func:`_prepare_run_dir`) folder was there before, which it is left as;
+    None on resume and on ranks other than 0, where nothing is undone. Once a manifest exists this no longer applies.
+    """
+    try:
+        yield
     except BaseException:
-        if fresh_dir is not None and not (run_dir / "manifest.json").exists():
+        if existed is not None and not (run_dir / "manifest.json").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
-            if fresh_dir:  # the folder was there (empty) before: leave it as it was
+            if existed:
                 run_dir.mkdir(parents=True, exist_ok=True)
         raise
 
-    manifest.run["status"] = "training"
-    manifest.run.pop("error", None)
-    last_good = manifest.checkpoints[-1].step if manifest.checkpoints else None
-    log_f = open(run_dir / TRAIN_LOG, "a") if dist.is_main else None
-    bar = None
-    if progress and dist.is_main:
-        from tqdm import tqdm
 
-        bar = tqdm(total=tc.max_steps, initial=state.step, desc=f"train {run_dir.name} [{tc.precision}, {tc.attn}]",
-                   unit="step", dynamic_ncols=True)
-        bar.write(f"precision {tc.precision} ({levers['precision']['reason']}); attention {tc.attn}")
-    t0 = time.perf_counter() - state.wall_clock_s
-
-    def checkpoint() -> None:
-        nonlocal last_good
-        if dist.is_main:
-            state.wall_clock_s = time.perf_counter() - t0
-            val_loss, val_acc = evaluate(model, val_inputs, val_labels, tc.batch_size, device)
-            name, digest = _save_checkpoint(run_dir, model, tok, state, last_good)
-            _save_resume(run_dir, optimizer, scheduler, state)
-            entry = manifest.add(CheckpointEntry(
-                step=state.step, path=name, tokens_seen=state.tokens_seen, wall_clock_s=round(state.wall_clock_s, 3),
-                train_loss=state.loss_ema, val_loss=val_loss, val_acc=val_acc, sha256=digest))
-            manifest.save(run_dir)
-            last_good = state.step
-            if bar is not None:
-                bar.set_postfix(val_loss=f"{val_loss:.3f}")
-            if on_checkpoint:
-                on_checkpoint(entry)
-        distributed.barrier(dist)
-
-    try:
-        while True:
-            if state.step in schedule and not any(c.step == state.step for c in manifest.checkpoints):
-                checkpoint()
-            if state.step >= tc.max_steps:
-                break
-            loss = _train_step(objective, optimizer, scheduler, batches, state.step, tc, device, heads,
-                               cfg.sas_reg.lam_at(state.step))
-            loss = distributed.mean(loss, dist)
-            if distributed.any_flag(not math.isfinite(loss), dist):
-                raise TrainingError(f"loss became {loss} at step {state.step + 1}; training stopped, the last good "
-                                    f"checkpoint is step {last_good} (lower --lr or use --precision fp32)")
-            state.step += 1
-            state.tokens_seen += batches.tokens_per_step()
-            state.loss_ema = loss if state.loss_ema is None else 0.98 * state.loss_ema + 0.02 * loss
-            if log_f is not None and state.step % tc.log_every == 0:
-                log_f.write(json.dumps({"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                                        "tokens": state.tokens_seen}) + "\n")
-                log_f.flush()
-            if bar is not None:
-                bar.update(1)
-                if state.step % 20 == 0:
-                    bar.set_postfix(loss=f"{state.loss_ema:.3f}", val_loss=bar.postfix.split("=")[-1] if bar.postfix else "")
-    except BaseException as e:
-        if dist.is_main and manifest is not None:
-            manifest.run["status"] = "failed" if isinstance(e, TrainingError) else "interrupted"
-            manifest.run["error"] = str(e)
-            manifest.save(run_dir)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        if log_f is not None:
-            log_f.close()
+def _load_data(run_dir: Path, cfg: RunConfig, resume: bool, dist: distributed.Dist) -> _Data:
+    """Corpus → tokenizer (rank 0 builds it, the other ranks read it) → packed training sequences, step batches and
+    the masked validation sequences."""
+    tc = cfg.train
+    with warnings.catch_warnings():
+        if not (resume and dist.is_main):  # _prepare_run_dir has loaded (and warned about) it once already
+            warnings.simplefilter("ignore", CorpusWarning)
+        corpus, fingerprint = load_corpus(cfg.data)
+    train_texts, val_texts = list(corpus["train"]["text"]), list(corpus["validation"]["text"])
     if dist.is_main:
-        manifest.run["status"] = "finished"
-        manifest.save(run_dir)
-        _drop_replaced(run_dir)  # --force: the replaced run goes once the new one has finished
+        tok, tok_source = _build_tokenizer(run_dir, cfg, train_texts, fingerprint, resume)
     distributed.barrier(dist)
-    distributed.shutdown(dist)
-    return Manifest.load(run_dir)  # every rank returns what rank 0 wrote
+    if not dist.is_main:
+        tok, tok_source = PreTrainedTokenizerFast.from_pretrained(str(run_dir / TOKENIZER_DIR)), "rank 0"
+    special = tuple(tok.all_special_ids)
+    masker = Masker(tok.mask_token_id, len(tok), special, tc.mask_rate, tc.mask_replace)
+    train_data = pack(tok, train_texts, tc.seq_len)
+    batches = StepBatches(train_data, masker, tc.batch_size, tc.grad_accum, tc.data_seed, dist.rank, dist.world_size)
+    val_all = pack(tok, val_texts, tc.seq_len)
+    val_data = val_all[: tc.val_batches * tc.batch_size]
+    val_inputs, val_labels = masker(val_data, torch.Generator().manual_seed(VAL_MASK_SEED))
+    facts = {"n_train_sequences": len(train_data), "n_val_sequences": len(val_data),
+             "val_unigram_entropy": unigram_entropy(val_all, special)}
+    return _Data(tok, tok_source, fingerprint, train_texts, batches, val_inputs, val_labels, facts)
+
+
+def _new_manifest(cfg: RunConfig, levers: dict, data: _Data, model: BertForMaskedLM, schedule: list[int],
+                  device: str, dist: distributed.Dist) -> Manifest:
+    """A new run's manifest: the config as requested (``auto`` kept; ``levers`` says what it resolved to), the data
+    and the provenance."""
+    return Manifest(run={
+        "config": cfg.to_dict(), "levers": levers, "corpus": source_description(cfg.data),
+        "corpus_fingerprint": data.fingerprint, "tokenizer_sha256": tokenizer_hash(data.tok),
+        "tokenizer_source": data.tok_source, **data.facts,
+        "n_params": sum(p.numel() for p in model.parameters()), "schedule": schedule,
+        "versions": _versions(), "git_commit": _git_commit(), "world_size": dist.world_size,
+        "device": device, "threads": torch.get_num_threads(), "status": "training"})
+
+
+class _Output:
+    """Where a run's progress goes, on rank 0: ``train_log.jsonl`` every ``log_every`` steps, the progress bar, and
+    the ``on_checkpoint`` callback."""
+
+    def __init__(self, run: _Run, progress: bool, on_checkpoint: Callable[[CheckpointEntry], None] | None) -> None:
+        main, tc = run.dist.is_main, run.tc
+        self.on_checkpoint = on_checkpoint
+        self.log = open(run.run_dir / TRAIN_LOG, "a") if main else None  # noqa: SIM115 (closed by close())
+        self.bar = None
+        if progress and main:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=tc.max_steps, initial=run.state.step, unit="step", dynamic_ncols=True,
+                            desc=f"train {run.run_dir.name} [{tc.precision}, {tc.attn}]")
+            reason = run.manifest.run["levers"]["precision"]["reason"]
+            self.bar.write(f"precision {tc.precision} ({reason}); attention {tc.attn}")
+
+    def step(self, run: _Run, loss: float) -> None:
+        """After an optimiser step (``run.state`` already counts it)."""
+        state = run.state
+        if self.log is not None and state.step % run.tc.log_every == 0:
+            self.log.write(json.dumps({"step": state.step, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
+                                       "tokens": state.tokens_seen}) + "\n")
+            self.log.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            if state.step % 20 == 0:
+                self._postfix(run)
+
+    def checkpoint(self, run: _Run, entry: CheckpointEntry) -> None:
+        """After a checkpoint is listed in the manifest."""
+        if self.bar is not None:
+            self._postfix(run)
+        if self.on_checkpoint:
+            self.on_checkpoint(entry)
+
+    def _postfix(self, run: _Run) -> None:
+        shown = {"loss": run.state.loss_ema, "val_loss": run.val_loss}
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log is not None:
+            self.log.close()
+
+
+def _checkpoint(run: _Run, out: _Output) -> None:
+    """Score the validation set, write the checkpoint and the resumable state and list them in the manifest (rank 0;
+    every rank waits for it)."""
+    if run.dist.is_main:
+        state = run.state
+        state.wall_clock_s = time.perf_counter() - run.t0
+        run.val_loss, val_acc = evaluate(run.model, run.data.val_inputs, run.data.val_labels, run.tc.batch_size,
+                                         run.device)
+        name, digest = _save_checkpoint(run.run_dir, run.model, run.data.tok, state, run.last_good)
+        _save_resume(run.run_dir, run.optimizer, run.scheduler, state)
+        entry = run.manifest.add(CheckpointEntry(
+            step=state.step, path=name, tokens_seen=state.tokens_seen, wall_clock_s=round(state.wall_clock_s, 3),
+            train_loss=state.loss_ema, val_loss=run.val_loss, val_acc=val_acc, sha256=digest))
+        run.manifest.save(run.run_dir)
+        run.last_good = state.step
+        out.checkpoint(run, entry)
+    distributed.barrier(run.dist)
+
+
+def _record_stop(run: _Run, e: BaseException) -> None:
+    """Save in the manifest why training stopped: ``failed`` (a TrainingError) or ``interrupted``."""
+    if run.dist.is_main:
+        run.manifest.run["status"] = "failed" if isinstance(e, TrainingError) else "interrupted"
+        run.manifest.run["error"] = str(e)
+        run.manifest.save(run.run_dir)
+
+
+def _finish(run: _Run) -> Manifest:
+    """Mark the run finished, delete the run ``--force`` replaced, leave the process group; every rank returns what
+    rank 0 wrote."""
+    if run.dist.is_main:
+        run.manifest.run["status"] = "finished"
+        run.manifest.save(run.run_dir)
+        _drop_replaced(run.run_dir)
+    distributed.barrier(run.dist)
+    distributed.shutdown(run.dist)
+    return Manifest.load(run.run_dir)
 
 
 def _train_step(objective, optimizer, scheduler, batches: StepBatches, step: int, tc: TrainConfig,

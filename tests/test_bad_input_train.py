@@ -164,7 +164,7 @@ def test_invalid_options_are_one_line_errors(tmp_path, small_corpus, args, messa
     (lambda c: c._parse_set(["no_such_field=1"]), "unknown config field 'no_such_field'"),
     (lambda c: c._parse_set(["lr"]), "--set expects key=value"),
     (lambda c: c._parse_set(["compile=maybe"]), "expected true or false"),
-    (lambda c: c._merge_overrides({"sas_lam": 0.1}, {"sas_lam": 0.2}), "--sas-lambda 0.1 and --set sas_lam=0.2"),
+    (lambda c: c._merge_overrides({"sas_lam": 0.1}, {"sas_lam": 0.2}), "--sas-lam 0.1 and --set sas_lam=0.2"),
     (lambda c: c._int_list("0,x", "--seeds"), "--seeds: expected comma-separated integers"),
     (lambda c: make_config("micro", lr=float("nan"), grad_accum=0, betas=(0.9, 1.5)).validate(),
      "grad_accum must be an integer >= 1, got 0; lr must be a finite number >= 0, got nan; betas must be"),
@@ -187,6 +187,48 @@ def test_set_values_are_cast_to_the_declared_type():
     cfg = make_config("micro", **merged)
     cfg.validate()
     assert (cfg.train.lr, cfg.train.max_steps, cfg.train.betas) == (1e-3, 7, (0.9, 0.99))
+
+
+def _train_params(*args: str) -> dict:
+    """What `mlmscope train RUN *args` parses into, without running it."""
+    import typer
+
+    import mlmscope.app.cli as c
+
+    return typer.main.get_command(c.app).commands["train"].make_context("train", ["run", *args]).params
+
+
+def test_every_config_field_is_a_generated_option():
+    """`train` has one option per RunConfig field, named, typed and documented by the dataclass field; an option not
+    given is None (the preset's value)."""
+    from mlmscope.checkpoints.config import config_fields
+
+    params = _train_params()
+    assert set(config_fields()) <= set(params) and all(params[k] is None for k in config_fields())
+    assert "sas_lambda" not in params and "vocab_size" in params and "sas_lam" in params
+    got = _train_params("--betas", "0.9,0.99", "--steps", "0,5", "--no-lowercase", "--sas-lam", "0.1",
+                        "--mask-replace", "mask", "--precision", "bf16", "--n-layers", "3")
+    assert {k: v for k, v in got.items() if k in config_fields() and v is not None} == {
+        "betas": (0.9, 0.99), "steps": [0, 5], "lowercase": False, "sas_lam": 0.1, "mask_replace": "mask",
+        "precision": "bf16", "n_layers": 3}
+    help_text = _cli("train", "--help").stdout
+    for key, f in config_fields().items():
+        assert f.help, key
+        assert "--" + key.replace("_", "-") in help_text
+    assert "auto|fp32|bf16" in help_text and "80/10/10|mask" in help_text and "micro|demo|tiny|small|base" in help_text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precision", "fp8"], "'fp8' is not one of 'auto', 'fp32', 'bf16'"),
+    (["--mask-replace", "90/5/5"], "'90/5/5' is not one of '80/10/10', 'mask'"),
+    (["--preset", "huge"], "'huge' is not one of 'micro', 'demo'"),
+    (["--betas", "0.9"], "expected 2 comma-separated numbers"),
+])
+def test_closed_sets_and_lists_are_checked_by_the_command_line(tmp_path, args, message):
+    r = _cli("train", str(tmp_path / "run"), "--preset", "micro", "--no-progress", *args)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert message in r.stderr.replace("\n", " "), r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_set_works_for_fields_with_an_option_and_threads_are_recorded(tmp_path, small_corpus):
@@ -294,10 +336,16 @@ def test_a_run_saved_before_a_field_existed_differs_only_where_settings_differ(f
     setting that really differs."""
     import json as _json
 
+    from mlmscope.checkpoints.config import RunConfig
+
     run = _copy(finished_run, tmp_path)
     m = _json.loads((run / "manifest.json").read_text())
     m["run"]["config"]["data"].pop("tokenizer", None)
+    m["run"]["config"]["model"]["vocab_size"] = 1024  # a field older versions saved: a copy of data.vocab_size
     (run / "manifest.json").write_text(_json.dumps(m))
     with pytest.raises(TrainingError) as e:
         train(run, make_config("micro", corpus=small_corpus, max_steps=5, linear_every=2), progress=False)
     assert "train.max_steps: 4 -> 5" in str(e.value) and "tokenizer" not in str(e.value)
+    assert "vocab_size" not in str(e.value)
+    old = RunConfig.from_dict(m["run"]["config"])  # what --resume reads
+    assert old == make_config("micro", corpus=small_corpus, max_steps=4, linear_every=2)

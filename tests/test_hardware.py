@@ -33,6 +33,15 @@ def test_explicit_precision_is_kept_and_unknown_is_refused():
         resolve_levers(make_config("micro", precision="fp16").train, "cpu")
 
 
+def test_the_config_offers_the_precisions_the_hardware_resolves():
+    """`--precision` choices (the TrainConfig field's Literal) are exactly what resolve_precision accepts."""
+    from typing import get_args
+
+    from mlmscope.checkpoints.config import Precision
+
+    assert get_args(Precision) == hardware.PRECISIONS
+
+
 def test_avx2_emulation_resolves_to_fp32():
     """ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 make any x86 machine choose as an AVX2-only one does."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}

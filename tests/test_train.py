@@ -227,7 +227,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     ("small", ["--corpus", "{tmp}/small.txt", "--vocab-size", "40", "--seq-len", "16"], "fewer than one batch"),
     ("small", ["--corpus", "{tmp}/small.txt"], "supports only"),
     ("none", ["--steps", "0,5,3"], "strictly increasing"),
-    ("none", ["--precision", "fp8"], "precision"),
+    ("none", ["--set", "precision=fp8"], "precision=fp8: expected one of auto, fp32, bf16"),
 ])
 def test_bad_training_input(tmp_path, small_corpus, setup, args, message):
     (tmp_path / "empty.txt").write_text("\n\n")
