@@ -25,14 +25,16 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
 
+from ..checkpoints.config import cast_text
 from ..checkpoints.errors import MlmscopeError
 from ..probes.batch import CaptureBatch
 
@@ -41,6 +43,10 @@ if TYPE_CHECKING:
 
     from ..probes.model import Arch
     from ..probes.probeset import ProbeSet
+
+
+class ParamError(MlmscopeError):
+    """An analysis parameter given on the command line does not exist or does not parse."""
 
 
 class SkipAnalysis(MlmscopeError):
@@ -139,6 +145,32 @@ class Analysis(ABC):
 
     def params_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.params)
+
+    @classmethod
+    def param_fields(cls) -> dict[str, tuple[Any, Any]]:
+        """Parameter name -> (type, default), read from the ``Params`` dataclass (what the CLI offers)."""
+        hints = typing.get_type_hints(cls.Params)
+        return {f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(cls.Params) if f.init}
+
+    @classmethod
+    def from_text(cls, values: Mapping[str, str]) -> Analysis:
+        """An instance whose parameters are given as text (``--param NAME.FIELD=VALUE``), cast to the field types.
+
+        Raises:
+            ParamError: an unknown field or a value of the wrong type.
+        """
+        fields = cls.param_fields()
+        typed = {}
+        for key, text in values.items():
+            if key not in fields:
+                raise ParamError(f"--param {cls.name}.{key}: {cls.name} has no parameter {key!r}; it has: "
+                                 f"{', '.join(fields) or '(none)'}")
+            try:
+                typed[key] = cast_text(text, fields[key][0], f"--param {cls.name}.{key}={text}")
+            except MlmscopeError as e:
+                raise ParamError(str(e)) from None
+        return cls(cls.Params(**typed))
 
 
 REGISTRY: dict[str, type[Analysis]] = {}

@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-from ..checkpoints.errors import MlmscopeError
 import math
 import os
 import shutil
@@ -35,14 +34,16 @@ import time
 import traceback as tb
 import warnings
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
+from ..checkpoints.errors import MlmscopeError
+from ..checkpoints.manifest import MANIFEST, WEIGHTS, CheckpointEntry, Manifest, list_checkpoints, weights_sha256
 from .base import Analysis, AnalysisContext, SkipAnalysis, get, load_all
 from .store import CHECKPOINT_SCOPE, ResultKey, ResultStore, stable_hash
-from ..checkpoints.manifest import MANIFEST, WEIGHTS, CheckpointEntry, Manifest, list_checkpoints, weights_sha256
 
 #: Order in which capture variants are run (the probes package's variant names).
 VARIANT_ORDER = ("clean", "mask15", "mask1")
@@ -66,6 +67,7 @@ class RunnerConfig:
 
     Attributes:
         analyses: Analysis names; None = every registered analysis.
+        params: Analysis name -> {parameter: value as text}, cast to the ``Params`` field types.
         steps: Step filter, e.g. ``"0,100,400-2000"`` (inclusive ranges, open ends allowed: ``"-500"``,
             ``"1000-"``); None = all.
         workers: Local worker processes.
@@ -88,9 +90,10 @@ class RunnerConfig:
     """
 
     analyses: list[str] | None = None
+    params: dict[str, dict[str, str]] = field(default_factory=dict)
     steps: str | None = None
     workers: int = 1
-    backend: str = "local"
+    backend: Literal["local", "ray"] = "local"
     address: str | None = None
     force: bool = False
     follow: bool = False
@@ -309,7 +312,7 @@ def _prepare(job: Job, lm: Any, env: WorkerEnv, store: ResultStore, device: str)
             store.clear_failure(job.rel, a.name)
             done.append(Outcome(job.step, job.rel, a.name, "skipped", act.seconds, str(e), rec))
             continue
-        except Exception as e:  # noqa: BLE001 - one analysis failing must not stop the others
+        except Exception as e:
             act.fail(e)
         actives.append(act)
     return actives, done
@@ -334,10 +337,10 @@ def _feed(group: list[_Active], lm: Any, env: WorkerEnv) -> float:
                     try:
                         with a.tracked():
                             a.acc.update(batch)
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:
                         a.fail(e)
             t0 = time.perf_counter()
-    except Exception as e:  # noqa: BLE001 - a capture failure fails the analyses that depended on it
+    except Exception as e:
         for a in live:
             if a.error is None:
                 a.fail(e)
@@ -363,7 +366,7 @@ def _finish(act: _Active, job: Job, store: ResultStore) -> Outcome:
             rec = store.save_skip(act.key, str(e), _meta(job, a))
             store.clear_failure(job.rel, a.name)
             return Outcome(job.step, job.rel, a.name, "skipped", act.seconds, str(e), rec)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             act.fail(e)
     store.record_failure(job.rel, a.name, act.error or "", act.trace, {"step": job.step, "ckpt_hash": job.ckpt_hash})
     return Outcome(job.step, job.rel, a.name, "failed", act.seconds, act.error or "")
@@ -394,7 +397,7 @@ def execute_job(job: Job, env: WorkerEnv) -> JobResult:
                                       "(modified or corrupted after it was written)")
         lm = env.load_fn(job.path, device=device)
         check_finite(lm.model)
-    except Exception as e:  # noqa: BLE001 - recorded, the other checkpoints still run
+    except Exception as e:
         err = _error_text(e)
         store.record_failure(job.rel, CHECKPOINT_SCOPE, err, tb.format_exc(),
                              {"step": job.step, "ckpt_hash": job.ckpt_hash})
@@ -611,7 +614,8 @@ class Runner:
         if self.config.threads is not None and self.config.threads < 1:
             raise RunnerError(f"--threads must be at least 1, got {self.config.threads}")
         self.store = ResultStore(self.run_dir, self.config.results_dir)
-        self.analyses = list(analyses) if analyses is not None else self._make_analyses(self.config.analyses)
+        self.analyses = list(analyses) if analyses is not None else self._make_analyses(self.config.analyses,
+                                                                                         self.config.params)
         self._probe_set = probe_set
         self.capture_fn = capture_fn or default_capture
         self.load_fn = load_fn or default_load
@@ -619,14 +623,19 @@ class Runner:
         self.step_ok = parse_steps(self.config.steps)
 
     @staticmethod
-    def _make_analyses(names: Sequence[str] | None) -> list[Analysis]:
+    def _make_analyses(names: Sequence[str] | None, params: Mapping[str, Mapping[str, str]] | None = None
+                       ) -> list[Analysis]:
         registry = load_all()
-        if names is None:
-            names = sorted(registry)
+        names = sorted(registry) if names is None else list(names)
+        params = params or {}
+        for n in params:
+            if n not in names:
+                raise RunnerError(f"--param {n}.…: analysis {n!r} is not "
+                                  f"{'registered' if n not in registry else 'among those requested (-a)'}")
         out = []
         for n in names:
             try:
-                out.append(get(n)())
+                out.append(get(n).from_text(params.get(n, {})))
             except KeyError as e:
                 raise RunnerError(e.args[0]) from None
         if not out:
@@ -660,7 +669,7 @@ class Runner:
             path = self.run_dir / e.path
             try:
                 h = self._hash_of(e)
-            except Exception as err:  # noqa: BLE001 - missing/corrupted weights file
+            except Exception as err:
                 msg = _error_text(err)
                 self.store.record_failure(e.path, CHECKPOINT_SCOPE, msg, tb.format_exc(), {"step": e.step})
                 known += [Outcome(e.step, e.path, a.name, "failed", error=msg) for a in self.analyses]
@@ -874,7 +883,6 @@ def resolve_probe_set(run_dir: Path, probes: str | None, model_dir: Path | None)
     if model_dir is None:
         raise RunnerError(f"{str(run_dir)!r} has no checkpoints to build the default probe set for; pass --probes")
     from ..checkpoints.config import DataConfig
-
     from ..probes.fit import load_tokenizer
 
     tokenizer, max_length = load_tokenizer(model_dir)  # the tokenizer is all the builder needs: no weights loaded

@@ -14,10 +14,11 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .boundary import UserError
@@ -33,7 +34,7 @@ app = typer.Typer(help="The registered analyses: list them, show recorded failur
 console = Console(stderr=True)
 
 
-def _names(values: Optional[list[str]]) -> Optional[list[str]]:
+def _names(values: list[str] | None) -> list[str] | None:
     """``-a sas,lens -a outliers`` -> ["sas", "lens", "outliers"]; None/"all" -> None (every registered one)."""
     if not values:
         return None
@@ -44,24 +45,28 @@ def _names(values: Optional[list[str]]) -> Optional[list[str]]:
 def analyze_command(
     run: Path = typer.Argument(..., help="Run folder, any folder of step_*/checkpoint-* checkpoint folders, or one "
                                          "model folder (HF BERT/RoBERTa MLM, head-less BertModel, a run's step_*)."),
-    analyses: Optional[list[str]] = typer.Option(None, "--analyses", "-a",
+    analyses: list[str] | None = typer.Option(None, "--analyses", "-a",
                                                  help="Analyses to run (comma-separated or repeated; default all)."),
-    steps: Optional[str] = typer.Option(None, help="Steps to analyse, e.g. '0,100,400-2000,5000-' (default all)."),
+    params: list[str] | None = typer.Option(None, "--param", "-p", help="An analysis parameter, NAME.FIELD=VALUE "
+                                            "(repeatable; typed by the analysis's Params, listed by `mlmscope "
+                                            "analyses list`), e.g. -p sas.min_count=50 -p tuned_lens.max_steps=50."),
+    steps: str | None = typer.Option(None, help="Steps to analyse, e.g. '0,100,400-2000,5000-' (default all)."),
     workers: int = typer.Option(1, help="Local worker processes (torch threads are split between them)."),
-    threads: Optional[int] = typer.Option(None, help="torch threads in all (split between --workers; default: one "
+    threads: int | None = typer.Option(None, help="torch threads in all (split between --workers; default: one "
                                                      "per core)."),
-    out: Optional[Path] = typer.Option(None, help="Results folder for a single model folder (default: "
+    out: Path | None = typer.Option(None, help="Results folder for a single model folder (default: "
                                                   "runs/models/<name>-<hash8>); not for a run."),
-    backend: str = typer.Option("local", help="local | ray."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address: auto or HOST:PORT (default: start a "
+    backend: Literal["local", "ray"] = typer.Option("local", help="Where checkpoints are analysed: local processes "
+                                                    "or one Ray task each."),
+    address: str | None = typer.Option(None, help="Ray cluster address: auto or HOST:PORT (default: start a "
                                                      "local Ray instance)."),
     force: bool = typer.Option(False, help="Recompute results that are already stored."),
     follow: bool = typer.Option(False, help="Keep analysing new checkpoints until the manifest says training "
                                             "finished."),
     poll: float = typer.Option(10.0, help="Seconds between manifest polls with --follow."),
-    idle_timeout: Optional[float] = typer.Option(None, help="With --follow, stop after this many seconds without "
+    idle_timeout: float | None = typer.Option(None, help="With --follow, stop after this many seconds without "
                                                             "a new checkpoint."),
-    probes: Optional[Path] = typer.Option(None, help="Probe set folder or CoNLL-U file (default: the run's default "
+    probes: Path | None = typer.Option(None, help="Probe set folder or CoNLL-U file (default: the run's default "
                                                      "probe set, built once into RUN/probes/default; for a single "
                                                      "model, into its results folder)."),
     batch_size: int = typer.Option(32, help="Probe sentences per forward pass."),
@@ -73,7 +78,7 @@ def analyze_command(
     from ..analyses.store import ResultStore
     from ..analyses.target import resolve_target
 
-    cfg = RunnerConfig(analyses=_names(analyses), steps=steps, workers=workers, backend=backend, address=address,
+    cfg = RunnerConfig(analyses=_names(analyses), params=_params(params), steps=steps, workers=workers, backend=backend, address=address,
                        force=force, follow=follow, poll_s=poll, idle_timeout_s=idle_timeout,
                        probes=str(probes) if probes else None, batch_size=batch_size, device=device,
                        verify_hash=verify_hash, threads=threads)
@@ -91,7 +96,7 @@ def analyze_command(
         raise typer.Exit(1)
 
 
-def _check_options(cfg: RunnerConfig, probes: Optional[Path]) -> Optional[ProbeSet]:
+def _check_options(cfg: RunnerConfig, probes: Path | None) -> ProbeSet | None:
     """Check the options before any folder is created; return the ``--probes`` probe set (loaded once) or None.
 
     Raises:
@@ -109,19 +114,39 @@ def _check_options(cfg: RunnerConfig, probes: Optional[Path]) -> Optional[ProbeS
     if probes is not None and not probes.exists():
         raise RunnerError(f"probe set {str(probes)!r} does not exist")
     parse_steps(cfg.steps)
-    Runner._make_analyses(cfg.analyses)
+    Runner._make_analyses(cfg.analyses, cfg.params)
     return load_probe_set(probes) if probes is not None else None
+
+
+def _params(values: Optional[list[str]]) -> dict[str, dict[str, str]]:
+    """``-p sas.min_count=50 -p sas.margin_se=3`` -> {"sas": {"min_count": "50", "margin_se": "3"}} (cast later)."""
+    out: dict[str, dict[str, str]] = {}
+    for v in values or []:
+        key, sep, text = v.partition("=")
+        name, dot, field_name = key.strip().partition(".")
+        if not (sep and dot and name and field_name):
+            raise UserError(f"--param expects NAME.FIELD=VALUE (e.g. sas.min_count=50), got {v!r}")
+        out.setdefault(name, {})[field_name] = text.strip()
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    """``int``, ``tuple[str, ...]``, ``float | None``: as written in the ``Params`` dataclass."""
+    import typing
+
+    return tp.__name__ if typing.get_origin(tp) is None and hasattr(tp, "__name__") else str(tp).replace("typing.", "")
 
 
 @app.command("list")
 def list_command() -> None:
-    """Registered analyses with version, capture variants and a one-line description."""
+    """Registered analyses: version, capture variants, a one-line description and the parameters (``--param``)."""
     from ..analyses.base import load_all
 
-    table = Table("name", "version", "variants", "MLM head", "description")
+    table = Table("name", "version", "variants", "MLM head", "description", "parameters (default)")
     for name, cls in sorted(load_all().items()):
+        params = ", ".join(f"{k}: {_type_name(tp)} = {default!r}" for k, (tp, default) in cls.param_fields().items())
         table.add_row(name, str(cls.version), ",".join(cls.variants), "yes" if cls.needs_mlm_head else "",
-                      cls.description)
+                      escape(cls.description), escape(params))
     Console().print(table)
 
 
@@ -146,12 +171,12 @@ def failures_command(run: Path = typer.Argument(..., help="Run folder, or a mode
 @app.command("bench")
 def bench_command(
     run: Path = typer.Argument(Path("runs/demo"), help="Run to analyse (the demo trajectory has >= 40 checkpoints)."),
-    analyses: Optional[list[str]] = typer.Option(None, "--analyses", "-a", help="Analyses (default all)."),
-    steps: Optional[str] = typer.Option(None, help="Step filter (default all)."),
-    probes: Optional[Path] = typer.Option(None, help="Probe set (default: the run's default)."),
+    analyses: list[str] | None = typer.Option(None, "--analyses", "-a", help="Analyses (default all)."),
+    steps: str | None = typer.Option(None, help="Step filter (default all)."),
+    probes: Path | None = typer.Option(None, help="Probe set (default: the run's default)."),
     batch_size: int = typer.Option(32),
     workers: int = typer.Option(2, help="Worker count compared against 1."),
-    out: Optional[Path] = typer.Option(None, help="Also write the timings as JSON here."),
+    out: Path | None = typer.Option(None, help="Also write the timings as JSON here."),
 ) -> None:
     """Time shared capture vs. naive (one capture per analysis), and 1 vs N workers, into scratch stores."""
     timings = run_bench(run, _names(analyses), steps, str(probes) if probes else None, batch_size, workers)
@@ -175,7 +200,7 @@ def bench_command(
         out.write_text(json.dumps(timings, indent=1))
 
 
-def run_bench(run: Path, analyses: Optional[list[str]], steps: Optional[str], probes: Optional[str],
+def run_bench(run: Path, analyses: list[str] | None, steps: str | None, probes: str | None,
               batch_size: int, workers: int) -> dict[str, Any]:
     """Analyse RUN three times into scratch result stores: shared capture, naive, shared with N workers.
 
@@ -240,8 +265,14 @@ class RichReporter:
 
     def __init__(self, console: Any | None = None) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.console = console or Console(stderr=True)
         self.progress = Progress(TextColumn("[bold]checkpoints"), BarColumn(), MofNCompleteColumn(),

@@ -26,8 +26,8 @@ import torch
 from mlmscope.analyses.base import Accumulator, Analysis, SkipAnalysis
 from mlmscope.analyses.runner import Runner, RunnerConfig, RunnerError, parse_steps
 from mlmscope.analyses.store import CHECKPOINT_SCOPE, ResultStore, load_results
-from mlmscope.checkpoints.manifest import CheckpointEntry, Manifest, step_dirname, weights_sha256
 from mlmscope.analyses.trajectory import Trajectory
+from mlmscope.checkpoints.manifest import CheckpointEntry, Manifest, step_dirname, weights_sha256
 from mlmscope.probes.batch import CaptureBatch
 
 PROBES = [["the", "cat", "sat", "on", "the", "mat"], ["the", "dog", "slept", "near", "the", "fire"],
@@ -519,3 +519,20 @@ def test_cli_bad_input_and_list(cli, run):
     assert res.exit_code == 1 and "unknown analysis 'nope'" in res.output
     res = cli("analyses", "list")
     assert res.exit_code == 0 and "_t_norm" in res.output and "residual norm per layer" in res.output
+
+
+def test_cli_param_is_typed_by_the_params_dataclass_and_checked(cli, run):
+    from mlmscope.analyses.runner import Runner
+    from mlmscope.analyses.sas import SAS
+
+    (sas,) = Runner._make_analyses(["sas"], {"sas": {"min_count": "50", "exclude": "punct,det", "offsets": "-1,1"}})
+    assert isinstance(sas, SAS) and sas.params == SAS.Params(min_count=50, exclude=("punct", "det"), offsets=(-1, 1))
+    for args, message in [(["-p", "sas.min_cnt=5"], "sas has no parameter 'min_cnt'; it has: min_count"),
+                          (["-p", "sas.min_count=many"], "--param sas.min_count=many: expected an integer"),
+                          (["-p", "nope.x=1"], "analysis 'nope' is not registered"),
+                          (["-a", "_t_norm", "-p", "sas.min_count=5"], "not among those requested (-a)"),
+                          (["-p", "min_count=5"], "--param expects NAME.FIELD=VALUE")]:
+        res = cli("analyze", run, *args)
+        assert res.exit_code == 1 and message in " ".join(res.output.split()), (args, res.output)
+    (norm,) = Runner._make_analyses(["_t_norm"], {"_t_norm": {"tag": "other"}})
+    assert norm.params.tag == "other"
