@@ -108,12 +108,13 @@ def decode_hidden(arch: Arch, hidden: torch.Tensor) -> torch.Tensor:
     return arch.apply_mlm_head(hidden)
 
 
-def require_mlm_head(ctx: AnalysisContext, analysis: str) -> None:
-    """Raise :class:`SkipAnalysis` with a clear reason when the model has no trained MLM head."""
+def require_mlm_head(ctx: AnalysisContext, analysis: str) -> Arch:
+    """Raise :class:`SkipAnalysis` with a clear reason when the model has no trained MLM head; else return its arch."""
     if ctx.arch is None or not ctx.arch.has_mlm_head:
         raise SkipAnalysis(
             f"{analysis}: the model has no trained MLM head (a head-less encoder such as all-MiniLM-L6-v2); "
             "decoding hidden states through a random head would be meaningless")
+    return ctx.arch
 
 
 @dataclass(frozen=True)

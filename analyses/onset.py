@@ -34,11 +34,11 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..checkpoints.errors import MlmscopeError
 
@@ -160,10 +160,10 @@ def _fit_many(x: np.ndarray, ys: np.ndarray, p: OnsetParams) -> list[_Fit]:
     line = np.stack([np.ones(n), x], -1)
     rss_line = ((ys - ys @ (line @ np.linalg.pinv(line)).T) ** 2).sum(-1)
     fits = []
-    for r, b in enumerate(best):
+    for r, b in enumerate(best.tolist()):
         design = _designs(x, k1[b:b + 1], k2[b:b + 1])[0]
         coef, *_ = np.linalg.lstsq(design, ys[r], rcond=None)
-        fits.append(_judge(x, ys[r], design @ coef, coef, k1[b], k2[b], max(rss[r, b], 0.0), rss_line[r], p))
+        fits.append(_judge(x, ys[r], design @ coef, coef, float(k1[b]), float(k2[b]), max(rss[r, b], 0.0), rss_line[r], p))
     return fits
 
 
@@ -204,7 +204,7 @@ def _interval(values: list[float], p: OnsetParams) -> tuple[float, float] | None
     return float(lo), float(hi)
 
 
-def detect_onset(steps: Sequence[float], values: Sequence[float], params: OnsetParams | None = None,
+def detect_onset(steps: ArrayLike, values: ArrayLike, params: OnsetParams | None = None,
                  **overrides: Any) -> Onset:
     """Detect the onset of the steepest rise (or fall) of a curve over training steps.
 
@@ -229,7 +229,7 @@ def detect_onset(steps: Sequence[float], values: Sequence[float], params: OnsetP
     s, v = s[keep], v[keep]
     s, first = np.unique(s, return_index=True)
     v = v[first]
-    base = dict(n_points=len(s), params=asdict(p))
+    base: dict[str, Any] = dict(n_points=len(s), params=asdict(p))
     if len(s) < 2 * p.min_seg + 1:
         return Onset(False, f"too few checkpoints ({len(s)}) for a breakpoint fit", **base)
     x = np.log10(s + p.x_offset)
@@ -245,6 +245,7 @@ def detect_onset(steps: Sequence[float], values: Sequence[float], params: OnsetP
 
 
 def _bootstrap(x: np.ndarray, y: np.ndarray, fit: _Fit, p: OnsetParams, out: Onset) -> None:
+    assert fit.fitted is not None  # the caller bootstraps successful fits only
     rng = np.random.default_rng(p.seed)
     resid = y - fit.fitted
     ys = fit.fitted[None] + rng.choice(resid, size=(p.n_boot, len(y)), replace=True)
@@ -256,6 +257,12 @@ def _bootstrap(x: np.ndarray, y: np.ndarray, fit: _Fit, p: OnsetParams, out: Ons
     out.steepest_ci = _interval([_to_step(sum(b.ramp) / 2, p) for b in found], p)
 
 
+def _ramp(o: Onset) -> tuple[float, float, float]:
+    """(onset, steepest, end) step of a found onset (:func:`detect_onset` sets all three when ``found``)."""
+    assert o.onset_step is not None and o.steepest_step is not None and o.end_step is not None, "onset not found"
+    return o.onset_step, o.steepest_step, o.end_step
+
+
 def coincidence(a: Onset, b: Onset) -> dict[str, Any]:
     """Do two onsets coincide (Chen et al.: the structure onset falls in the loss drop)?
 
@@ -264,11 +271,12 @@ def coincidence(a: Onset, b: Onset) -> dict[str, Any]:
     """
     if not (a.found and b.found):
         return {"coincide": None, "reason": "an onset is missing", "ci_overlap": None, "distance_decades": None}
-    overlap = min(a.end_step, b.end_step) >= max(a.onset_step, b.onset_step)
+    (a_onset, a_steepest, a_end), (b_onset, b_steepest, b_end) = _ramp(a), _ramp(b)
+    overlap = min(a_end, b_end) >= max(a_onset, b_onset)
     ci = None
     if a.onset_ci and b.onset_ci:
         ci = min(a.onset_ci[1], b.onset_ci[1]) >= max(a.onset_ci[0], b.onset_ci[0])
     off = a.params.get("x_offset", 1.0)
-    dist = abs(math.log10(a.steepest_step + off) - math.log10(b.steepest_step + off))
+    dist = abs(math.log10(a_steepest + off) - math.log10(b_steepest + off))
     return {"coincide": bool(overlap), "reason": "ramp windows overlap" if overlap else "ramp windows are disjoint",
             "ci_overlap": ci, "distance_decades": dist}

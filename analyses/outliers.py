@@ -35,7 +35,7 @@ docs/notes/geometry.md, "Positional outlier neurons".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -80,7 +80,7 @@ def output_layernorms(ctx: AnalysisContext) -> tuple[list[tuple[torch.Tensor, to
         return [], "no model in the analysis context"
     out = []
     for l in range(ctx.n_layers):
-        ln = arch.ln2(l)
+        ln: Any = arch.ln2(l)  # an HF LayerNorm (torch types its attributes as Tensor | Module)
         out.append((ln.weight.detach().float().cpu(), ln.bias.detach().float().cpu()))
     return out, ""
 
@@ -459,7 +459,8 @@ def outlier_emergence(freq: pd.DataFrame, threshold: float = 0.5, min_layers: in
     best = f.groupby(["dim", "kind", "step"])["freq"].max()
     last = steps[-1]
     rows = []
-    for (d, kind), g in present.groupby(["dim", "kind"]):
+    for key, g in present.groupby(["dim", "kind"]):
+        d, kind = cast(tuple[int, str], key)  # pandas-stubs types group keys as Hashable
         on = set(g["step"])
         first = min(on)
         stable = np.nan

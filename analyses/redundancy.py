@@ -152,17 +152,24 @@ class _PairedTraceCovariance:
         if self.n == 0:
             self.n, self.mean, self.tr_xy, self.tr_xx = n_b, m_b, xy_b, xx_b
             return
+        mean, tr_xy, tr_xx = self._moments()
         n = self.n + n_b
-        delta = m_b - self.mean
+        delta = m_b - mean
         w = self.n * n_b / n
-        self.tr_xy = self.tr_xy + xy_b + w * (delta[self.a] * delta[self.b]).sum(-1)
-        self.tr_xx = self.tr_xx + xx_b + w * (delta * delta).sum(-1)
-        self.mean = self.mean + delta * (n_b / n)
+        self.tr_xy = tr_xy + xy_b + w * (delta[self.a] * delta[self.b]).sum(-1)
+        self.tr_xx = tr_xx + xx_b + w * (delta * delta).sum(-1)
+        self.mean = mean + delta * (n_b / n)
         self.n = n
+
+    def _moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, tr_xy, tr_xx) once rows were seen (they are None while ``n`` is 0)."""
+        assert self.mean is not None and self.tr_xy is not None and self.tr_xx is not None, "no rows seen yet"
+        return self.mean, self.tr_xy, self.tr_xx
 
     def centred_cosine(self) -> torch.Tensor:
         """(P,) pooled centred cosine tr S_xy / √(tr S_xx · tr S_yy)."""
-        return self.tr_xy / (self.tr_xx[self.a] * self.tr_xx[self.b]).sqrt()
+        _, tr_xy, tr_xx = self._moments()
+        return tr_xy / (tr_xx[self.a] * tr_xx[self.b]).sqrt()
 
 
 class RedundancyAccumulator(Accumulator):
@@ -290,12 +297,14 @@ class _DropRunner:
             mid = env(a.ln1(l)).output
             ffn_keep = [mid[s].clone() for s in rows["ffn"]]
             for s in rows["attn"]:
+                assert h_in is not None  # read above whenever rows["attn"] is non-empty
                 mid[s] = h_in[s]                        # attention skipped: the FFN reads the block's input
         if rows["ffn"] or rows["block"]:
             out = env(a.ln2(l)).output
             for s, m in zip(rows["ffn"], ffn_keep):
                 out[s] = m                              # FFN skipped: the block returns its mid state
             for s in rows["block"]:
+                assert h_in is not None  # read above whenever rows["block"] is non-empty
                 out[s] = h_in[s]                        # block skipped: identity
 
     def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

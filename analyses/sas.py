@@ -49,6 +49,7 @@ loss-drop onset, classification and coincidence; see ``mlmscope.analyses.onset``
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -255,13 +256,14 @@ class SASCounts:
     def add_layer(self, layer: int, hits: torch.Tensor, cell: torch.Tensor, pred_cell: torch.Tensor) -> None:
         """Add one layer's hits (H, D, N) bool at word cells (N,), and prediction cells (H, D, N)."""
         h, d = hits.shape[:2]
-        if self.hits[layer] is None:
-            self.hits[layer] = torch.zeros(h, d, self.n_rel, 2, self.n_buckets, dtype=torch.float64)
-            self.pred_off[layer] = torch.zeros(h, d, self.n_rel, self.n_buckets, dtype=torch.float64)
-        elif self.hits[layer].shape[0] != h:
-            raise SASInputError(f"layer {layer} had {self.hits[layer].shape[0]} heads in an earlier batch and {h} now")
-        self.hits[layer].view(h * d, -1).index_add_(1, cell, hits.reshape(h * d, -1).to(torch.float64))
-        self.pred_off[layer].view(h * d, -1).scatter_add_(
+        counts, pred_off = self.hits[layer], self.pred_off[layer]
+        if counts is None or pred_off is None:  # set together, at the layer's first batch
+            counts = self.hits[layer] = torch.zeros(h, d, self.n_rel, 2, self.n_buckets, dtype=torch.float64)
+            pred_off = self.pred_off[layer] = torch.zeros(h, d, self.n_rel, self.n_buckets, dtype=torch.float64)
+        elif counts.shape[0] != h:
+            raise SASInputError(f"layer {layer} had {counts.shape[0]} heads in an earlier batch and {h} now")
+        counts.view(h * d, -1).index_add_(1, cell, hits.reshape(h * d, -1).to(torch.float64))
+        pred_off.view(h * d, -1).scatter_add_(
             1, pred_cell.reshape(h * d, -1), torch.ones(pred_cell.shape, dtype=torch.float64).view(h * d, -1))
 
 
@@ -366,8 +368,9 @@ def _pool(counts: SASCounts, relations: list[str], excluded: list[int]) -> _Pool
     layers = [(l, h) for l, h in enumerate(counts.hits) if h is not None]
     hits = np.concatenate([h.numpy().reshape(-1, *h.shape[2:]) for _, h in layers]) if layers else \
         np.zeros((0, len(relations), 2, counts.n_buckets))
-    pred_off = np.concatenate([counts.pred_off[l].numpy().reshape(-1, len(relations), counts.n_buckets)
-                               for l, _ in layers]) if layers else np.zeros((0, len(relations), counts.n_buckets))
+    offs = [o for o in counts.pred_off if o is not None]  # None exactly where counts.hits is None
+    pred_off = np.concatenate([o.numpy().reshape(-1, len(relations), counts.n_buckets)
+                               for o in offs]) if layers else np.zeros((0, len(relations), counts.n_buckets))
     lab = [(l, hh, d) for l, h in layers for hh in range(h.shape[0]) for d in range(h.shape[1])]
     lab_arr = np.array(lab, dtype=int).reshape(-1, 3)
     return _Pooled(relations=[*relations, ALL], n=with_all(counts.n.numpy(), 0), hits=with_all(hits, 1),
@@ -576,7 +579,7 @@ def sas_frames(model: Any, probe_set: Any, params: SAS.Params | None = None, bat
     from ..probes.probeset import load_probe_set
 
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
-    ps = load_probe_set(probe_set) if isinstance(probe_set, (str, bytes)) or hasattr(probe_set, "__fspath__") \
+    ps = load_probe_set(os.fsdecode(probe_set)) if isinstance(probe_set, (str, bytes)) or hasattr(probe_set, "__fspath__") \
         else probe_set
     analysis = SAS(params)
     ctx = AnalysisContext(model=lm.model, arch=lm.arch, n_layers=lm.n_layers, n_heads=lm.n_heads,
@@ -688,6 +691,7 @@ def sas_onsets(curve: pd.DataFrame, params: Any = None, score: str = "sas_score"
     sas = detect_onset(curve["step"], curve[score], p, direction="up")
     row: dict[str, Any] = {**sas.as_dict("sas_"), "method": sas.method}
     if sas.found:
+        assert sas.onset_step is not None and sas.end_step is not None  # set whenever found
         row.update(classify_onset(curve, sas.onset_step, sas.end_step))
     else:
         row["structure_kind"] = "none"

@@ -94,6 +94,7 @@ class StreamingMean:
         """Fold another accumulator of the same width into this one."""
         if other.n == 0:
             return
+        assert other._sum is not None  # set by the first non-empty update
         self._sum = other._sum.clone() if self._sum is None else self._sum + other._sum.to(self._sum.device)
         self.n += other.n
 
@@ -131,15 +132,21 @@ class StreamingCrossCovariance:
         if self.n == 0:
             self.n, self._mx, self._my, self._sxy = n_b, mx_b, my_b, sxy_b
             return
-        dev = self._mx.device
+        mx_a, my_a, sxy_a = self._moments()
+        dev = mx_a.device
         mx_b, my_b, sxy_b = mx_b.to(dev), my_b.to(dev), sxy_b.to(dev)
         n_a, n = self.n, self.n + n_b
-        dx = mx_b - self._mx
-        dy = my_b - self._my
-        self._sxy = self._sxy + sxy_b + torch.outer(dx, dy) * (n_a * n_b / n)
-        self._mx = self._mx + dx * (n_b / n)
-        self._my = self._my + dy * (n_b / n)
+        dx = mx_b - mx_a
+        dy = my_b - my_a
+        self._sxy = sxy_a + sxy_b + torch.outer(dx, dy) * (n_a * n_b / n)
+        self._mx = mx_a + dx * (n_b / n)
+        self._my = my_a + dy * (n_b / n)
         self.n = n
+
+    def _moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean_x, mean_y, scatter) once rows were seen (they are None while ``n`` is 0)."""
+        assert self._mx is not None and self._my is not None and self._sxy is not None, "no rows seen yet"
+        return self._mx, self._my, self._sxy
 
     def update(self, x: Any, y: Any) -> None:
         """Add paired rows: ``x`` (N, dx) and ``y`` (N, dy)."""
@@ -154,7 +161,8 @@ class StreamingCrossCovariance:
     def merge(self, other: StreamingCrossCovariance) -> None:
         """Fold another accumulator with the same widths into this one."""
         if other.n:
-            self._merge_moments(other.n, other._mx.clone(), other._my.clone(), other._sxy.clone())
+            mx, my, sxy = other._moments()
+            self._merge_moments(other.n, mx.clone(), my.clone(), sxy.clone())
 
     def _zeros(self, *shape: int) -> torch.Tensor:
         return torch.zeros(*shape, dtype=_F64)
@@ -162,17 +170,17 @@ class StreamingCrossCovariance:
     @property
     def mean_x(self) -> torch.Tensor:
         """(dx,) mean of x."""
-        return self._mx if self.n else self._zeros(self.dx)
+        return self._moments()[0] if self.n else self._zeros(self.dx)
 
     @property
     def mean_y(self) -> torch.Tensor:
         """(dy,) mean of y."""
-        return self._my if self.n else self._zeros(self.dy)
+        return self._moments()[1] if self.n else self._zeros(self.dy)
 
     @property
     def scatter(self) -> torch.Tensor:
         """(dx, dy) centred cross-scatter Σ (x − μx)(y − μy)ᵀ (a sum, not divided by n)."""
-        return self._sxy if self.n else self._zeros(self.dx, self.dy)
+        return self._moments()[2] if self.n else self._zeros(self.dx, self.dy)
 
     @property
     def cov(self) -> torch.Tensor:

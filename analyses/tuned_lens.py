@@ -146,7 +146,7 @@ class FitConfig:
     atol: float = 0.0
     chunk: int = 512
 
-    def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
             lr = self.lr if self.lr is not None else 1.0 * (1 - self.momentum)
             return torch.optim.SGD(params, lr=lr, momentum=self.momentum, nesterov=True,
@@ -467,12 +467,12 @@ class TunedLens(Analysis):
         return ["embed.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(ctx.n_layers)]
 
     def accumulator(self, ctx: AnalysisContext) -> TunedLensAccumulator:
-        require_mlm_head(ctx, self.name)
+        arch = require_mlm_head(ctx, self.name)
         warm = ctx.previous / TRANSLATORS_FILE if ctx.previous is not None else None
         init = load_translators(warm) if warm is not None and warm.exists() else None
         if init is not None and tuple(init["weight"].shape) != (ctx.n_layers, ctx.d_model, ctx.d_model):
             init = None     # another architecture (e.g. a foreign checkpoint in the folder): cold start
-        norm = ctx.arch.final_norm()
-        frozen = [ctx.arch.mlm_head()] + ([norm] if norm is not None else [])
-        return TunedLensAccumulator(ctx.arch, ctx.n_layers, self.params, checkpoint_label(ctx), ctx.device, init,
+        norm = arch.final_norm()
+        frozen = [arch.mlm_head()] + ([norm] if norm is not None else [])
+        return TunedLensAccumulator(arch, ctx.n_layers, self.params, checkpoint_label(ctx), ctx.device, init,
                                     frozen)

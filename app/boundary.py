@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -42,11 +41,11 @@ def error_message(e: BaseException) -> str:
 class ErrorBoundary(TyperGroup):
     """Click group that turns any error raised by a (sub)command into one message and an exit status."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # typer's (vendored click) Context; typer does not export its class
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
-            raise  # click's own: usage errors and exit codes keep click's handling
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # typer's own (its click exceptions derive from TyperException): usage errors and exit codes
         except KeyboardInterrupt:
             print_error("interrupted (finished checkpoints and results are kept; rerun with --resume to go on)")
             raise typer.Exit(130) from None

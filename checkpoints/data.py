@@ -95,6 +95,7 @@ class StepBatches:
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm, self._perm_epoch = torch.randperm(len(self.data), generator=g), epoch
+        assert self._perm is not None  # set above at the first call (epochs start at 0)
         return self._perm
 
     def indices(self, step: int) -> torch.Tensor:

@@ -209,7 +209,7 @@ def _pad_batch(rows: list[list[int]], pad: int, device: str) -> tuple[torch.Tens
     return ids.to(device), am.to(device)
 
 
-def _zero_padding_(name: str, x: torch.Tensor, pad: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _zero_padding_(name: str, x: torch.Tensor, pad: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Zero padded positions in place: (B, T, *) rows, and for attention (B, H, T, T) rows and columns.
 
     Args:
@@ -331,6 +331,7 @@ def _capture_one(lm: LoadedModel, tracer: _Tracer, enc: EncodedProbes, idx: list
     hp = _head_positions(head_at, lab, am_cpu.bool() & ~special)
     if MLM_HEAD_NAME in names:
         final = saved.get(f"blocks.{lm.n_layers - 1}.hook_resid_post", saved.get("_final"))
+        assert final is not None  # _Tracer adds "_final" to its plan whenever the last block is not captured
         hp_dev = hp.to(final.device)
         with torch.no_grad():
             acts[MLM_HEAD_NAME] = lm.arch.apply_mlm_head(final[hp_dev[:, 0], hp_dev[:, 1]]).float()

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .align import encode_words
 
@@ -139,7 +139,7 @@ def fit_report(tokenizer: Any, probe_set: _Sentences | Sequence[Sequence[str]], 
         max_length: The model's position limit (see :func:`load_tokenizer`).
         model: Folder name used in messages.
     """
-    sentences = getattr(probe_set, "sentences", probe_set)
+    sentences = cast(Sequence[Sequence[str]], getattr(probe_set, "sentences", probe_set))
     meta = getattr(probe_set, "meta", None) or {}
     enc = encode_words(tokenizer, sentences, max_length)
     rep = FitReport(n_sentences=len(sentences), kept=len(enc), skipped=dict(enc.skipped),

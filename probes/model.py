@@ -114,8 +114,11 @@ class ArchAdapter:
     has_mlm_head: bool
 
     @property
-    def encoder_model(self) -> nn.Module:
-        """The bare encoder (``BertModel``/``RobertaModel``): embeddings + encoder, no head."""
+    def encoder_model(self) -> Any:
+        """The bare encoder (``BertModel``/``RobertaModel``): embeddings + encoder, no head.
+
+        Typed ``Any``: HF sub-modules are reached by attribute (torch types those as ``Tensor | Module``).
+        """
         if not self.has_mlm_head:
             return self.model
         return getattr(self.model, self.family)
@@ -178,37 +181,42 @@ class ArchAdapter:
 
     def layer(self, l: int) -> nn.Module:
         """Transformer block ``l`` (0-based); its input is ``hook_resid_pre``, its output ``hook_resid_post``."""
+        return self._block(l)
+
+    def _block(self, l: int) -> Any:
+        """:meth:`layer` typed ``Any``, for attribute access into the HF block."""
         return self.encoder_model.encoder.layer[l]
 
     def attn_self(self, l: int) -> nn.Module:
         """Self-attention core; returns ``(context, attention_probs)`` (eager attention)."""
-        return self.layer(l).attention.self
+        return self._block(l).attention.self
 
     def attn_out_dense(self, l: int) -> nn.Module:
         """Attention output projection (``hook_attn_out``)."""
-        return self.layer(l).attention.output.dense
+        return self._block(l).attention.output.dense
 
     def ln1(self, l: int) -> nn.Module:
         """LayerNorm after the attention residual (input ``ln1.hook_in``, output ``hook_resid_mid``)."""
-        return self.layer(l).attention.output.LayerNorm
+        return self._block(l).attention.output.LayerNorm
 
     def mlp_in(self, l: int) -> nn.Module:
         """FFN up-projection + activation (output ``mlp.hook_post``)."""
-        return self.layer(l).intermediate
+        return self._block(l).intermediate
 
     def mlp_out_dense(self, l: int) -> nn.Module:
         """FFN down-projection (``hook_mlp_out``)."""
-        return self.layer(l).output.dense
+        return self._block(l).output.dense
 
     def ln2(self, l: int) -> nn.Module:
         """LayerNorm after the FFN residual (input ``ln2.hook_in``, output ``hook_resid_post``)."""
-        return self.layer(l).output.LayerNorm
+        return self._block(l).output.LayerNorm
 
     def mlm_head(self) -> nn.Module:
         """The full MLM head (transform dense + activation + LayerNorm + tied decoder)."""
         if not self.has_mlm_head:
             raise ProbeError("this model has no MLM head (a head-less BertModel/RobertaModel folder)")
-        return self.model.cls if self.family == "bert" else self.model.lm_head
+        model: Any = self.model  # HF heads are reached by attribute (torch types those as ``Tensor | Module``)
+        return model.cls if self.family == "bert" else model.lm_head
 
     def apply_mlm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the full MLM head to hidden states.
@@ -226,7 +234,7 @@ class ArchAdapter:
 
     def unembedding(self) -> torch.Tensor:
         """(V, D) decoder weight of the MLM head (tied to the input embeddings in our runs)."""
-        head = self.mlm_head()
+        head: Any = self.mlm_head()
         dec = head.predictions.decoder if self.family == "bert" else head.decoder
         return dec.weight
 

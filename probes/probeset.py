@@ -182,6 +182,9 @@ def build_probe_set(texts: Iterable[str], cfg: BuildConfig | None = None, tokeni
     for doc in nlp.pipe(_paragraphs(texts), batch_size=cfg.parse_batch_size):
         for sent in doc.sents:
             row = _sentence_rows(sent)
+            if row is None:
+                skipped["whitespace_token"] += 1
+                continue
             reason = _reject_reason(row, cfg, seen)
             if reason is None and tokenizer is not None:
                 enc = encode_words(tokenizer, [row[0]], max_length)
@@ -201,7 +204,7 @@ def build_probe_set(texts: Iterable[str], cfg: BuildConfig | None = None, tokeni
     from .model import tokenizer_hash
 
     meta = {"source": source, "parser": PARSER_MODEL, "parser_version": nlp.meta.get("version"),
-            "spacy_version": spacy.__version__, "build": vars(cfg).copy(), "skipped": dict(sorted(skipped.items())),
+            "spacy_version": spacy.about.__version__, "build": vars(cfg).copy(), "skipped": dict(sorted(skipped.items())),
             "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
             "max_length": max_length if tokenizer is not None else None}
     words, heads, rels, upos = (list(map(list, x)) for x in zip(*rows))
@@ -216,9 +219,8 @@ def _paragraphs(texts: Iterable[str]) -> Iterator[str]:
                 yield " ".join(line.split())
 
 
-def _reject_reason(row: Any, cfg: BuildConfig, seen: set[tuple[str, ...]]) -> str | None:
-    if row is None:
-        return "whitespace_token"
+def _reject_reason(row: tuple[list[str], list[int], list[str], list[str]], cfg: BuildConfig,
+                   seen: set[tuple[str, ...]]) -> str | None:
     n = len(row[0])
     if n < cfg.min_words:
         return "too_few_words"
