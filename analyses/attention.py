@@ -104,7 +104,7 @@ class AttentionStats(Analysis):
     variants = ("clean",)
 
     @dataclass
-    class Params:
+    class Params(Analysis.Params):
         pass
 
     def names(self, ctx: AnalysisContext) -> list[str]:

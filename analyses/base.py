@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import pandas as pd
 
@@ -107,6 +107,14 @@ class Accumulator(ABC):
         """
 
 
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    """The default of a ``Params`` field (every field has a default or a default factory)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    assert f.default_factory is not dataclasses.MISSING, f"Params field {f.name!r} has no default"
+    return f.default_factory()
+
+
 class Analysis(ABC):
     """Base class: subclasses set the class attributes and implement :meth:`names` and :meth:`accumulator`.
 
@@ -118,7 +126,8 @@ class Analysis(ABC):
         needs_mlm_head: Skip head-less checkpoints.
         chained: Run checkpoints in step order and hand each one the previous result (``ctx.previous``).
 
-    Parameters are a dataclass (``Params``) so they double as CLI options and are hashed into the results key.
+    Parameters are a dataclass (``Params``, deriving from ``Analysis.Params``) so they double as CLI options and are
+    hashed into the results key.
     """
 
     name: ClassVar[str]
@@ -130,10 +139,11 @@ class Analysis(ABC):
 
     @dataclass
     class Params:
-        pass
+        """No parameters. A subclass's own ``Params`` dataclass derives from this one (``Analysis.Params``)."""
 
     def __init__(self, params: Any | None = None) -> None:
-        self.params = params if params is not None else self.Params()
+        # Any: each subclass has its own Params dataclass (the base class cannot name it)
+        self.params: Any = params if params is not None else self.Params()
 
     @abstractmethod
     def names(self, ctx: AnalysisContext) -> list[str]:
@@ -150,8 +160,7 @@ class Analysis(ABC):
     def param_fields(cls) -> dict[str, tuple[Any, Any]]:
         """Parameter name -> (type, default), read from the ``Params`` dataclass (what the CLI offers)."""
         hints = typing.get_type_hints(cls.Params)
-        return {f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls.Params) if f.init}
+        return {f.name: (hints[f.name], _field_default(f)) for f in dataclasses.fields(cls.Params) if f.init}
 
     @classmethod
     def from_text(cls, values: Mapping[str, str]) -> Analysis:
@@ -176,7 +185,10 @@ class Analysis(ABC):
 REGISTRY: dict[str, type[Analysis]] = {}
 
 
-def register(cls: type[Analysis]) -> type[Analysis]:
+_A = TypeVar("_A", bound="type[Analysis]")
+
+
+def register(cls: _A) -> _A:
     """Class decorator adding an analysis to the registry under ``cls.name``."""
     if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise ValueError(f"analysis name {cls.name!r} registered twice")

@@ -324,7 +324,7 @@ class LogitLens(Analysis):
     needs_mlm_head = True
 
     @dataclass
-    class Params:
+    class Params(Analysis.Params):
         """Options of the logit lens.
 
         Attributes:

@@ -289,7 +289,7 @@ class MaskRank(Analysis):
     variants = (CLEAN, MASKED)
 
     @dataclass
-    class Params:
+    class Params(Analysis.Params):
         """Options (double as CLI options; hashed into the results key).
 
         Attributes:

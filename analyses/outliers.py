@@ -486,7 +486,7 @@ class Outliers(Analysis):
     variants = ("clean",)
 
     @dataclass
-    class Params:
+    class Params(Analysis.Params):
         """Options (double as CLI options; hashed into the results key).
 
         Attributes:

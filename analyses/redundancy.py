@@ -241,7 +241,7 @@ class Redundancy(Analysis):
     variants = ("clean",)
 
     @dataclass
-    class Params:
+    class Params(Analysis.Params):
         """Options of the redundancy analysis.
 
         Attributes:
@@ -396,7 +396,7 @@ class LayerDrop(Analysis):
     needs_mlm_head = True
 
     @dataclass
-    class Params:
+    class Params(Analysis.Params):
         """Options of the layer-drop analysis.
 
         Attributes:

@@ -576,7 +576,8 @@ class Summary:
 
     def add(self, o: Outcome) -> None:
         self.counts[(o.analysis, o.status)] += 1
-        self.seconds[o.analysis] += o.seconds
+        # a Counter of float seconds (missing analyses read 0); typeshed types Counter values as int
+        self.seconds[o.analysis] += o.seconds  # pyright: ignore[reportArgumentType]
         if o.status == "failed":
             self.failures.append(o)
 

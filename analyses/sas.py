@@ -519,7 +519,7 @@ class SAS(Analysis):
     variants = ("clean",)
 
     @dataclass
-    class Params:
+    class Params(Analysis.Params):
         """Attributes:
             min_count: Relations with fewer words get no per-relation best head (Clark et al.: 100).
             exclude: Relations left out of ``all`` besides the root word.

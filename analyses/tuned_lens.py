@@ -428,7 +428,7 @@ class TunedLens(Analysis):
     chained = True
 
     @dataclass
-    class Params:
+    class Params(Analysis.Params):
         """Options of the tuned lens (see :class:`FitConfig` for the optimiser fields).
 
         Attributes:

@@ -16,9 +16,17 @@ import sys
 
 import streamlit as st
 
-from mlmscope.app.views import PAGES, page_module
-from mlmscope.app.views.common import View
-from mlmscope.app.views.data import Source, checkpoints, discover_sources, fingerprint, run_meta
+# Run as a script (not a package module), so the imports are absolute; pyright cannot follow the installed package's
+# folder mapping (setup.py), hence the ignores.
+from mlmscope.app.views import PAGES, page_module  # pyright: ignore[reportMissingImports]
+from mlmscope.app.views.common import View  # pyright: ignore[reportMissingImports]
+from mlmscope.app.views.data import (  # pyright: ignore[reportMissingImports]
+    Source,
+    checkpoints,
+    discover_sources,
+    fingerprint,
+    run_meta,
+)
 
 RUNS_ENV = "MLMSCOPE_RUNS"
 DEFAULT_RUN = "runs/demo"
@@ -51,8 +59,10 @@ def pick_focus(chosen: list[Source]) -> str:
         return members[0]
     if st.session_state.get("focus") not in members:
         st.session_state.pop("focus", None)
-    return st.sidebar.selectbox("Focus run", members, key="focus",
-                                help="Heatmaps, tables and the live model show this run at the selected step.")
+    focus = st.sidebar.selectbox("Focus run", members, key="focus",
+                                 help="Heatmaps, tables and the live model show this run at the selected step.")
+    assert focus is not None  # None only for an empty option list
+    return focus
 
 
 def pick_step(runs: list[str], fps: dict[str, tuple[int, ...]]) -> int | None:
@@ -76,6 +86,7 @@ def pick_page() -> str:
         wanted = st.query_params.get("page")
         st.session_state["page"] = wanted if wanted in PAGES else PAGES[0]
     page = st.sidebar.radio("Page", PAGES, format_func=lambda p: page_module(p).TITLE, key="page")
+    assert page is not None  # None only for an empty option list
     st.query_params["page"] = page
     return page
 

@@ -89,6 +89,7 @@ def bench(
             from ..probes.bench import random_model_dir
 
             model = random_model_dir(preset, tmp)
+        assert model is not None  # exactly one of model and --preset (checked above)
         lm = load_model(model)
         sents = load_probe_set(probes).sentences[:n] if probes else synthetic_sentences(lm.tokenizer, n, seed)
         L = lm.n_layers

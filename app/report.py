@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -104,7 +104,7 @@ def _joined(values: Sequence[Any], cell: Callable[[Any], str] = fmt) -> str:
 # --- step selection -------------------------------------------------------------------------------------------------
 
 
-def select_steps(steps: Sequence[int], max_rows: int) -> list[int]:
+def select_steps(steps: Iterable[int], max_rows: int) -> list[int]:
     """At most ``max_rows`` of ``steps``, log-spaced in ``log10(step + 1)``, first and last always included.
 
     The grid is the onset detector's axis (``mlmscope.analyses.onset``: ``x = log10(step + 1)``): each of ``max_rows``
@@ -131,6 +131,11 @@ def select_steps(steps: Sequence[int], max_rows: int) -> list[int]:
 
 
 # --- reading results ------------------------------------------------------------------------------------------------
+
+
+def _int(x: Any) -> int:
+    """``int`` of a pandas label or cell (pandas-stubs types those as ``Hashable`` / ``Scalar``, not numbers)."""
+    return int(x)
 
 
 def _results(traj: Trajectory, analysis: str, table: str) -> pd.DataFrame | None:
@@ -169,7 +174,7 @@ def _per_layer(df: pd.DataFrame, value: str, steps: Sequence[int], layer: str = 
     """step -> ``a / b / c`` of ``value`` over layers (ascending)."""
     wide = _rows_at(df, steps).pivot_table(index="step", columns=layer, values=value, aggfunc="first")
     wide = wide.reindex(columns=sorted(wide.columns))
-    return {int(s): _joined(list(r), cell) for s, r in wide.iterrows()}
+    return {_int(s): _joined(list(r), cell) for s, r in wide.iterrows()}
 
 
 def _layer_names(n: int) -> str:
@@ -259,7 +264,7 @@ def training_section(traj: Trajectory, max_rows: int, onset: OnsetParams) -> str
     if ck.empty:
         return "\n".join(out + ["(no results for training: no checkpoints in this folder)"])
     sel = select_steps(ck["step"], max_rows)
-    rows = [[str(int(r.step)), fmt_tokens(r.tokens_seen), fmt(r.val_loss), fmt(r.val_acc)]
+    rows = [[str(_int(r.step)), fmt_tokens(r.tokens_seen), fmt(r.val_loss), fmt(r.val_acc)]
             for r in ck[ck["step"].isin(sel)].itertuples()]
     out += ["", md_table(["step", "tokens", "val loss", "val acc"], rows), ""]
     h = _manifest_run(traj).get("val_unigram_entropy")
@@ -278,7 +283,7 @@ def training_section(traj: Trajectory, max_rows: int, onset: OnsetParams) -> str
     return "\n".join(out)
 
 
-def _head_label(row: Mapping[str, Any]) -> str:
+def _head_label(row: Mapping[str, Any] | pd.Series) -> str:
     if _missing_value(row.get("layer")) or _missing_value(row.get("head")):
         return NA
     return f"L{int(row['layer'])}H{int(row['head'])} {row.get('direction', '')}".strip()
@@ -310,7 +315,7 @@ def sas_section(traj: Trajectory, max_rows: int, onset: OnsetParams, trajectory:
     if not trajectory:
         best = _results(traj, "sas", "best")
         return "\n".join(out + (["", _sas_best_table(best, max_rows)] if best is not None else []))
-    o = sas_onsets(curve, onset).iloc[0].to_dict()
+    o = cast(dict[str, Any], sas_onsets(curve, onset).iloc[0].to_dict())  # column names are str
     out.append(f"- Structure onset on the held-out SAS ({o.get('method')}): {onset_text(o, 'sas_', onset)}.")
     out.append(f"- Classification of the structure: {o.get('structure_kind', NA)}.")
     first_above = o.get("first_step_above_offset")
@@ -356,7 +361,8 @@ def attention_section(traj: Trajectory, max_rows: int) -> str:
                "real token of the probe set (Clark et al. 2019).")
     heads = heads.assign(entropy_norm=heads["entropy"] / heads["entropy_uniform"])
     sel = select_steps(heads["step"], max_rows)
-    cols = {c: _per_layer(heads.groupby(["step", "layer"], as_index=False)[c].mean(), c, sel)
+    # with as_index=False the mean is a DataFrame (pandas-stubs types it as a Series)
+    cols = {c: _per_layer(cast(pd.DataFrame, heads.groupby(["step", "layer"], as_index=False)[c].mean()), c, sel)
             for c in ("entropy_norm", "to_sep", "to_prev")}
     layers = _layer_names(int(heads["layer"].nunique()))
     rows = [[str(s), *(cols[c].get(s, NA) for c in cols)] for s in sel]
@@ -387,7 +393,7 @@ def mask_rank_section(traj: Trajectory, max_rows: int) -> str:
     rows = [[str(s), cols["clean_real"].get(s, NA), cols["masked_all"].get(s, NA), cols["gap"].get(s, NA),
              rho["masked_mask"].get(s, NA), rho["clean_at_mask"].get(s, NA)] for s in sel]
     out += ["", md_table(["step", f"clean ({layers})", "with [MASK]", "gap", "ρ [MASK]", "ρ control"], rows)]
-    if "low_n" in ranks and bool(ranks["low_n"].any()):
+    if ranks is not None and "low_n" in ranks and bool(ranks["low_n"].any()):
         out += ["", "Note: some token sets have fewer than 100·d tokens, so ranks are limited by the sample size; "
                 "compare only sets of equal size (clean vs with [MASK])."]
     return "\n".join(out)
@@ -450,7 +456,7 @@ def _unit_table(df: pd.DataFrame, value: str, max_rows: int, lead: dict[int, str
     order = [(u, b) for u in units for b in sorted(d.loc[d["unit"] == u, "block"].unique())]
     wide = wide.reindex(columns=order)
     header = ["step"] + ([lead_name] if lead is not None else []) + [f"{u} {int(b)}" for u, b in order]
-    rows = [[str(int(s))] + ([lead.get(int(s), NA)] if lead is not None else []) + [fmt(v) for v in r]
+    rows = [[str(_int(s))] + ([lead.get(_int(s), NA)] if lead is not None else []) + [fmt(v) for v in r]
             for s, r in wide.iterrows()]
     return md_table(header, rows), narrowed
 
@@ -499,8 +505,8 @@ def _kl_table(df: pd.DataFrame, max_rows: int) -> tuple[str, bool]:
     wide = d.pivot_table(index="step", columns="depth", values="kl", aggfunc="first")
     wide = wide.reindex(columns=sorted(wide.columns))
     label = d.drop_duplicates("depth").set_index("depth")
-    header = ["step"] + [_site_label(label.loc[c, "site"], int(label.loc[c, "block"])) for c in wide.columns]
-    rows = [[str(int(s))] + [fmt(v) for v in r] for s, r in wide.iterrows()]
+    header = ["step"] + [_site_label(str(label.loc[c, "site"]), _int(label.loc[c, "block"])) for c in wide.columns]
+    rows = [[str(_int(s))] + [fmt(v) for v in r] for s, r in wide.iterrows()]
     return md_table(header, rows), narrowed
 
 

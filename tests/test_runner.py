@@ -112,7 +112,7 @@ class FakeNorm(Analysis):
     delay = 0.0  # seconds per batch (kill -9 test); not a parameter, so it does not change the result key
 
     @dataclass
-    class Params:
+    class Params(Analysis.Params):
         tag: str = "default"
 
     def names(self, ctx):

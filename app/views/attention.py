@@ -37,7 +37,7 @@ def render(view: View) -> None:
     if not len(at):
         return
     at = _with_norm(at)
-    sep, prev = at.loc[at["to_sep"].idxmax()], at.loc[at["to_prev"].idxmax()]
+    sep, prev = common.row_at(at, at["to_sep"].idxmax()), common.row_at(at, at["to_prev"].idxmax())
     common.metric_row([
         ("mean entropy / uniform", float(at["entropy_norm"].mean()), QUANTITIES["entropy_norm"][1]),
         ("most [SEP]-bound head", f"L{int(sep['layer'])}.H{int(sep['head'])} ({sep['to_sep']:.2f})",

@@ -114,7 +114,7 @@ class View:
         fails = self.failures(analysis)
         if not len(fails):
             return
-        lines = [f"- step {'?' if pd.isna(r.step) else int(r.step)} (`{r.checkpoint}`, {r.analysis}): {r.error}"
+        lines = [f"- step {_step_text(r.step)} (`{r.checkpoint}`, {r.analysis}): {r.error}"
                  for r in fails.itertuples()]
         st.warning(f"{len(fails)} checkpoint(s) of `{self.focus}` failed for this analysis and are missing from "
                    "the views below (re-run `mlmscope analyze` to retry only those):\n" + "\n".join(lines[:10]))
@@ -315,7 +315,20 @@ def table(frame: pd.DataFrame, key: str, caption: str = "", **kwargs: Any) -> No
     csv_button(frame, key)
 
 
-def metric_row(values: list[tuple[str, Any, str | None]]) -> None:
+def row_at(df: pd.DataFrame, label: Any) -> Any:
+    """``df.loc[label]``: the row (a Series) at one index label, e.g. an ``idxmax()``.
+
+    Typed ``Any``: pandas-stubs types a label lookup as frame-or-row and its cells as Series-or-scalar.
+    """
+    return df.loc[label]
+
+
+def _step_text(step: Any) -> str:
+    """A recorded failure's step, ``?`` when unknown."""
+    return "?" if pd.isna(step) else str(int(step))
+
+
+def metric_row(values: Sequence[tuple[str, Any, str | None]]) -> None:
     """A row of ``st.metric`` (label, value, help); floats shown with 4 significant digits."""
     cols = st.columns(len(values))
     for col, (label, value, help_text) in zip(cols, values):

@@ -114,12 +114,13 @@ def _topk(view: View) -> None:
         return
     probes = data.probe_sentences(view.focus)
     path = data.checkpoint_dir(view.focus, view.step, view.fp(view.focus)) if view.step is not None else None
-    if not len(probes) or path is None:
+    if not len(probes) or path is None or view.step is None:
         st.info(f"`{view.focus}` has no default probe set (`RUN/probes/default`) or no checkpoint at this step.")
         return
     c1, c2, c3 = st.columns([3, 2, 1])
     idx = c1.selectbox("probe sentence", probes["index"].tolist()[:500], key="lens_sentence",
                        format_func=lambda i: f"{i}: {probes['text'].iloc[i][:90]}")
+    assert idx is not None  # None only for an empty option list
     words = list(probes["words"].iloc[idx])
     masked_at = c2.selectbox("word to mask", range(len(words)), key="lens_word",
                              format_func=lambda i: f"{i}: {words[i]}")

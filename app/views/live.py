@@ -19,7 +19,7 @@ DEFAULT_TEXT = "The cat sat on the [MASK] near the fire ."
 def render(view: View) -> None:
     st.header(TITLE)
     path = data.checkpoint_dir(view.focus, view.step, view.fp(view.focus)) if view.step is not None else None
-    if path is None:
+    if path is None or view.step is None:
         st.info(f"`{view.focus}` has no finished checkpoint to run yet.")
         return
     text = st.text_input("Sentence (words separated by spaces; [MASK] where the model should fill in)",
@@ -57,8 +57,8 @@ def _attention(view: View, lm: object, words: list[str]) -> None:
         st.warning(str(e))
         return
     c1, c2 = st.columns(2)
-    layer = c1.number_input("layer", 0, maps.shape[0] - 1, 0, key="live_layer")
-    head = c2.number_input("head", 0, maps.shape[1] - 1, 0, key="live_head")
+    layer = int(c1.number_input("layer", 0, maps.shape[0] - 1, 0, key="live_layer"))  # int bounds: already an int
+    head = int(c2.number_input("head", 0, maps.shape[1] - 1, 0, key="live_head"))
     fig, frame = attention_figure(maps[layer, head], words, [0] * len(words), ["_"] * len(words))
     fig.update_layout(title=f"Word-level attention, layer {layer} head {head}, step {view.step}")
     common.show(fig, frame.drop(columns="gold_arc"), "live_attention",

@@ -32,6 +32,7 @@ def render(view: View) -> None:
     norms = sorted(gap["normalisation"].unique())
     norm = c2.radio("normalisation", norms, index=norms.index("centred") if "centred" in norms else 0,
                     key="mask_rank_norm", horizontal=True)
+    assert metric is not None and norm is not None  # None only for an empty option list
     with c3:
         layers = _layers(view, sorted(int(x) for x in gap["layer"].unique()))
     sel = gap[(gap["metric"] == metric) & (gap["normalisation"] == norm)]

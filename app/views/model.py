@@ -106,7 +106,7 @@ def lens_topk(lm: Any, words: Sequence[str], k: int = 5, translators: Any = None
         for lens, chosen in [("logit", sites), ("tuned", _tuned_sites(sites) if translators is not None else [])]:
             for i, site in enumerate(chosen):
                 h = batch[site.name][0, pos].to(lm.device)
-                if lens == "tuned" and i < translators.n:
+                if lens == "tuned" and translators is not None and i < translators.n:
                     h = translators.translate(i, h.to(translators.weight.device)).to(lm.device)
                 frames.append(_topk_frame(decode_hidden(lm.arch, h), tok, k, lens, site))
     return pd.concat(frames, ignore_index=True)

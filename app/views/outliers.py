@@ -3,6 +3,8 @@ without clipping them."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import pandas as pd
 import streamlit as st
 
@@ -31,7 +33,7 @@ def _emerging(key: tuple, dims: tuple[tuple[int, str], ...]) -> pd.DataFrame:
     freq = pd.concat(frames, ignore_index=True)
     sel = freq.merge(pd.DataFrame(list(dims), columns=["dim", "kind"]), on=["dim", "kind"])
     sel = sel[sel["layer"] >= 1].groupby(["source", "run", "step", "dim", "kind"], as_index=False)["freq"].max()
-    return common.band(sel, "freq", keys=["dim", "kind"])
+    return common.band(cast(pd.DataFrame, sel), "freq", keys=["dim", "kind"])  # as_index=False: a DataFrame
 
 
 def render(view: View) -> None:
@@ -48,7 +50,7 @@ def render(view: View) -> None:
     at, used = view.at_step(freq)
     view.step_note(used, ANALYSIS)
     upper = at[at["layer"] >= 1]
-    top = upper.loc[upper["freq"].idxmax()] if len(upper) else None
+    top = common.row_at(upper, upper["freq"].idxmax()) if len(upper) else None
     n_out = upper[upper["freq"] >= threshold]["dim"].nunique()
     aniso = view.table(ANALYSIS, "anisotropy")
     a_at, _ = view.at_step(aniso)
@@ -58,13 +60,14 @@ def render(view: View) -> None:
          "The dimension that is most often the argmax/argmin of a token vector (layers ≥ 1)."),
         ("its frequency", float(top["freq"]) if top is not None else None, "Share of token vectors; chance = 1/d."),
         ("outlier dims", int(n_out), f"Dimensions with frequency ≥ {threshold} in some layer ≥ 1."),
-        ("anisotropy, last layer", float(raw.loc[raw["layer"].idxmax(), "value"]) if len(raw) else None,
+        ("anisotropy, last layer", float(common.row_at(raw, raw["layer"].idxmax())["value"]) if len(raw) else None,
          "Mean cosine of random token pairs (Ethayarajh 2019)."),
     ])
     left, right = st.columns(2)
     with left:
         sel = at[at["kind"] == kind]
-        grid = sel.pivot_table(index="layer", columns="dim", values="freq", fill_value=0.0).stack()
+        # one column level stacked: a Series (pandas-stubs allows a DataFrame)
+        grid = cast(pd.Series, sel.pivot_table(index="layer", columns="dim", values="freq", fill_value=0.0).stack())
         grid = grid.rename("freq").reset_index()
         fig = common.heatmap_figure(grid, "dim", "layer", "freq", f"{kind} frequency per dimension at step {used}",
                                     colorscale="Magma", zmin=0, zmax=1)

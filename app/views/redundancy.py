@@ -29,10 +29,10 @@ def render(view: View) -> None:
     value = "redundancy_centred" if centred else "redundancy"
     at, used = view.at_step(per[per["unit"] == unit])
     view.step_note(used, ANALYSIS)
-    least = at.loc[at[value].idxmin()] if len(at) else None
+    least = common.row_at(at, at[value].idxmin()) if len(at) else None
     drop = view.table(DROP, "per_unit")
     d_at, _ = view.at_step(drop[(drop["unit"] == "block")] if len(drop) else drop)
-    cheapest = d_at.loc[d_at["delta_loss"].idxmin()] if len(d_at) else None
+    cheapest = common.row_at(d_at, d_at["delta_loss"].idxmin()) if len(d_at) else None
     common.metric_row([
         (f"most redundant {unit}", f"block {int(least['block'])}" if least is not None else None,
          "Smallest 1 − cos between the unit's input and output."),

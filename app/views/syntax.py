@@ -194,6 +194,7 @@ def _attention_viewer(view: View, used: int | None) -> None:
     c1, c2, c3 = st.columns([3, 1, 1])
     idx = c1.selectbox("probe sentence", probes["index"].tolist()[:500], key="syntax_sentence",
                        format_func=lambda i: f"{i}: {probes['text'].iloc[i][:90]}")
+    assert idx is not None  # None only for an empty option list
     try:
         lm = model.load_checkpoint(path, model.weights_mtime(path))
         words = list(probes["words"].iloc[idx])
@@ -201,8 +202,8 @@ def _attention_viewer(view: View, used: int | None) -> None:
     except (model.LiveInputError, OSError, ValueError) as e:
         st.error(f"Cannot run {path}: {e}")
         return
-    layer = c2.number_input("layer", 0, maps.shape[0] - 1, 0, key="syntax_layer")
-    head = c3.number_input("head", 0, maps.shape[1] - 1, 0, key="syntax_head")
+    layer = int(c2.number_input("layer", 0, maps.shape[0] - 1, 0, key="syntax_layer"))  # int bounds: already an int
+    head = int(c3.number_input("head", 0, maps.shape[1] - 1, 0, key="syntax_head"))
     heads, rels = list(probes["heads"].iloc[idx]), list(probes["relations"].iloc[idx])
     fig, frame = attention_figure(maps[layer, head], words, heads, rels)
     fig.update_layout(title=f"Word-level attention, layer {layer} head {head}, step {view.step}")
