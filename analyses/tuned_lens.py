@@ -297,7 +297,7 @@ def load_translators(path: str | os.PathLike) -> dict[str, Any]:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            state: dict[str, Any] = {k: f.get_tensor(k) for k in f.keys()}
+            state: dict[str, Any] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
             state.update({k: json.loads(v) for k, v in (f.metadata() or {}).items()})
     except (OSError, ValueError) as e:
         raise TunedLensError(f"cannot read tuned-lens translators from {str(path)!r}: {e}") from None

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 import typer
 from rich.console import Console
@@ -118,7 +118,7 @@ def _check_options(cfg: RunnerConfig, probes: Path | None) -> ProbeSet | None:
     return load_probe_set(probes) if probes is not None else None
 
 
-def _params(values: Optional[list[str]]) -> dict[str, dict[str, str]]:
+def _params(values: list[str] | None) -> dict[str, dict[str, str]]:
     """``-p sas.min_count=50 -p sas.margin_se=3`` -> {"sas": {"min_count": "50", "margin_se": "3"}} (cast later)."""
     out: dict[str, dict[str, str]] = {}
     for v in values or []:
@@ -213,7 +213,7 @@ def run_bench(run: Path, analyses: list[str] | None, steps: str | None, probes: 
     """
     from ..analyses.runner import Runner, RunnerConfig
 
-    base = dict(analyses=analyses, steps=steps, probes=probes, batch_size=batch_size, force=True)
+    base: dict[str, Any] = dict(analyses=analyses, steps=steps, probes=probes, batch_size=batch_size, force=True)
     probe_set = Runner(run, RunnerConfig(**base)).probe_set()
     modes = {"shared": dict(shared_capture=True), "naive": dict(shared_capture=False),
              f"shared, {workers} workers": dict(workers=workers)}

@@ -11,14 +11,20 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
+from .analyses_cli import analyze_command
+from .analyses_cli import app as analyses_app
+from .bench import bench_command
 from .boundary import ErrorBoundary, UserError
-
+from .probes_cli import app as probes_app
+from .report_cli import report_command
+from .serve import app_command
 
 app = typer.Typer(help="mlmscope: train small MLMs with dense checkpoint trajectories and study how they learn.",
                   cls=ErrorBoundary, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -89,7 +95,7 @@ def _show_warnings() -> None:
     """Library warnings (e.g. ``CorpusWarning``) as one yellow line each, not Python's two-line format."""
     import warnings
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 (stdlib signature)
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
         console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
     warnings.showwarning = show
@@ -161,7 +167,7 @@ def _field_text(f: Any, text: str) -> Any:
     return cast_text(text, f.type, repr(text))
 
 
-class _TrainCommand(typer.core.TyperCommand):
+class _TrainCommand(TyperCommand):
     """``mlmscope train``. Its run-config options (:func:`_config_params`) are made when the command is parsed or
     its help shown, not when the command line starts (the SAS regulariser's config imports torch, which
     ``mlmscope --help`` must not pay for); their values reach :func:`train` through ``ctx.meta``."""
@@ -189,7 +195,10 @@ def _preset_names() -> Any:
     return typing.Literal[tuple(PRESETS)]
 
 
-_Preset = _preset_names()
+if TYPE_CHECKING:
+    _Preset = str  # a Literal built at run time, which a type checker cannot read
+else:
+    _Preset = _preset_names()
 
 
 @app.command(cls=_TrainCommand)
@@ -367,12 +376,6 @@ def _serve(runs: list[Path], host: str, port: int) -> None:
 
 
 # Sub-command groups owned by their packages.
-from .analyses_cli import analyze_command, app as analyses_app  # noqa: E402
-from .bench import bench_command  # noqa: E402
-from .report_cli import report_command  # noqa: E402
-from .serve import app_command  # noqa: E402
-from .probes_cli import app as probes_app  # noqa: E402
-
 app.add_typer(probes_app, name="probes", help="Build probe sets; benchmark capture.")
 app.add_typer(analyses_app, name="analyses", help="List analyses, show failures, benchmark the runner.")
 app.command("analyze")(analyze_command)

@@ -55,7 +55,7 @@ MAX_RUN_CHARS = 1_000
 MAX_DOC_CHARS = 100_000
 # U+FFFD and C0/C1 control characters other than the whitespace ones (\t \n \v \f \r).
 _NONTEXT = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")
-_LONG_RUN = re.compile(r"\S{%d,}" % (MAX_RUN_CHARS + 1))
+_LONG_RUN = re.compile(rf"\S{{{MAX_RUN_CHARS + 1},}}")
 _BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
 
 
@@ -231,7 +231,7 @@ def load_corpus(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
 
 
 def _load_corpus(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
-    docs, source = _read_texts(cfg)
+    docs, _source = _read_texts(cfg)
     if not docs:
         raise CorpusError(f"corpus {cfg.corpus} is empty")
     _check_text(docs, cfg.corpus)

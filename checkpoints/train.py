@@ -30,6 +30,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,7 @@ class SparseMLM(torch.nn.Module):
         self.reg = reg
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, heads: torch.Tensor | None = None,
-                lam: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                lam: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (mean cross-entropy over masked positions [+ SAS term], number of correct top-1 predictions in
         eval mode, else None)."""
         with_reg = heads is not None and lam != 0.0
@@ -114,6 +115,7 @@ class SparseMLM(torch.nn.Module):
         if with_reg:
             from .sas_reg import sas_regularizer
 
+            assert heads is not None and self.reg is not None  # with_reg: heads given; the trainer passes reg with them
             loss = loss + sas_regularizer(out.attentions, heads, lam, self.reg.directions, self.reg.reduction)
         correct = (logits.argmax(-1) == target).sum() if not self.training else None  # eval only: ~2 % of a step
         return loss, correct
@@ -360,7 +362,8 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool | None = No
     # torch has the kernel for the parameters' device (``hardware.fused_adamw_ok``); else the foreach loop.
     if fused is None:
         fused = hardware.fused_adamw_ok(next(model.parameters()).device.type).value == "fused"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused, foreach=None if fused else True)
+    betas = cast(tuple[float, float], tuple(cfg.betas))  # two floats (config check); a tuple, as saved before
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused, foreach=None if fused else True)
 
 
 @torch.no_grad()
@@ -442,8 +445,7 @@ def _load_resume(run_dir: Path, manifest: Manifest, model, optimizer, scheduler)
     manifest.checkpoints = [c for c in manifest.checkpoints if c.step <= state.step]
     log = run_dir / TRAIN_LOG
     if log.exists():
-        keep = [ln for ln in log.read_text().splitlines() if _log_step(ln) is not None
-                and _log_step(ln) <= state.step]
+        keep = [ln for ln in log.read_text().splitlines() if (s := _log_step(ln)) is not None and s <= state.step]
         atomic_write_text(log, "".join(ln + "\n" for ln in keep))
     return state
 
@@ -553,7 +555,7 @@ def _setup(run_dir: Path, cfg: RunConfig, resume: bool, force: bool, device: str
         manifest = manifest or Manifest.load(run_dir)
         cfg = RunConfig.from_dict(manifest.run["config"])
     requested_cfg = cfg
-    tc, levers = resolve_levers(cfg.train, device, manifest.run.get("levers") if resume else None)
+    tc, levers = resolve_levers(cfg.train, device, manifest.run.get("levers") if resume and manifest is not None else None)
     cfg = dataclasses.replace(cfg, train=tc)
     schedule = checkpoint_steps(tc)
     if tc.max_steps < 1:
@@ -561,7 +563,8 @@ def _setup(run_dir: Path, cfg: RunConfig, resume: bool, force: bool, device: str
     with _undone_on_failure(run_dir, None if resume or not dist.is_main else run_dir.exists()):
         run_dir.mkdir(parents=True, exist_ok=True)
         data = _load_data(run_dir, cfg, resume, dist)
-        model = _build_model(cfg, len(data.tok), device).to(device)
+        # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which pyright misreads
+        model = _build_model(cfg, len(data.tok), device).to(device)  # pyright: ignore[reportArgumentType]
         model.train()
         heads = None
         if cfg.sas_reg.active:
@@ -570,10 +573,11 @@ def _setup(run_dir: Path, cfg: RunConfig, resume: bool, force: bool, device: str
             heads = training_heads(data.tok, data.train_texts, tc.seq_len, root_to_cls=cfg.sas_reg.root_to_cls)
         objective = distributed.wrap(SparseMLM(model, cfg.sas_reg), dist, device)
         if tc.compile and device.startswith("cuda"):
-            objective = torch.compile(objective)
+            objective = cast(torch.nn.Module, torch.compile(objective))  # a Module compiles to an OptimizedModule
         optimizer = _optimizer(model, tc, fused=levers["optimizer"]["value"] == "fused")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
         if resume:
+            assert manifest is not None  # loaded above
             state = _load_resume(run_dir, manifest, model, optimizer, scheduler)
         else:
             state = TrainState()
@@ -625,11 +629,13 @@ def _load_data(run_dir: Path, cfg: RunConfig, resume: bool, dist: distributed.Di
     train_texts, val_texts = list(corpus["train"]["text"]), list(corpus["validation"]["text"])
     if dist.is_main:
         tok, tok_source = _build_tokenizer(run_dir, cfg, train_texts, fingerprint, resume)
-    distributed.barrier(dist)
-    if not dist.is_main:
+        distributed.barrier(dist)
+    else:
+        distributed.barrier(dist)
         tok, tok_source = PreTrainedTokenizerFast.from_pretrained(str(run_dir / TOKENIZER_DIR)), "rank 0"
     special = tuple(tok.all_special_ids)
-    masker = Masker(tok.mask_token_id, len(tok), special, tc.mask_rate, tc.mask_replace)
+    mask_id = cast(int, tok.mask_token_id)  # our tokenizers have [MASK]; transformers types the id loosely
+    masker = Masker(mask_id, len(tok), special, tc.mask_rate, tc.mask_replace)
     train_data = pack(tok, train_texts, tc.seq_len)
     batches = StepBatches(train_data, masker, tc.batch_size, tc.grad_accum, tc.data_seed, dist.rank, dist.world_size)
     val_all = pack(tok, val_texts, tc.seq_len)
@@ -690,6 +696,7 @@ class _Output:
             self.on_checkpoint(entry)
 
     def _postfix(self, run: _Run) -> None:
+        assert self.bar is not None  # called only with a progress bar
         shown = {"loss": run.state.loss_ema, "val_loss": run.val_loss}
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})
 

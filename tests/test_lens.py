@@ -396,11 +396,11 @@ def test_fit_tuned_lens_zero_init_is_logit_lens_and_improves():
 def test_fit_tuned_lens_warm_start_saves_steps():
     hiddens, final, head = _toy_problem()
     cfg = FitConfig(max_steps=200)
-    cold, cold_steps, cold_hist = fit_tuned_lens(hiddens, final, head, config=cfg)
+    cold, _cold_steps, _cold_hist = fit_tuned_lens(hiddens, final, head, config=cfg)
     # a slightly perturbed "next checkpoint": warm start from the previous fit
     hiddens2 = hiddens * 1.02
-    warm, warm_steps, warm_hist = fit_tuned_lens(hiddens2, final, head, init=cold.state_dict(), config=cfg)
-    cold2, cold2_steps, cold2_hist = fit_tuned_lens(hiddens2, final, head, config=cfg)
+    _warm, _warm_steps, warm_hist = fit_tuned_lens(hiddens2, final, head, init=cold.state_dict(), config=cfg)
+    _cold2, cold2_steps, cold2_hist = fit_tuned_lens(hiddens2, final, head, config=cfg)
     for k in range(2):
         reach = steps_to_reach(warm_hist[k], cold2_hist[k][-1], rtol=0.05)
         assert reach is not None and reach < cold2_steps[k] / 2
@@ -448,7 +448,7 @@ def test_tuned_lens_accumulator_micro_warm_start_round_trip(micro, micro_mask15,
     assert loaded["steps"] == state["steps"] and loaded["checkpoint"] == "step 7"
     # warm start from the file, with the cold comparison
     params_cmp = TunedLens.Params(max_steps=40, heldout_every=3, compare_cold=True)
-    acc2, res2 = run_analysis(TunedLens(params_cmp), lm_ctx(micro, previous=tmp_path), micro_mask15)
+    _acc2, res2 = run_analysis(TunedLens(params_cmp), lm_ctx(micro, previous=tmp_path), micro_mask15)
     fit2 = res2["fit"]
     assert set(fit2["init"]) <= {"warm", "zero (warm start rejected)"}
     assert {"cold_steps", "warm_steps_to_cold_kl", "heldout_kl_warm", "drift_fro"} <= set(fit2.columns)

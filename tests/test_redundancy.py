@@ -53,7 +53,7 @@ def _redundancy(batches, n_layers=2, d=6, **params):
 
 
 def test_cka_self_one_and_rotation_invariant():
-    states, mask, q = _rotated_states()
+    states, mask, _q = _rotated_states()
     res = _redundancy([_synthetic(states, mask)])
     cka = res["cka"].pivot(index="layer_i", columns="layer_j", values="cka").to_numpy()
     assert cka.diagonal() == pytest.approx([1.0, 1.0, 1.0], abs=1e-12)

@@ -191,7 +191,7 @@ class Chained(Analysis):
                 pass
 
             def result(self):
-                warnings.warn("small sample", UserWarning)
+                warnings.warn("small sample", UserWarning, stacklevel=2)
                 return {"warm": pd.DataFrame({"prev_step": [prev], "own_step": [step]})}
 
             def save_artefacts(self, folder):

@@ -298,7 +298,7 @@ def test_corpus_formats_and_deterministic_split(tmp_path, monkeypatch):
     datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "ds"))
     splits = []
     for corpus, field in (("c.jsonl", "body"), ("c.txt", "text"), ("ds", "text")):
-        dd, fp = load_corpus(DataConfig(corpus=str(tmp_path / corpus), text_field=field, val_fraction=0.1))
+        dd, _fp = load_corpus(DataConfig(corpus=str(tmp_path / corpus), text_field=field, val_fraction=0.1))
         assert len(dd["train"]) + len(dd["validation"]) == 200
         assert not set(dd["train"]["text"]) & set(dd["validation"]["text"])
         splits.append(sorted(dd["validation"]["text"]))
