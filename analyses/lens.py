@@ -4,15 +4,18 @@ Reference: nostalgebraist 2020 (logit lens); docs/notes/depth.md (masked positio
 
 * The hidden state of every layer (embedding output, each block's ``resid_mid`` and ``resid_post``) is decoded with
   the model's own MLM head — BERT: transform dense → GELU → LayerNorm → tied decoder + bias — never with the bare
-  decoder (``get_output_embeddings()``), which skips the transform and is wrong for BERT-style heads (docs/notes/depth.md, "Decoding through the full MLM head").
+  decoder (``get_output_embeddings()``), which skips the transform and is wrong for BERT-style heads
+  (docs/notes/depth.md, "Decoding through the full MLM head").
 * Post-LN models (BERT, RoBERTa) are decoded as they are: every hidden state is already a LayerNorm output.
   Pre-LN models (adapter flag ``arch.pre_ln``) get the final norm applied to each layer's state with statistics
-  **recomputed on that state** (TransformerLens#1076, fixed in TransformerLens PR #1180; docs/notes/depth.md, "Post-LN and pre-LN norms").
+  **recomputed on that state** (TransformerLens#1076, fixed in TransformerLens PR #1180; docs/notes/depth.md, "Post-LN
+  and pre-LN norms").
 * Only positions whose input is [MASK] with a gold label are read (``CaptureBatch.masked_mask``, variant
-  ``mask15``): at unmasked positions an MLM copies its input and early layers look trivially good (docs/notes/depth.md, "Lens positions: masked positions only").
-* Metrics per layer (docs/notes/depth.md, "Lens metrics"), micro-averaged over masked positions: KL(final ‖ layer), top-1 agreement with the
-  final prediction (= precision@1), precision@5/10, surprisal of the layer's top-1 under the final distribution,
-  cross-entropy and accuracy against the gold token, the gold token's mean rank, and entropy.
+  ``mask15``): at unmasked positions an MLM copies its input and early layers look trivially good (docs/notes/depth.md,
+  "Lens positions: masked positions only").
+* Metrics per layer (docs/notes/depth.md, "Lens metrics"), micro-averaged over masked positions: KL(final ‖ layer),
+  top-1 agreement with the final prediction (= precision@1), precision@5/10, surprisal of the layer's top-1 under the
+  final distribution, cross-entropy and accuracy against the gold token, the gold token's mean rank, and entropy.
 
 The final distribution is the lens at the last block's output, which equals the model's own logits (parity test
 ``tests/test_lens.py``). The tuned lens (``analyses/tuned_lens.py``, registered as ``tuned_lens``) shares the decoding
@@ -54,7 +57,8 @@ __all__ = [
 #: Capture name of the model's own MLM logits at the [MASK] positions (shared final distribution).
 MLM_HEAD = "mlm_head.hook_out"
 
-#: Per-layer lens metrics (docs/notes/depth.md, "Lens metrics"). ``top1_agree`` is precision@1 (Din et al.); ``p_at_k`` for the other k.
+#: Per-layer lens metrics (docs/notes/depth.md, "Lens metrics"). ``top1_agree`` is precision@1 (Din et al.); ``p_at_k``
+#: for the other k.
 METRICS = ("kl", "top1_agree", "p_at_5", "p_at_10", "surprisal", "ce", "acc", "gold_rank", "entropy")
 
 
@@ -181,7 +185,8 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def site_metric_sums(logits: torch.Tensor, ref: FinalRef, gold: torch.Tensor,
                      ks: tuple[int, ...] = (5, 10)) -> dict[str, torch.Tensor]:
-    """Sums over N positions of the lens metrics (docs/notes/depth.md, "Lens metrics") of one site's (N, V) logits against ``ref``.
+    """Sums over N positions of the lens metrics (docs/notes/depth.md, "Lens metrics") of one site's (N, V) logits
+    against ``ref``.
 
     Eight passes over the (N, V) logits (log-softmax, argmax, gold comparison, exp, two products and their sums);
     callers keep N·V cache-sized (one capture batch) — on a 2-core CPU an (N, V) pass is ~10× slower per row once

@@ -297,8 +297,8 @@ class MaskRank(Analysis):
             include_special: Also count [CLS]/[SEP] vectors (atypical, large-norm; excluded by default).
             min_tokens_per_dim: Warn when a token set has fewer than this many tokens per hidden dimension
                 (100: docs/notes/geometry.md, "Sample size").
-            mask_seed: Masking seed of the capture (``mlmscope.probes.capture.capture(seed=...)``, default 0); used to find
-                the ``clean_at_mask`` positions in the clean pass.
+            mask_seed: Masking seed of the capture (``mlmscope.probes.capture.capture(seed=...)``, default 0); used to
+                find the ``clean_at_mask`` positions in the clean pass.
             top_dims: Dimensions listed per layer in ``mask_dims``.
         """
 

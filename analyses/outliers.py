@@ -246,7 +246,8 @@ class OutlierAccumulator(Accumulator):
         self.sample = [_Reservoir(params.anisotropy_sentences) for _ in range(L)]
 
     def update(self, batch: CaptureBatch) -> None:
-        """Argmax/argmin counts, [x, onehot(position), position] moments and the anisotropy sample, vectorised per layer."""
+        """Argmax/argmin counts, [x, onehot(position), position] moments and the anisotropy sample, vectorised per
+        layer."""
         if batch.variant != "clean":
             return
         sel = batch.attention_mask.bool() if self.p.include_special else batch.token_mask

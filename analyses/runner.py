@@ -1,10 +1,10 @@
 """Trajectory runner: every requested analysis over every checkpoint of a run, cached, resumable, in parallel.
 
 Per checkpoint the runner loads the model once (``mlmscope.probes.model.load_model``), builds one
-:class:`~mlmscope.analyses.base.AnalysisContext`, unions the activation names and capture variants of every pending analysis,
-runs ``mlmscope.probes.capture.capture`` once over that union and feeds every accumulator from the same batches (never a
-forward pass per analysis). Results go to :mod:`mlmscope.analyses.store`, keyed by the checkpoint's content hash, so a re-run
-skips finished (checkpoint, analysis) pairs and retries only failures.
+:class:`~mlmscope.analyses.base.AnalysisContext`, unions the activation names and capture variants of every pending
+analysis, runs ``mlmscope.probes.capture.capture`` once over that union and feeds every accumulator from the same
+batches (never a forward pass per analysis). Results go to :mod:`mlmscope.analyses.store`, keyed by the checkpoint's
+content hash, so a re-run skips finished (checkpoint, analysis) pairs and retries only failures.
 
 Backends:
 
@@ -16,7 +16,8 @@ Backends:
 
 Warm starts: a ``chained`` analysis (e.g. the tuned lens) is run in step order; its accumulator for checkpoint t_k
 gets, as ``ctx.previous``, the stored result folder of the nearest earlier step with a finished result of the same
-(version, probe set, params), or None at the first step. With several workers these analyses form one sequential chain of jobs interleaved with the parallel ones.
+(version, probe set, params), or None at the first step. With several workers these analyses form one sequential chain
+of jobs interleaved with the parallel ones.
 
 Example::
 
@@ -867,9 +868,9 @@ def _with(job: Job, analyses: list[Analysis]) -> Job:
 def resolve_probe_set(run_dir: Path, probes: str | None, model_dir: Path | None) -> Any:
     """Load ``probes`` (a probe-set folder or CoNLL-U file), or the run's default probe set.
 
-    The default is built once from the run corpus' validation split (``mlmscope.probes.probeset.build_default``, filtered for
-    the run's tokenizer and position limit) and cached in ``RUN/probes/default`` (written to a temporary folder and
-    renamed, so a killed build leaves nothing half-written).
+    The default is built once from the run corpus' validation split (``mlmscope.probes.probeset.build_default``,
+    filtered for the run's tokenizer and position limit) and cached in ``RUN/probes/default`` (written to a temporary
+    folder and renamed, so a killed build leaves nothing half-written).
 
     Raises:
         RunnerError: no checkpoint to take the tokenizer from.

@@ -681,8 +681,8 @@ def sas_onsets(curve: pd.DataFrame, params: Any = None, score: str = "sas_score"
         score: Column to detect the structure onset on (``sas_score`` = held-out; ``sas_in_sample``).
 
     Returns:
-        ``sas_*`` and ``loss_*`` onset fields (see ``mlmscope.analyses.onset.Onset.as_dict``), ``structure_kind`` and the
-        measures behind it, ``first_step_above_offset`` (first checkpoint whose held-out SAS beats the held-out
+        ``sas_*`` and ``loss_*`` onset fields (see ``mlmscope.analyses.onset.Onset.as_dict``), ``structure_kind`` and
+        the measures behind it, ``first_step_above_offset`` (first checkpoint whose held-out SAS beats the held-out
         best offset), and ``coincide`` / ``coincide_reason`` / ``distance_decades``.
     """
     from .onset import OnsetParams, coincidence, detect_onset

@@ -13,8 +13,8 @@ Layout under a run folder::
 
 A result directory is written in a temporary sibling folder and renamed into place with ``os.replace``, so a reader
 (or a re-run after ``kill -9``) sees either the complete result or nothing; leftover ``.tmp-*`` folders are ignored.
-Results are keyed by the *content* hash of the weights (``mlmscope.checkpoints.manifest.weights_sha256``), so a re-uploaded or
-re-trained checkpoint can never silently reuse stale results (docs/notes/runner.md), and two
+Results are keyed by the *content* hash of the weights (``mlmscope.checkpoints.manifest.weights_sha256``), so a
+re-uploaded or re-trained checkpoint can never silently reuse stale results (docs/notes/runner.md), and two
 byte-identical checkpoints share one result.
 
 Example::

@@ -8,17 +8,19 @@ Reference: Belrose et al., arXiv 2303.08112 (recipe; code AlignmentResearch/tune
 * Decoded through the full MLM head (``mlmscope.analyses.lens.decode_hidden``; final norm recomputed for pre-LN models).
 * Loss: KL(p_final ‖ q_lens) against the model's own final distribution at the same **masked** position (the
   tuned-lens ``CE`` option's next-token shift is meaningless for an MLM).
-* Optimiser (tuned-lens defaults; docs/notes/depth.md, "Tuned lens"): SGD with Nesterov momentum 0.9, lr = 1.0·(1 − 0.9), weight decay
-  1e-3 (pulls towards the identity), gradient clip 1.0, linear lr decay over at most 250 steps, no warm-up.
-  mlmscope departs from the recipe in the data (docs/notes/depth.md, "Tuned lens"): a fixed set of masked positions of the
-  probe set (capped at ``max_positions``), full-batch steps, and early stopping when the training KL plateaus.
+* Optimiser (tuned-lens defaults; docs/notes/depth.md, "Tuned lens"): SGD with Nesterov momentum 0.9, lr = 1.0·(1 −
+  0.9), weight decay 1e-3 (pulls towards the identity), gradient clip 1.0, linear lr decay over at most 250 steps, no
+  warm-up. mlmscope departs from the recipe in the data (docs/notes/depth.md, "Tuned lens"): a fixed set of masked
+  positions of the probe set (capped at ``max_positions``), full-batch steps, and early stopping when the training KL
+  plateaus.
 * Translators are trained one layer at a time (independent parameters; peak memory O(N·V) for one layer).
 * The analysis is ``chained``: across a trajectory the runner (``mlmscope.analyses.runner``) hands each checkpoint
   the result folder of the previous one as ``ctx.previous``, whose ``translators.safetensors`` (written by
   :meth:`TunedLensAccumulator.save_artefacts`) becomes the warm start. In a notebook, pass ``previous=`` any folder
-  holding that file (e.g. one written by ``save_artefacts``). With ``compare_cold=True`` the accumulator also fits from zero and reports
-  how many optimiser steps the warm start needed to reach the cold fit's final KL; a warm fit whose held-out KL is
-  worse than the cold one's by more than ``warm_tolerance`` is replaced by the cold fit (docs/notes/depth.md, "Tuned lens over a trajectory (warm starts)").
+  holding that file (e.g. one written by ``save_artefacts``). With ``compare_cold=True`` the accumulator also fits from
+  zero and reports how many optimiser steps the warm start needed to reach the cold fit's final KL; a warm fit whose
+  held-out KL is worse than the cold one's by more than ``warm_tolerance`` is replaced by the cold fit
+  (docs/notes/depth.md, "Tuned lens over a trajectory (warm starts)").
 
 Public API::
 
@@ -118,7 +120,8 @@ class AffineTranslators(nn.Module):
 
 @dataclass
 class FitConfig:
-    """Translator optimisation settings (defaults: tuned-lens ``train_loop.py`` SGD recipe of Belrose et al. 2023; docs/notes/depth.md, "Tuned lens").
+    """Translator optimisation settings (defaults: tuned-lens ``train_loop.py`` SGD recipe of Belrose et al. 2023;
+    docs/notes/depth.md, "Tuned lens").
 
     Attributes:
         optimizer: ``"sgd"`` (Nesterov, tuned-lens default) or ``"adam"`` (tuned-lens Adam option, amsgrad).
@@ -432,7 +435,8 @@ class TunedLens(Analysis):
         """Options of the tuned lens (see :class:`FitConfig` for the optimiser fields).
 
         Attributes:
-            max_positions: Masked positions kept for fitting + evaluation (bounds memory; keep ≫ d_model; docs/notes/depth.md, "Tuned lens").
+            max_positions: Masked positions kept for fitting + evaluation (bounds memory; keep ≫ d_model;
+                docs/notes/depth.md, "Tuned lens").
             max_steps, tol, patience: At most 100 steps (tuned-lens uses 250), stopped when the training KL improved
                 by less than 1 % over the last 10 steps. On 1,024 positions longer fits overfit: along a warm-started
                 chain of five ``demo`` checkpoints (10,800–12,000) the held-out KL of the embedding translator was

@@ -2,9 +2,9 @@
 
 ``analyze_command`` is the typer-annotated function behind ``mlmscope analyze``; ``app`` holds the ``analyses``
 sub-commands. PATH is a run, a folder of checkpoint folders, or one model folder (analysed as a trajectory of one
-into a results folder outside it: see :mod:`mlmscope.analyses.target`). User errors (bad or empty folder, unknown analysis,
-bad --steps, unreachable Ray cluster, bad probe set) print one line and exit 1; a run where any checkpoint failed
-also exits 1 after the summary.
+into a results folder outside it: see :mod:`mlmscope.analyses.target`). User errors (bad or empty folder, unknown
+analysis, bad --steps, unreachable Ray cluster, bad probe set) print one line and exit 1; a run where any checkpoint
+failed also exits 1 after the summary.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from ..analyses.runner import JobResult, RunnerConfig, Summary
     from ..probes.probeset import ProbeSet
 
-# mlmscope.analyses.runner / mlmscope.analyses.store (torch, pandas) are imported inside the commands so `mlmscope --help` stays fast.
+# mlmscope.analyses.runner / mlmscope.analyses.store (torch, pandas) are imported inside the commands, so
+# `mlmscope --help` stays fast.
 
 app = typer.Typer(help="The registered analyses: list them, show recorded failures, benchmark the runner.",
                   no_args_is_help=True)

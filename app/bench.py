@@ -7,8 +7,8 @@ rendered once (caches filled, as for a user who opened it), then the slider is m
 rerun (script run + element tree, i.e. everything the server does before sending the delta) is timed. Live panels
 stay off (they are the model-bound part, timed separately by :func:`bench_live`).
 
-``python -m mlmscope.app.bench [SOURCE_RUN]`` or ``mlmscope bench app`` (when mounted). Without a source run that has results,
-a ``micro`` run is trained and analysed into a scratch folder first (about a minute on 2 CPU cores).
+``python -m mlmscope.app.bench [SOURCE_RUN]`` or ``mlmscope bench app`` (when mounted). Without a source run that has
+results, a ``micro`` run is trained and analysed into a scratch folder first (about a minute on 2 CPU cores).
 """
 
 from __future__ import annotations

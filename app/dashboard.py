@@ -5,8 +5,9 @@ Start it with ``mlmscope app [RUN ...]`` (see :mod:`mlmscope.app.serve`), or dir
 (``os.pathsep``-separated; set by ``mlmscope app``), else from the script arguments, else ``runs/demo``.
 
 The sidebar holds the run picker (several runs or seed groups overlaid), the focus run (whose heatmaps, tables and
-live model are shown), the page list and the step slider. Page and step are bound to the URL (``?page=syntax&step=300``).
-Every page reads precomputed results through cached loaders; only the live panels load a checkpoint.
+live model are shown), the page list and the step slider. Page and step are bound to the URL
+(``?page=syntax&step=300``). Every page reads precomputed results through cached loaders; only the live panels load a
+checkpoint.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ One section per analysis (training, SAS, [MASK] rank, outlier dimensions, redund
 line saying what the metric is, followed by compact tables over a log-spaced subset of checkpoints (first and last
 always included, at most ``max_rows``). An analysis without stored results gives a line ``(no results for X ...)``
 instead of an error. Every number comes from the stored tables and the analyses' own trajectory helpers
-(:func:`mlmscope.analyses.sas.sas_curve` / :func:`~mlmscope.analyses.sas.sas_onsets`, :func:`mlmscope.analyses.onset.detect_onset`,
-:func:`mlmscope.analyses.mask_rank.rank_gap_over_steps`, :func:`mlmscope.analyses.outliers.outlier_emergence`); this module only
-selects rows and formats them (3 decimals; values below 0.0005 in magnitude in scientific notation, so a small KL
-does not print as 0.000).
+(:func:`mlmscope.analyses.sas.sas_curve` / :func:`~mlmscope.analyses.sas.sas_onsets`,
+:func:`mlmscope.analyses.onset.detect_onset`, :func:`mlmscope.analyses.mask_rank.rank_gap_over_steps`,
+:func:`mlmscope.analyses.outliers.outlier_emergence`); this module only selects rows and formats them (3 decimals;
+values below 0.0005 in magnitude in scientific notation, so a small KL does not print as 0.000).
 
 Example::
 
@@ -244,8 +244,8 @@ def single_model_section(traj: Trajectory) -> str:
         f"## Single-model report: `{run.get('model_dir', traj.run_dir)}`", "",
         "; ".join(desc) + f"; results in `{traj.run_dir}`.",
         "Single checkpoint: every table has one row, and onsets, loss curves and warm starts (which need a "
-        "trajectory) are not shown. Layers and heads are 0-based, layer 0 = embeddings where a table has an embedding "
-        "row."])
+        "trajectory) are not shown. Layers and heads are 0-based, layer 0 = embeddings where a table has an "
+        "embedding row."])
 
 
 def _manifest_run(traj: Trajectory) -> dict[str, Any]:

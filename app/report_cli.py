@@ -1,5 +1,5 @@
-"""``mlmscope report RUN``: the command only; the report itself (pandas, numpy) lives in :mod:`mlmscope.app.report` and is
-imported when the command runs, so ``mlmscope --help`` stays fast."""
+"""``mlmscope report RUN``: the command only; the report itself (pandas, numpy) lives in :mod:`mlmscope.app.report` and
+is imported when the command runs, so ``mlmscope --help`` stays fast."""
 
 from __future__ import annotations
 

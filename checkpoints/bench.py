@@ -1,9 +1,9 @@
 """``mlmscope bench train``: HF's standard route vs our loop, same shape and data, interleaved in one process.
 
 HF route: ``Trainer`` + ``BertForMaskedLM`` + ``DataCollatorForLanguageModeling`` (15 %, 80/10/10), fp32 (its
-default), default attention, dataset of packed sequences. Ours: ``mlmscope.checkpoints.train`` step (packed, no padding mask,
-sparse prediction, the precision and attention ``mlmscope.checkpoints.hardware`` picks for this machine). Rounds alternate
-HF/ours so machine noise hits both; the median round is reported.
+default), default attention, dataset of packed sequences. Ours: ``mlmscope.checkpoints.train`` step (packed, no padding
+mask, sparse prediction, the precision and attention ``mlmscope.checkpoints.hardware`` picks for this machine). Rounds
+alternate HF/ours so machine noise hits both; the median round is reported.
 
 Besides tokens/s the table gives each route's achieved GFLOP/s (model FLOPs: 6 per parameter-MAC per token for
 forward + backward, attention score/mix products included, the MLM head counted where each route computes it) and the

@@ -4,7 +4,7 @@ Chen, Shwartz-Ziv, Cho, Leavitt, Saphra, "Sudden Drops in the Loss" (arXiv 2309.
 ``run_mlm_reg_depparse.py`` (``TrainerWithAttentionDepParseReg.compute_loss``, ``get_batch_max_reg_val``); details and
 choices in ``docs/notes/sas.md`` ("SAS regulariser")::
 
-    L(x) = L_MLM(x) + λ · Σ_i Σ_{x_j ∈ D(x_i)} γ(x_i, x_j),      γ(x_i, x_j) = max_{layer, head} α_{layer,head}(x_i, x_j)
+    L(x) = L_MLM(x) + λ · Σ_i Σ_{x_j ∈ D(x_i)} γ(x_i, x_j),     γ(x_i, x_j) = max_{layer, head} α_{layer,head}(x_i, x_j)
 
 * ``λ > 0`` suppresses syntactic attention (their BERT_SAS−), ``λ < 0`` promotes it (BERT_SAS+).
 * Directions (both on by default, as in their code): ``"dep->head"`` = Σ_i γ(i, head(i)) (``reg_heads``: the

@@ -135,8 +135,8 @@ def load_tokenizer_ref(ref: str, root: Path) -> PreTrainedTokenizerFast:
 def ship(fingerprint: str, texts: Iterable[str], vocab_size: int, lowercase: bool) -> Path:
     """Train the tokenizer for (corpus, vocab size, casing) once and write it into the package's assets.
 
-    Maintainers run this (``python -m mlmscope.checkpoints.tokenizer``) when the default corpus or the trainer changes; the
-    result is committed, so users never train the default tokenizer themselves.
+    Maintainers run this (``python -m mlmscope.checkpoints.tokenizer``) when the default corpus or the trainer changes;
+    the result is committed, so users never train the default tokenizer themselves.
     """
     key = tokenizer_key(fingerprint, vocab_size, lowercase)
     tok = train_wordpiece(texts, vocab_size=vocab_size, lowercase=lowercase)

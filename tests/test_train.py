@@ -353,7 +353,8 @@ def test_ddp_two_cpu_processes(tmp_path, small_corpus):
 
 def test_cli_import_is_light():
     """`mlmscope --help` must not pay for torch/pandas/transformers (4.7 s before; the commands import them)."""
-    code = "import sys, mlmscope.app.cli; print(sorted(m for m in ('torch', 'pandas', 'transformers') if m in sys.modules))"
+    code = ("import sys, mlmscope.app.cli; "
+            "print(sorted(m for m in ('torch', 'pandas', 'transformers') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"

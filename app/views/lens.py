@@ -71,8 +71,8 @@ def render(view: View) -> None:
             common.show(_kl_heatmap(grid, used, name, zrange), sel, f"lens_kl_{lens}",
                         f"log10 KL(final ‖ {name}) per depth (0 = embeddings, l + 1 = output of block l, l + 0.5 = "
                         "after its attention; the last layer, KL = 0, is left out) and step, averaged over [MASK] "
-                        f"positions of the probe set ({LOGIT if lens == 'logit' else TUNED} `per_layer` table). The selected step is "
-                        "outlined.")
+                        f"positions of the probe set ({LOGIT if lens == 'logit' else TUNED} `per_layer` table). "
+                        "The selected step is outlined.")
     _kl_at_step(view, at, used)
     _topk(view)
 

@@ -1,10 +1,10 @@
 """The dashboard's live panels: a checkpoint loaded once (``st.cache_resource``) and run on one sentence.
 
 Everything goes through the project's own contracts: ``mlmscope.probes.model.load_model`` (architecture adapter),
-``mlmscope.probes.capture.capture`` (activation names), ``mlmscope.analyses.sas.word_attention`` (Clark et al.'s word-level merge) and
-``mlmscope.analyses.lens.decode_hidden`` (the full MLM head; docs/notes/depth.md, "Decoding through the full MLM
-head"), so the live views show exactly what the analyses measure. The pure functions take a ``LoadedModel`` and
-can be used from a notebook too.
+``mlmscope.probes.capture.capture`` (activation names), ``mlmscope.analyses.sas.word_attention`` (Clark et al.'s
+word-level merge) and ``mlmscope.analyses.lens.decode_hidden`` (the full MLM head; docs/notes/depth.md, "Decoding
+through the full MLM head"), so the live views show exactly what the analyses measure. The pure functions take a
+``LoadedModel`` and can be used from a notebook too.
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def lens_topk(lm: Any, words: Sequence[str], k: int = 5, translators: Any = None
         lm: A loaded checkpoint with an MLM head.
         words: The sentence, with ``lm.tokenizer.mask_token`` as some of its words.
         k: Predictions per layer.
-        translators: ``mlmscope.analyses.tuned_lens.AffineTranslators`` of this checkpoint (translator i for lens site i of
-            the tuned lens: embedding output, then each block output but the last).
+        translators: ``mlmscope.analyses.tuned_lens.AffineTranslators`` of this checkpoint (translator i for lens site i
+            of the tuned lens: embedding output, then each block output but the last).
 
     Returns:
         mask (position among the [MASK]s), lens, site, depth, rank, token, prob.
