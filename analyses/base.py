@@ -173,8 +173,10 @@ class Analysis(ABC):
         typed = {}
         for key, text in values.items():
             if key not in fields:
-                raise ParamError(f"--param {cls.name}.{key}: {cls.name} has no parameter {key!r}; it has: "
-                                 f"{', '.join(fields) or '(none)'}")
+                raise ParamError(
+                    f"--param {cls.name}.{key}: {cls.name} has no parameter {key!r}; it has: "
+                    f"{', '.join(fields) or '(none)'}"
+                )
             try:
                 typed[key] = cast_text(text, fields[key][0], f"--param {cls.name}.{key}={text}")
             except MlmscopeError as e:

@@ -87,7 +87,8 @@ def check_finite(t: torch.Tensor, what: str, ctx_label: str) -> None:
     if not bool(torch.isfinite(t).all()):
         raise NonFiniteActivationError(
             f"checkpoint {ctx_label}: {what} contains NaN/inf values — the checkpoint is probably corrupt or its "
-            "training diverged; re-save it or exclude it from the analysis")
+            "training diverged; re-save it or exclude it from the analysis"
+        )
 
 
 def is_pre_ln(arch: Arch) -> bool:
@@ -117,7 +118,8 @@ def require_mlm_head(ctx: AnalysisContext, analysis: str) -> Arch:
     if ctx.arch is None or not ctx.arch.has_mlm_head:
         raise SkipAnalysis(
             f"{analysis}: the model has no trained MLM head (a head-less encoder such as all-MiniLM-L6-v2); "
-            "decoding hidden states through a random head would be meaningless")
+            "decoding hidden states through a random head would be meaningless"
+        )
     return ctx.arch
 
 
@@ -183,8 +185,9 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1)
 
 
-def site_metric_sums(logits: torch.Tensor, ref: FinalRef, gold: torch.Tensor,
-                     ks: tuple[int, ...] = (5, 10)) -> dict[str, torch.Tensor]:
+def site_metric_sums(
+    logits: torch.Tensor, ref: FinalRef, gold: torch.Tensor, ks: tuple[int, ...] = (5, 10)
+) -> dict[str, torch.Tensor]:
     """Sums over N positions of the lens metrics (docs/notes/depth.md, "Lens metrics") of one site's (N, V) logits
     against ``ref``.
 
@@ -213,8 +216,9 @@ def site_metric_sums(logits: torch.Tensor, ref: FinalRef, gold: torch.Tensor,
     return {k: v.double().sum() for k, v in per_pos.items()}
 
 
-def lens_metric_sums(logits: torch.Tensor, final_logits: torch.Tensor | FinalRef, gold: torch.Tensor,
-                     ks: tuple[int, ...] = (5, 10)) -> dict[str, torch.Tensor]:
+def lens_metric_sums(
+    logits: torch.Tensor, final_logits: torch.Tensor | FinalRef, gold: torch.Tensor, ks: tuple[int, ...] = (5, 10)
+) -> dict[str, torch.Tensor]:
     """Per-layer sums (over positions) of the lens metrics (docs/notes/depth.md, "Lens metrics").
 
     Args:
@@ -246,8 +250,14 @@ class LensSums:
 
     def frame(self, sites: list[LensSite], **const: Any) -> pd.DataFrame:
         """Tidy frame: one row per site with the mean of every metric, ``n_masked`` and the constant columns."""
-        rows = pd.DataFrame({"block": [s.block for s in sites], "site": [s.site for s in sites],
-                             "depth": [s.depth for s in sites], "name": [s.name for s in sites]})
+        rows = pd.DataFrame(
+            {
+                "block": [s.block for s in sites],
+                "site": [s.site for s in sites],
+                "depth": [s.depth for s in sites],
+                "name": [s.name for s in sites],
+            }
+        )
         for m in METRICS:
             rows[m] = (self.sums[m] / max(self.n, 1)).numpy()
         rows["n_masked"] = self.n
@@ -270,6 +280,7 @@ def final_reference(batch: CaptureBatch, arch: Any, n_layers: int, device: str =
     Uses the capture's own MLM logits (``mlm_head.hook_out``) when they were recorded at exactly the masked
     positions of a post-LN model, else decodes ``blocks.{L-1}.hook_resid_post`` with :func:`decode_hidden`.
     """
+
     def make() -> FinalRef:
         mm = batch.masked_mask
         head = batch.acts.get(MLM_HEAD)
@@ -314,7 +325,8 @@ class LogitLensAccumulator(Accumulator):
         if self.stats.n == 0:
             raise NoMaskedPositionsError(
                 "logit_lens: the probe set has no masked positions with a gold label (variant 'mask15'); "
-                "rebuild the masked probe variant or use a probe set with non-special tokens")
+                "rebuild the masked probe variant or use a probe set with non-special tokens"
+            )
         return {"per_layer": self.stats.frame(self.sites, lens="logit")}
 
 
@@ -343,5 +355,6 @@ class LogitLens(Analysis):
 
     def accumulator(self, ctx: AnalysisContext) -> LogitLensAccumulator:
         require_mlm_head(ctx, self.name)
-        return LogitLensAccumulator(ctx.arch, lens_sites(ctx.n_layers, self.params.include_mid), checkpoint_label(ctx),
-                                    ctx.device)
+        return LogitLensAccumulator(
+            ctx.arch, lens_sites(ctx.n_layers, self.params.include_mid), checkpoint_label(ctx), ctx.device
+        )

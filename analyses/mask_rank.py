@@ -114,7 +114,7 @@ def spectrum_ranks(acc: StreamingCovariance, tau: float) -> dict[tuple[str, str]
 def top_subspace(acc: StreamingCovariance, k: int) -> torch.Tensor:
     """(d, k) orthonormal top-k principal directions of the centred scatter."""
     _, vecs = torch.linalg.eigh(acc.scatter.cpu())
-    return vecs[:, vecs.shape[1] - k:] if k > 0 else vecs[:, :0]
+    return vecs[:, vecs.shape[1] - k :] if k > 0 else vecs[:, :0]
 
 
 def outside_fraction(scatter: torch.Tensor, basis: torch.Tensor) -> float:
@@ -176,8 +176,10 @@ class MaskRankAccumulator(Accumulator):
         if n == 0:
             return "no tokens in this set"
         if n < need:
-            return (f"only {n} tokens for hidden size {self.d} (recommended >= {self.p.min_tokens_per_dim:g} x d = "
-                    f"{need}); ranks are limited by the sample size, compare only at equal n")
+            return (
+                f"only {n} tokens for hidden size {self.d} (recommended >= {self.p.min_tokens_per_dim:g} x d = "
+                f"{need}); ranks are limited by the sample size, compare only at equal n"
+            )
         return ""
 
     def result(self) -> dict[str, pd.DataFrame]:
@@ -188,24 +190,41 @@ class MaskRankAccumulator(Accumulator):
             for s, acc in sets.items():
                 warn = self._warning(acc.n)
                 for (norm, metric), v in spectrum_ranks(acc, self.p.tau).items():
-                    rank_rows.append({"layer": l, "token_set": s, "normalisation": norm, "metric": metric,
-                                      "value": v, "n_tokens": acc.n, "d_model": self.d, "low_n": bool(warn),
-                                      "warning": warn})
+                    rank_rows.append(
+                        {
+                            "layer": l,
+                            "token_set": s,
+                            "normalisation": norm,
+                            "metric": metric,
+                            "value": v,
+                            "n_tokens": acc.n,
+                            "d_model": self.d,
+                            "low_n": bool(warn),
+                            "warning": warn,
+                        }
+                    )
             only_rows += self._mask_only(l, sets)
             dim_rows += self._mask_dims(l, sets)
         ranks = pd.DataFrame(rank_rows)
         if self.mask_mismatch:
-            msg = (f"{self.mask_mismatch} mask15 sentence(s) were masked at other positions than mask_seed="
-                   f"{self.p.mask_seed} predicts; clean_at_mask is not the same token set as masked_mask")
+            msg = (
+                f"{self.mask_mismatch} mask15 sentence(s) were masked at other positions than mask_seed="
+                f"{self.p.mask_seed} predicts; clean_at_mask is not the same token set as masked_mask"
+            )
             ranks["warning"] = ranks["warning"].where(ranks["warning"] == "", ranks["warning"] + "; ") + msg
             warnings.warn(msg, MaskRankWarning, stacklevel=2)
         low = ranks[ranks["low_n"] & (ranks["n_tokens"] > 0)]
         if len(low):
             r = low.iloc[0]
-            warnings.warn(f"mask_rank: {r['warning']} (layer {r['layer']}, {r['token_set']})", MaskRankWarning,
-                          stacklevel=2)
-        return {"ranks": ranks, "gap": rank_gap_table(ranks), "mask_only": pd.DataFrame(only_rows),
-                "mask_dims": pd.DataFrame(dim_rows)}
+            warnings.warn(
+                f"mask_rank: {r['warning']} (layer {r['layer']}, {r['token_set']})", MaskRankWarning, stacklevel=2
+            )
+        return {
+            "ranks": ranks,
+            "gap": rank_gap_table(ranks),
+            "mask_only": pd.DataFrame(only_rows),
+            "mask_dims": pd.DataFrame(dim_rows),
+        }
 
     def _mask_only(self, l: int, sets: dict[str, StreamingCovariance]) -> list[dict[str, Any]]:
         ref = sets["clean_real"]
@@ -217,9 +236,18 @@ class MaskRankAccumulator(Accumulator):
             acc = sets[s]
             shift = (acc.mean - ref.mean).cpu()
             shift_scatter = torch.outer(shift, shift)
-            rows.append({"layer": l, "token_set": s, "k": k, "outside_fraction": outside_fraction(acc.scatter, basis),
-                         "mean_shift_outside": outside_fraction(shift_scatter, basis),
-                         "mean_shift_norm": float(shift.norm()), "n_tokens": acc.n, "n_reference": ref.n})
+            rows.append(
+                {
+                    "layer": l,
+                    "token_set": s,
+                    "k": k,
+                    "outside_fraction": outside_fraction(acc.scatter, basis),
+                    "mean_shift_outside": outside_fraction(shift_scatter, basis),
+                    "mean_shift_norm": float(shift.norm()),
+                    "n_tokens": acc.n,
+                    "n_reference": ref.n,
+                }
+            )
         return rows
 
     def _mask_dims(self, l: int, sets: dict[str, StreamingCovariance]) -> list[dict[str, Any]]:
@@ -229,8 +257,17 @@ class MaskRankAccumulator(Accumulator):
         floor = max(float(vc.max()), 0.0) * float(np.finfo(np.float64).eps) * self.d
         ratio = vm / vc.clamp(min=floor if floor > 0 else float(np.finfo(np.float64).tiny))
         top = torch.argsort(ratio, descending=True)[: self.p.top_dims]
-        return [{"layer": l, "rank": r + 1, "dim": int(d), "var_mask": float(vm[d]), "var_clean": float(vc[d]),
-                 "ratio": float(ratio[d])} for r, d in enumerate(top.tolist())]
+        return [
+            {
+                "layer": l,
+                "rank": r + 1,
+                "dim": int(d),
+                "var_mask": float(vm[d]),
+                "var_clean": float(vc[d]),
+                "ratio": float(ratio[d]),
+            }
+            for r, d in enumerate(top.tolist())
+        ]
 
 
 def rank_gap_table(ranks: pd.DataFrame) -> pd.DataFrame:
@@ -255,8 +292,9 @@ def rank_gap_table(ranks: pd.DataFrame) -> pd.DataFrame:
     return wide[keys + ["clean_real", "masked_all", "gap", "clean_at_mask", "masked_mask", "gap_equal_n"]]
 
 
-def rank_gap_over_steps(ranks: pd.DataFrame, normalisation: str = "centred", metric: str = "variance_rank"
-                        ) -> pd.DataFrame:
+def rank_gap_over_steps(
+    ranks: pd.DataFrame, normalisation: str = "centred", metric: str = "variance_rank"
+) -> pd.DataFrame:
     """The rank gap over a trajectory: one row per (step, layer) for one normalisation and metric.
 
     Args:

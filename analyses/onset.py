@@ -153,28 +153,39 @@ def _fit_many(x: np.ndarray, ys: np.ndarray, p: OnsetParams) -> list[_Fit]:
     k1, k2 = _candidate_pairs(x, p)
     if len(k1) == 0:
         return [_Fit(False, f"too few checkpoints ({n}) for a breakpoint fit") for _ in ys]
-    q, _ = np.linalg.qr(_designs(x, k1, k2))                                  # (P, n, 4)
-    proj = np.einsum("pnk,rn->rpk", q, ys)                                    # (R, P, 4)
-    rss = (ys ** 2).sum(-1)[:, None] - (proj ** 2).sum(-1)                    # (R, P)
+    q, _ = np.linalg.qr(_designs(x, k1, k2))  # (P, n, 4)
+    proj = np.einsum("pnk,rn->rpk", q, ys)  # (R, P, 4)
+    rss = (ys**2).sum(-1)[:, None] - (proj**2).sum(-1)  # (R, P)
     best = rss.argmin(-1)
     line = np.stack([np.ones(n), x], -1)
     rss_line = ((ys - ys @ (line @ np.linalg.pinv(line)).T) ** 2).sum(-1)
     fits = []
     for r, b in enumerate(best.tolist()):
-        design = _designs(x, k1[b:b + 1], k2[b:b + 1])[0]
+        design = _designs(x, k1[b : b + 1], k2[b : b + 1])[0]
         coef, *_ = np.linalg.lstsq(design, ys[r], rcond=None)
-        fits.append(_judge(x, ys[r], design @ coef, coef, float(k1[b]), float(k2[b]), max(rss[r, b], 0.0), rss_line[r], p))
+        fits.append(
+            _judge(x, ys[r], design @ coef, coef, float(k1[b]), float(k2[b]), max(rss[r, b], 0.0), rss_line[r], p)
+        )
     return fits
 
 
-def _judge(x: np.ndarray, y: np.ndarray, fitted: np.ndarray, coef: np.ndarray, k1: float, k2: float, rss: float,
-           rss_line: float, p: OnsetParams) -> _Fit:
+def _judge(
+    x: np.ndarray,
+    y: np.ndarray,
+    fitted: np.ndarray,
+    coef: np.ndarray,
+    k1: float,
+    k2: float,
+    rss: float,
+    rss_line: float,
+    p: OnsetParams,
+) -> _Fit:
     n = len(x)
     sign = 1.0 if p.direction == "up" else -1.0
     slopes = np.array([coef[1], coef[1] + coef[2], coef[1] + coef[2] + coef[3]])
     bounds = [(x[0], k1), (k1, k2), (k2, x[-1])]
     seg = int((sign * slopes).argmax())
-    tiny = 1e-12 * float((y ** 2).sum()) + 1e-300      # floor: an exact fit of both models is a tie
+    tiny = 1e-12 * float((y**2).sum()) + 1e-300  # floor: an exact fit of both models is a tie
     delta_bic = n * math.log(max(rss_line, tiny) / max(rss, tiny)) - 4 * math.log(n)
     sd = math.sqrt(max(rss, 0.0) / max(n - 6, 1))
     (a, b), slope = bounds[seg], float(slopes[seg])
@@ -183,8 +194,9 @@ def _judge(x: np.ndarray, y: np.ndarray, fitted: np.ndarray, coef: np.ndarray, k
     if delta_bic < p.min_delta_bic:
         fit.reason = f"no breakpoint: a straight line fits as well (ΔBIC {delta_bic:.1f} < {p.min_delta_bic})"
     elif sign * change < p.min_effect_sigma * sd:
-        fit.reason = (f"the steepest {p.direction} segment changes by {change:.3g}, "
-                      f"< {p.min_effect_sigma} x noise sd {sd:.3g}")
+        fit.reason = (
+            f"the steepest {p.direction} segment changes by {change:.3g}, < {p.min_effect_sigma} x noise sd {sd:.3g}"
+        )
     elif seg == 0:
         fit.reason = "the curve changes fastest from its first checkpoint: onset before the trajectory (not resolved)"
     else:
@@ -193,7 +205,7 @@ def _judge(x: np.ndarray, y: np.ndarray, fitted: np.ndarray, coef: np.ndarray, k
 
 
 def _to_step(x: float, p: OnsetParams) -> float:
-    return float(10 ** x - p.x_offset)
+    return float(10**x - p.x_offset)
 
 
 def _interval(values: list[float], p: OnsetParams) -> tuple[float, float] | None:
@@ -204,8 +216,7 @@ def _interval(values: list[float], p: OnsetParams) -> tuple[float, float] | None
     return float(lo), float(hi)
 
 
-def detect_onset(steps: ArrayLike, values: ArrayLike, params: OnsetParams | None = None,
-                 **overrides: Any) -> Onset:
+def detect_onset(steps: ArrayLike, values: ArrayLike, params: OnsetParams | None = None, **overrides: Any) -> Onset:
     """Detect the onset of the steepest rise (or fall) of a curve over training steps.
 
     Args:
@@ -234,8 +245,9 @@ def detect_onset(steps: ArrayLike, values: ArrayLike, params: OnsetParams | None
         return Onset(False, f"too few checkpoints ({len(s)}) for a breakpoint fit", **base)
     x = np.log10(s + p.x_offset)
     fit = _fit_many(x, v[None], p)[0]
-    out = Onset(fit.found, fit.reason, slope=fit.slope, change=fit.change, delta_bic=fit.delta_bic,
-                noise_sd=fit.sd, **base)
+    out = Onset(
+        fit.found, fit.reason, slope=fit.slope, change=fit.change, delta_bic=fit.delta_bic, noise_sd=fit.sd, **base
+    )
     if fit.found:
         out.onset_step, out.end_step = _to_step(fit.ramp[0], p), _to_step(fit.ramp[1], p)
         out.steepest_step = _to_step(sum(fit.ramp) / 2, p)
@@ -278,5 +290,9 @@ def coincidence(a: Onset, b: Onset) -> dict[str, Any]:
         ci = min(a.onset_ci[1], b.onset_ci[1]) >= max(a.onset_ci[0], b.onset_ci[0])
     off = a.params.get("x_offset", 1.0)
     dist = abs(math.log10(a_steepest + off) - math.log10(b_steepest + off))
-    return {"coincide": bool(overlap), "reason": "ramp windows overlap" if overlap else "ramp windows are disjoint",
-            "ci_overlap": ci, "distance_decades": dist}
+    return {
+        "coincide": bool(overlap),
+        "reason": "ramp windows overlap" if overlap else "ramp windows are disjoint",
+        "ci_overlap": ci,
+        "distance_decades": dist,
+    }

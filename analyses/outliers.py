@@ -68,8 +68,14 @@ def position_embedding_matrix(ctx: AnalysisContext) -> tuple[torch.Tensor | None
     pe, offset = arch.position_embeddings()
     if pe is None:
         kind = getattr(arch.config, "position_embedding_type", "absolute")
-        return None, 0, (f"model has no learned absolute position embeddings (position_embedding_type={kind!r}); "
-                         "the positional link is skipped")
+        return (
+            None,
+            0,
+            (
+                f"model has no learned absolute position embeddings (position_embedding_type={kind!r}); "
+                "the positional link is skipped"
+            ),
+        )
     return pe.detach().float().cpu(), offset, ""
 
 
@@ -93,8 +99,7 @@ def three_sigma_flags(w: torch.Tensor, n_std: float = 3.0) -> tuple[torch.Tensor
     return z.abs() > n_std, z
 
 
-def ridge_heldout_r2(train: Any, test: Any, x_idx: torch.Tensor,
-                     y_idx: torch.Tensor, ridge: float) -> float:
+def ridge_heldout_r2(train: Any, test: Any, x_idx: torch.Tensor, y_idx: torch.Tensor, ridge: float) -> float:
     """Held-out R² of a ridge regression from columns ``x_idx`` to columns ``y_idx``, from streamed moments only.
 
     W = (S_xx + λI)⁻¹ S_xy and b = μ_y − Wᵀμ_x on the train moments (λ = ``ridge`` · tr(S_xx)/|x|); on the test
@@ -124,8 +129,12 @@ def ridge_heldout_r2(train: Any, test: Any, x_idx: torch.Tensor,
     w = torch.linalg.solve(sxx + ridge * scale * torch.eye(x_idx.numel(), dtype=sxx.dtype), s[x_idx][:, y_idx])
     b = m[y_idx] - w.T @ m[x_idx]
     resid = mt[y_idx] - b - w.T @ mt[x_idx]
-    sse = (sst - 2 * float(torch.sum(w * st[x_idx][:, y_idx])) + float(torch.sum(w * (st[x_idx][:, x_idx] @ w)))
-           + test.n * float(resid @ resid))
+    sse = (
+        sst
+        - 2 * float(torch.sum(w * st[x_idx][:, y_idx]))
+        + float(torch.sum(w * (st[x_idx][:, x_idx] @ w)))
+        + test.n * float(resid @ resid)
+    )
     return 1.0 - sse / sst
 
 
@@ -148,7 +157,9 @@ def per_position_profile(acc: Any, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = acc.n
     P = acc.d - d - 1
     counts = mu[d : d + P] * n
-    sums = acc.scatter.cpu()[:d, d : d + P] + n * torch.outer(mu[:d], mu[d : d + P])  # Σ_t x_t y_tᵀ: column p = Σ_{pos=p} x_t
+    sums = acc.scatter.cpu()[:d, d : d + P] + n * torch.outer(
+        mu[:d], mu[d : d + P]
+    )  # Σ_t x_t y_tᵀ: column p = Σ_{pos=p} x_t
     means = (sums / counts.clamp(min=1e-12)).T
     means[counts < 0.5] = float("nan")
     return counts.round(), means
@@ -235,8 +246,9 @@ class _Reservoir:
 class OutlierAccumulator(Accumulator):
     """Counts, per-position moments and an anisotropy sample per layer (memory O(L·(d + P)²), bounded)."""
 
-    def __init__(self, names: list[str], d_model: int, n_positions: int, params: Outliers.Params,
-                 ctx: AnalysisContext) -> None:
+    def __init__(
+        self, names: list[str], d_model: int, n_positions: int, params: Outliers.Params, ctx: AnalysisContext
+    ) -> None:
         self.names, self.d, self.P, self.p, self.ctx = names, d_model, n_positions, params, ctx
         L = len(names)
         self.count_max = torch.zeros(L, d_model, dtype=torch.long)
@@ -291,9 +303,15 @@ class OutlierAccumulator(Accumulator):
         candidates = sorted(set(act_dims) | set(ln_dims) | set(top[top["rank"] == 1]["dim"].tolist()))
         pe_dims, link = self._position_tables(merged, candidates, notes)
         return {
-            "freq": freq, "top": top, "moments": self._moments(merged), "ln": ln, "pe_dims": pe_dims,
-            "position_link": link, "position_probe": self._probe_table(act_dims),
-            "anisotropy": self._anisotropy_table(merged, act_dims), "notes": pd.DataFrame(notes),
+            "freq": freq,
+            "top": top,
+            "moments": self._moments(merged),
+            "ln": ln,
+            "pe_dims": pe_dims,
+            "position_link": link,
+            "position_probe": self._probe_table(act_dims),
+            "anisotropy": self._anisotropy_table(merged, act_dims),
+            "notes": pd.DataFrame(notes),
         }
 
     def _merged(self, l: int) -> PositionMoments:
@@ -308,16 +326,34 @@ class OutlierAccumulator(Accumulator):
         for kind, counts in (("argmax", self.count_max), ("argmin", self.count_min)):
             l_idx, d_idx = counts.nonzero(as_tuple=True)
             c = counts[l_idx, d_idx]
-            rows.append(pd.DataFrame({"layer": l_idx.numpy(), "dim": d_idx.numpy(), "kind": kind,
-                                      "count": c.numpy(), "freq": (c.double() / n).numpy(), "n_tokens": self.n}))
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "layer": l_idx.numpy(),
+                        "dim": d_idx.numpy(),
+                        "kind": kind,
+                        "count": c.numpy(),
+                        "freq": (c.double() / n).numpy(),
+                        "n_tokens": self.n,
+                    }
+                )
+            )
         return pd.concat(rows, ignore_index=True)
 
     def _moments(self, merged: list[PositionMoments]) -> pd.DataFrame:
         frames = []
         for l, acc in enumerate(merged):
             var = torch.diagonal(acc.cov)[: self.d].clamp(min=0)
-            frames.append(pd.DataFrame({"layer": l, "dim": np.arange(self.d), "mean": acc.mean[: self.d].cpu().numpy(),
-                                        "std": var.sqrt().cpu().numpy()}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "layer": l,
+                        "dim": np.arange(self.d),
+                        "mean": acc.mean[: self.d].cpu().numpy(),
+                        "std": var.sqrt().cpu().numpy(),
+                    }
+                )
+            )
         return pd.concat(frames, ignore_index=True)
 
     def _ln_tables(self, notes: list[dict[str, str]]) -> tuple[pd.DataFrame, list[int]]:
@@ -329,33 +365,49 @@ class OutlierAccumulator(Accumulator):
         for l, (g, b) in enumerate(lns):
             for param, w in (("gamma", g), ("beta", b)):
                 flags, z = three_sigma_flags(w, self.p.ln_n_std)
-                rows += [{"layer": l, "dim": int(d), "param": param, "value": float(w[d]), "zscore": float(z[d])}
-                         for d in flags.nonzero().squeeze(1).tolist()]
+                rows += [
+                    {"layer": l, "dim": int(d), "param": param, "value": float(w[d]), "zscore": float(z[d])}
+                    for d in flags.nonzero().squeeze(1).tolist()
+                ]
         ln = pd.DataFrame(rows, columns=["layer", "dim", "param", "value", "zscore"])
         need = self.p.ln_layer_fraction * len(lns)
         g = ln[ln["param"] == "gamma"].groupby("dim")["layer"].nunique()
         dims = sorted(int(d) for d in g[g > need].index)
-        notes.append({"key": "ln_rule", "value": f"|gamma - mean| > {self.p.ln_n_std:g} std in > "
-                                                  f"{self.p.ln_layer_fraction:g} x {len(lns)} layers"})
+        notes.append(
+            {
+                "key": "ln_rule",
+                "value": f"|gamma - mean| > {self.p.ln_n_std:g} std in > "
+                f"{self.p.ln_layer_fraction:g} x {len(lns)} layers",
+            }
+        )
         notes.append({"key": "ln_outlier_dims", "value": " ".join(map(str, dims))})
         return ln, dims
 
-    def _position_tables(self, merged: list[PositionMoments], candidates: list[int],
-                         notes: list[dict[str, str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def _position_tables(
+        self, merged: list[PositionMoments], candidates: list[int], notes: list[dict[str, str]]
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
         pe, offset, reason = position_embedding_matrix(self.ctx)
         if reason:
             notes.append({"key": "position_link", "value": f"skipped: {reason}"})
         pe_rows = []
         if pe is not None:
-            rows = pe[offset: offset + self.P]
+            rows = pe[offset : offset + self.P]
             amax, amin = rows.argmax(1), rows.argmin(1)
             _, z0 = three_sigma_flags(rows[0])
             order0 = torch.argsort(rows[0].abs(), descending=True)
             rank0 = torch.empty_like(order0)
             rank0[order0] = torch.arange(len(order0))
-            pe_rows = [{"dim": d, "pe_argmax_frac": float((amax == d).double().mean()),
-                        "pe_argmin_frac": float((amin == d).double().mean()), "pe_value_pos0": float(rows[0, d]),
-                        "pe_z_pos0": float(z0[d]), "pe_absrank_pos0": int(rank0[d]) + 1} for d in candidates]
+            pe_rows = [
+                {
+                    "dim": d,
+                    "pe_argmax_frac": float((amax == d).double().mean()),
+                    "pe_argmin_frac": float((amin == d).double().mean()),
+                    "pe_value_pos0": float(rows[0, d]),
+                    "pe_z_pos0": float(z0[d]),
+                    "pe_absrank_pos0": int(rank0[d]) + 1,
+                }
+                for d in candidates
+            ]
         link = []
         for l, acc in enumerate(merged):
             counts, means = per_position_profile(acc, self.d)
@@ -366,13 +418,23 @@ class OutlierAccumulator(Accumulator):
             varies = var > acc.d * float(np.finfo(np.float64).eps) * (var + acc.n * mu**2)
             between = (counts[seen, None] * (means[seen] - mu) ** 2).sum(0)
             for d in candidates:
-                row = {"layer": l, "dim": d, "eta2": float(between[d] / var[d]) if varies[d] else 0.0,
-                       "pe_corr": float("nan"), "n_positions": int(seen.sum())}
+                row = {
+                    "layer": l,
+                    "dim": d,
+                    "eta2": float(between[d] / var[d]) if varies[d] else 0.0,
+                    "pe_corr": float("nan"),
+                    "n_positions": int(seen.sum()),
+                }
                 if pe is not None and int(seen.sum()) > 2 and varies[d]:
-                    row["pe_corr"] = _pearson(means[seen, d], pe[offset: offset + self.P][seen, d])
+                    row["pe_corr"] = _pearson(means[seen, d], pe[offset : offset + self.P][seen, d])
                 link.append(row)
-        return (pd.DataFrame(pe_rows, columns=["dim", "pe_argmax_frac", "pe_argmin_frac", "pe_value_pos0",
-                                               "pe_z_pos0", "pe_absrank_pos0"]), pd.DataFrame(link))
+        return (
+            pd.DataFrame(
+                pe_rows,
+                columns=["dim", "pe_argmax_frac", "pe_argmin_frac", "pe_value_pos0", "pe_z_pos0", "pe_absrank_pos0"],
+            ),
+            pd.DataFrame(link),
+        )
 
     def _keep(self, drop: list[int]) -> torch.Tensor:
         keep = torch.ones(self.d, dtype=torch.bool)
@@ -387,9 +449,17 @@ class OutlierAccumulator(Accumulator):
             for cond, drop in (("all_dims", []), ("without_outliers", act_dims)):
                 x_idx = self._keep(drop).nonzero().squeeze(1)
                 for target, y_idx in targets.items():
-                    rows.append({"layer": l, "condition": cond, "target": target,
-                                 "r2": ridge_heldout_r2(tr, te, x_idx, y_idx, self.p.probe_ridge),
-                                 "n_train": tr.n, "n_test": te.n, "removed_dims": " ".join(map(str, drop))})
+                    rows.append(
+                        {
+                            "layer": l,
+                            "condition": cond,
+                            "target": target,
+                            "r2": ridge_heldout_r2(tr, te, x_idx, y_idx, self.p.probe_ridge),
+                            "n_train": tr.n,
+                            "n_test": te.n,
+                            "removed_dims": " ".join(map(str, drop)),
+                        }
+                    )
         return pd.DataFrame(rows)
 
     def _anisotropy_table(self, merged: list[PositionMoments], act_dims: list[int]) -> pd.DataFrame:
@@ -398,12 +468,22 @@ class OutlierAccumulator(Accumulator):
             x = res.rows if res.rows is not None else torch.zeros(0, self.d)
             acc = merged[l]
             std = torch.diagonal(acc.cov)[: self.d].clamp(min=0).sqrt().float().cpu()
-            variants = {"raw": x, "clipped": x * self._keep(act_dims).float(),
-                        "standardised": (x - acc.mean[: self.d].float().cpu()) / std.where(std > 0, torch.ones(()))}
+            variants = {
+                "raw": x,
+                "clipped": x * self._keep(act_dims).float(),
+                "standardised": (x - acc.mean[: self.d].float().cpu()) / std.where(std > 0, torch.ones(())),
+            }
             for cond, v in variants.items():
                 val, n = mean_pair_cosine(v)
-                rows.append({"layer": l, "condition": cond, "value": val, "n_pairs": n,
-                             "removed_dims": " ".join(map(str, act_dims)) if cond == "clipped" else ""})
+                rows.append(
+                    {
+                        "layer": l,
+                        "condition": cond,
+                        "value": val,
+                        "n_pairs": n,
+                        "removed_dims": " ".join(map(str, act_dims)) if cond == "clipped" else "",
+                    }
+                )
         return pd.DataFrame(rows)
 
 
@@ -448,8 +528,16 @@ def outlier_emergence(freq: pd.DataFrame, threshold: float = 0.5, min_layers: in
     """
     if "step" not in freq.columns:
         raise ValueError("outlier_emergence needs the concatenated per-checkpoint tables with a `step` column")
-    cols = ["dim", "kind", "emergence_step", "stable_from", "first_layers", "peak_freq", "final_freq",
-            "n_steps_present"]
+    cols = [
+        "dim",
+        "kind",
+        "emergence_step",
+        "stable_from",
+        "first_layers",
+        "peak_freq",
+        "final_freq",
+        "n_steps_present",
+    ]
     f = freq[freq["layer"] >= 1]
     steps = sorted(freq["step"].unique())
     if f.empty or not steps:
@@ -471,9 +559,18 @@ def outlier_emergence(freq: pd.DataFrame, threshold: float = 0.5, min_layers: in
             stable = s
         layers = hit[(hit["dim"] == d) & (hit["kind"] == kind) & (hit["step"] == first)]["layer"]
         per = best.loc[(d, kind)]
-        rows.append({"dim": int(d), "kind": kind, "emergence_step": first, "stable_from": stable,
-                     "first_layers": " ".join(map(str, sorted(layers.unique()))), "peak_freq": float(per.max()),
-                     "final_freq": float(per.get(last, 0.0)), "n_steps_present": len(on)})
+        rows.append(
+            {
+                "dim": int(d),
+                "kind": kind,
+                "emergence_step": first,
+                "stable_from": stable,
+                "first_layers": " ".join(map(str, sorted(layers.unique()))),
+                "peak_freq": float(per.max()),
+                "final_freq": float(per.get(last, 0.0)),
+                "n_steps_present": len(on),
+            }
+        )
     return pd.DataFrame(rows, columns=cols).sort_values(["emergence_step", "dim", "kind"]).reset_index(drop=True)
 
 

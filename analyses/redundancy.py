@@ -63,8 +63,16 @@ from .lens import (
 )
 from .stats import StreamingCovariance
 
-__all__ = ["LayerDrop", "LayerDropAccumulator", "Redundancy", "RedundancyAccumulator", "cka_matrix", "state_names",
-           "unit_pairs", "DROP_CONVENTIONS"]
+__all__ = [
+    "LayerDrop",
+    "LayerDropAccumulator",
+    "Redundancy",
+    "RedundancyAccumulator",
+    "cka_matrix",
+    "state_names",
+    "unit_pairs",
+    "DROP_CONVENTIONS",
+]
 
 _F64 = torch.float64
 UNITS = ("block", "attn", "ffn")
@@ -120,7 +128,7 @@ def cka_matrix(scatter: torch.Tensor, k: int, standardise: bool = False) -> torc
         s = torch.where(var > tol, var.clamp_min(tol).rsqrt(), torch.zeros_like(var))
         c = c * s[:, None] * s[None, :]
     d = c.shape[0] // k
-    hsic = (c.reshape(k, d, k, d) ** 2).sum((1, 3))          # ‖C_ij‖²_F
+    hsic = (c.reshape(k, d, k, d) ** 2).sum((1, 3))  # ‖C_ij‖²_F
     norm = torch.diagonal(hsic).sqrt()
     return hsic / (norm[:, None] * norm[None, :])
 
@@ -136,9 +144,9 @@ class _PairedTraceCovariance:
         self.a = torch.tensor([p[0] for p in pairs])
         self.b = torch.tensor([p[1] for p in pairs])
         self.n = 0
-        self.mean: torch.Tensor | None = None      # (S, d)
-        self.tr_xy: torch.Tensor | None = None     # (P,)
-        self.tr_xx: torch.Tensor | None = None     # (S,)
+        self.mean: torch.Tensor | None = None  # (S, d)
+        self.tr_xy: torch.Tensor | None = None  # (P,)
+        self.tr_xx: torch.Tensor | None = None  # (S,)
 
     def update(self, x: torch.Tensor) -> None:
         """Add rows of every state: ``x`` (S, N, d)."""
@@ -175,8 +183,15 @@ class _PairedTraceCovariance:
 class RedundancyAccumulator(Accumulator):
     """Streams ``clean`` batches: per-token cosines, pooled centred cosines and the CKA covariance."""
 
-    def __init__(self, n_layers: int, d_model: int, label: str, cka: bool = True, include_special: bool = False,
-                 eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        n_layers: int,
+        d_model: int,
+        label: str,
+        cka: bool = True,
+        include_special: bool = False,
+        eps: float = 1e-8,
+    ) -> None:
         self.n_layers = n_layers
         self.names = state_names(n_layers)
         self.pairs = unit_pairs(n_layers)
@@ -194,7 +209,7 @@ class RedundancyAccumulator(Accumulator):
         mask = batch.attention_mask.bool() if self.include_special else batch.token_mask
         if not bool(mask.any()):
             return
-        x = torch.stack([batch[n][mask] for n in self.names]).to(_F64)       # (S, N, d)
+        x = torch.stack([batch[n][mask] for n in self.names]).to(_F64)  # (S, N, d)
         bad = (~torch.isfinite(x)).flatten(1).any(1)
         if bool(bad.any()):
             check_finite(x[int(bad.nonzero()[0])], f"captured state {self.names[int(bad.nonzero()[0])]}", self.label)
@@ -212,12 +227,18 @@ class RedundancyAccumulator(Accumulator):
             raise SkipAnalysis("redundancy: the probe set has no non-special tokens")
         cos = (self.cos_sum / self.n_tokens).numpy()
         ccos = self.trace.centred_cosine().cpu().numpy()
-        per = pd.DataFrame({
-            "block": [p[0] for p in self.pairs], "unit": [p[1] for p in self.pairs],
-            "in_name": [self.names[p[2]] for p in self.pairs],
-            "out_name": [self.names[p[3]] for p in self.pairs],
-            "cos": cos, "redundancy": 1.0 - cos, "cos_centred": ccos, "redundancy_centred": 1.0 - ccos,
-        })
+        per = pd.DataFrame(
+            {
+                "block": [p[0] for p in self.pairs],
+                "unit": [p[1] for p in self.pairs],
+                "in_name": [self.names[p[2]] for p in self.pairs],
+                "out_name": [self.names[p[3]] for p in self.pairs],
+                "cos": cos,
+                "redundancy": 1.0 - cos,
+                "cos_centred": ccos,
+                "redundancy_centred": 1.0 - ccos,
+            }
+        )
         per["n_tokens"] = self.n_tokens
         per["include_special"] = self.include_special
         out = {"per_layer": per}
@@ -225,9 +246,15 @@ class RedundancyAccumulator(Accumulator):
             k = self.n_layers + 1
             lin, std = cka_matrix(self.cov.scatter, k), cka_matrix(self.cov.scatter, k, standardise=True)
             ii, jj = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
-            out["cka"] = pd.DataFrame({"layer_i": ii.ravel(), "layer_j": jj.ravel(),
-                                       "cka": lin.cpu().numpy().ravel(), "cka_std": std.cpu().numpy().ravel(),
-                                       "n_tokens": self.n_tokens})
+            out["cka"] = pd.DataFrame(
+                {
+                    "layer_i": ii.ravel(),
+                    "layer_j": jj.ravel(),
+                    "cka": lin.cpu().numpy().ravel(),
+                    "cka_std": std.cpu().numpy().ravel(),
+                    "n_tokens": self.n_tokens,
+                }
+            )
         return out
 
 
@@ -256,8 +283,13 @@ class Redundancy(Analysis):
         return state_names(ctx.n_layers)
 
     def accumulator(self, ctx: AnalysisContext) -> RedundancyAccumulator:
-        return RedundancyAccumulator(ctx.n_layers, ctx.d_model, checkpoint_label(ctx), cka=self.params.cka,
-                                     include_special=self.params.include_special)
+        return RedundancyAccumulator(
+            ctx.n_layers,
+            ctx.d_model,
+            checkpoint_label(ctx),
+            cka=self.params.cka,
+            include_special=self.params.include_special,
+        )
 
 
 # --- layer drop ---------------------------------------------------------------------------------------------------
@@ -298,17 +330,18 @@ class _DropRunner:
             ffn_keep = [mid[s].clone() for s in rows["ffn"]]
             for s in rows["attn"]:
                 assert h_in is not None  # read above whenever rows["attn"] is non-empty
-                mid[s] = h_in[s]                        # attention skipped: the FFN reads the block's input
+                mid[s] = h_in[s]  # attention skipped: the FFN reads the block's input
         if rows["ffn"] or rows["block"]:
             out = env(a.ln2(l)).output
             for s, m in zip(rows["ffn"], ffn_keep):
-                out[s] = m                              # FFN skipped: the block returns its mid state
+                out[s] = m  # FFN skipped: the block returns its mid state
             for s in rows["block"]:
                 assert h_in is not None  # read above whenever rows["block"] is non-empty
-                out[s] = h_in[s]                        # block skipped: identity
+                out[s] = h_in[s]  # block skipped: identity
 
-    def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    configs: list[tuple[str, int]]) -> torch.Tensor:
+    def last_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, configs: list[tuple[str, int]]
+    ) -> torch.Tensor:
         """(C, B, T, D) raw output of the last block under each ``(unit, block)`` configuration (``"none"``: intact)."""
         C, (B, T) = len(configs), input_ids.shape
         per_layer: dict[int, dict[str, list[slice]]] = {}
@@ -325,8 +358,9 @@ class _DropRunner:
 class LayerDropAccumulator(Accumulator):
     """Streams ``mask15`` batches; for each, the MLM loss with every unit skipped in turn (own forward passes)."""
 
-    def __init__(self, arch: Any, n_layers: int, units: tuple[str, ...], max_sentences: int, label: str,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, arch: Any, n_layers: int, units: tuple[str, ...], max_sentences: int, label: str, device: str = "cpu"
+    ) -> None:
         bad = [u for u in units if u not in UNITS]
         if bad:
             raise DepthAnalysisError(f"layer_drop: unknown unit(s) {bad}; choose from {', '.join(UNITS)}")
@@ -342,7 +376,7 @@ class LayerDropAccumulator(Accumulator):
         self._runner: _DropRunner | None = None
 
     def update(self, batch: CaptureBatch) -> None:
-        keep = batch.sentence_ids < self.max_sentences      # the probe set's first sentences, whatever the batching
+        keep = batch.sentence_ids < self.max_sentences  # the probe set's first sentences, whatever the batching
         if not bool(keep.any()):
             return
         ids, am, labels = batch.input_ids[keep], batch.attention_mask[keep], batch.labels[keep]
@@ -356,7 +390,7 @@ class LayerDropAccumulator(Accumulator):
         per_pass = max(1, MAX_STACKED_ROWS // ids.shape[0])
         for first in range(0, len(self.configs), per_pass):
             with torch.no_grad():
-                last = self._runner.last_hidden(ids, am, self.configs[first: first + per_pass])
+                last = self._runner.last_hidden(ids, am, self.configs[first : first + per_pass])
             for i, h in enumerate(last):
                 c = first + i
                 with torch.no_grad():
@@ -371,11 +405,13 @@ class LayerDropAccumulator(Accumulator):
         if self.n_masked == 0:
             raise NoMaskedPositionsError(
                 "layer_drop: the probe set has no masked positions with a gold label (variant 'mask15'); "
-                "rebuild the masked probe variant or use a probe set with non-special tokens")
+                "rebuild the masked probe variant or use a probe set with non-special tokens"
+            )
         loss = (self.ce / self.n_masked).numpy()
         acc = (self.correct / self.n_masked).numpy()
-        df = pd.DataFrame({"unit": [c[0] for c in self.configs], "block": [c[1] for c in self.configs],
-                           "loss": loss, "acc": acc})
+        df = pd.DataFrame(
+            {"unit": [c[0] for c in self.configs], "block": [c[1] for c in self.configs], "loss": loss, "acc": acc}
+        )
         df["delta_loss"] = df["loss"] - loss[0]
         df["rel_delta_loss"] = df["delta_loss"] / loss[0] if loss[0] > 0 else math.nan
         df["delta_acc"] = df["acc"] - acc[0]
@@ -410,10 +446,11 @@ class LayerDrop(Analysis):
         max_sentences: int = 256
 
     def names(self, ctx: AnalysisContext) -> list[str]:
-        return []       # reads input_ids / labels only; runs its own (intervened) forward passes
+        return []  # reads input_ids / labels only; runs its own (intervened) forward passes
 
     def accumulator(self, ctx: AnalysisContext) -> LayerDropAccumulator:
         require_mlm_head(ctx, self.name)
         units = tuple(u.strip() for u in self.params.units.split(",") if u.strip())
-        return LayerDropAccumulator(ctx.arch, ctx.n_layers, units, self.params.max_sentences, checkpoint_label(ctx),
-                                    ctx.device)
+        return LayerDropAccumulator(
+            ctx.arch, ctx.n_layers, units, self.params.max_sentences, checkpoint_label(ctx), ctx.device
+        )

@@ -192,8 +192,9 @@ def parse_steps(spec: str | None) -> Callable[[int], bool]:
             else:
                 ranges.append((int(item), int(item)))
         except ValueError:
-            raise RunnerError(f"bad --steps item {item!r}: use integers and inclusive ranges like 0,100,400-2000,"
-                              "5000-") from None
+            raise RunnerError(
+                f"bad --steps item {item!r}: use integers and inclusive ranges like 0,100,400-2000,5000-"
+            ) from None
     return lambda s: any(lo <= s <= hi for lo, hi in ranges)
 
 
@@ -210,8 +211,7 @@ def probe_set_hash(probe_set: Any) -> str:
 
 
 def result_key(analysis: Analysis, ckpt_hash: str, probe_hash: str) -> ResultKey:
-    return ResultKey(analysis.name, str(analysis.version), ckpt_hash, probe_hash,
-                     stable_hash(analysis.params_dict()))
+    return ResultKey(analysis.name, str(analysis.version), ckpt_hash, probe_hash, stable_hash(analysis.params_dict()))
 
 
 def resolve_device(device: str) -> str:
@@ -231,8 +231,9 @@ def check_finite(model: Any) -> None:
             raise CheckpointError(f"weights contain NaN/inf (first in {name})")
 
 
-def default_capture(lm: Any, probe_set: Any, *, variants: Sequence[str], names: Sequence[str],
-                    batch_size: int) -> Iterator[Any]:
+def default_capture(
+    lm: Any, probe_set: Any, *, variants: Sequence[str], names: Sequence[str], batch_size: int
+) -> Iterator[Any]:
     """``mlmscope.probes.capture.capture`` (imported lazily so the store and CLI stay light)."""
     from ..probes.capture import capture
 
@@ -295,9 +296,17 @@ def _previous_result(analysis: Analysis, job: Job, store: ResultStore, probe_has
 
 def _prepare(job: Job, lm: Any, env: WorkerEnv, store: ResultStore, device: str) -> tuple[list[_Active], list[Outcome]]:
     """Build contexts and accumulators; return the analyses to feed and the outcomes already known (skips)."""
-    ctx = AnalysisContext(model=lm.model, arch=lm.arch, n_layers=lm.n_layers, n_heads=lm.n_heads,
-                          d_model=lm.d_model, probe_set=env.probe_set, step=job.step, device=device,
-                          checkpoint=str(job.path))
+    ctx = AnalysisContext(
+        model=lm.model,
+        arch=lm.arch,
+        n_layers=lm.n_layers,
+        n_heads=lm.n_heads,
+        d_model=lm.d_model,
+        probe_set=env.probe_set,
+        step=job.step,
+        device=device,
+        checkpoint=str(job.path),
+    )
     actives, done = [], []
     for a in job.analyses:
         act = _Active(a, result_key(a, job.ckpt_hash, env.probe_hash))
@@ -358,8 +367,12 @@ def _finish(act: _Active, job: Job, store: ResultStore) -> Outcome:
         try:
             with act.tracked():
                 tables = act.acc.result()
-            rec = store.save(act.key, tables, {**_meta(job, a), "seconds": act.seconds, "warnings": act.warnings},
-                             write_extra=act.acc.save_artefacts)
+            rec = store.save(
+                act.key,
+                tables,
+                {**_meta(job, a), "seconds": act.seconds, "warnings": act.warnings},
+                write_extra=act.acc.save_artefacts,
+            )
             store.clear_failure(job.rel, a.name)
             store.clear_failure(job.rel, CHECKPOINT_SCOPE)
             return Outcome(job.step, job.rel, a.name, "ok", act.seconds, record=rec)
@@ -394,16 +407,23 @@ def execute_job(job: Job, env: WorkerEnv) -> JobResult:
         if job.verify_hash and (Path(job.path) / WEIGHTS).is_file():  # a .bin-only model's hash is of the file
             actual = weights_sha256(job.path)
             if actual != job.ckpt_hash:
-                raise CheckpointError(f"weights hash {actual[:12]} differs from the manifest's {job.ckpt_hash[:12]} "
-                                      "(modified or corrupted after it was written)")
+                raise CheckpointError(
+                    f"weights hash {actual[:12]} differs from the manifest's {job.ckpt_hash[:12]} "
+                    "(modified or corrupted after it was written)"
+                )
         lm = env.load_fn(job.path, device=device)
         check_finite(lm.model)
     except Exception as e:
         err = _error_text(e)
-        store.record_failure(job.rel, CHECKPOINT_SCOPE, err, tb.format_exc(),
-                             {"step": job.step, "ckpt_hash": job.ckpt_hash})
-        return JobResult(job.step, job.rel, [Outcome(job.step, job.rel, a.name, "failed", 0.0, err)
-                                             for a in job.analyses], load_s=time.perf_counter() - t0)
+        store.record_failure(
+            job.rel, CHECKPOINT_SCOPE, err, tb.format_exc(), {"step": job.step, "ckpt_hash": job.ckpt_hash}
+        )
+        return JobResult(
+            job.step,
+            job.rel,
+            [Outcome(job.step, job.rel, a.name, "failed", 0.0, err) for a in job.analyses],
+            load_s=time.perf_counter() - t0,
+        )
     load_s = time.perf_counter() - t0
     actives, outcomes = _prepare(job, lm, env, store, device)
     groups = [actives] if env.shared_capture else [[a] for a in actives]
@@ -602,9 +622,17 @@ class Runner:
         reporter: Progress/summary sink (default: silent).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, config: RunnerConfig | None = None, *, probe_set: Any = None,
-                 analyses: Sequence[Analysis] | None = None, capture_fn: Callable[..., Iterable[Any]] | None = None,
-                 load_fn: Callable[..., Any] | None = None, reporter: Reporter | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        config: RunnerConfig | None = None,
+        *,
+        probe_set: Any = None,
+        analyses: Sequence[Analysis] | None = None,
+        capture_fn: Callable[..., Iterable[Any]] | None = None,
+        load_fn: Callable[..., Any] | None = None,
+        reporter: Reporter | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
             raise RunnerError(f"run folder {str(self.run_dir)!r} does not exist")
@@ -616,8 +644,9 @@ class Runner:
         if self.config.threads is not None and self.config.threads < 1:
             raise RunnerError(f"--threads must be at least 1, got {self.config.threads}")
         self.store = ResultStore(self.run_dir, self.config.results_dir)
-        self.analyses = list(analyses) if analyses is not None else self._make_analyses(self.config.analyses,
-                                                                                         self.config.params)
+        self.analyses = (
+            list(analyses) if analyses is not None else self._make_analyses(self.config.analyses, self.config.params)
+        )
         self._probe_set = probe_set
         self.capture_fn = capture_fn or default_capture
         self.load_fn = load_fn or default_load
@@ -625,15 +654,18 @@ class Runner:
         self.step_ok = parse_steps(self.config.steps)
 
     @staticmethod
-    def _make_analyses(names: Sequence[str] | None, params: Mapping[str, Mapping[str, str]] | None = None
-                       ) -> list[Analysis]:
+    def _make_analyses(
+        names: Sequence[str] | None, params: Mapping[str, Mapping[str, str]] | None = None
+    ) -> list[Analysis]:
         registry = load_all()
         names = sorted(registry) if names is None else list(names)
         params = params or {}
         for n in params:
             if n not in names:
-                raise RunnerError(f"--param {n}.…: analysis {n!r} is not "
-                                  f"{'registered' if n not in registry else 'among those requested (-a)'}")
+                raise RunnerError(
+                    f"--param {n}.…: analysis {n!r} is not "
+                    f"{'registered' if n not in registry else 'among those requested (-a)'}"
+                )
         out = []
         for n in names:
             try:
@@ -683,8 +715,17 @@ class Runner:
                 else:
                     pending.append(a)
             if pending:
-                jobs.append(Job(e.step, str(path), e.path, h, pending, verify_hash=bool(
-                    e.sha256 and self.config.verify_hash), earlier=list(reversed(earlier))))
+                jobs.append(
+                    Job(
+                        e.step,
+                        str(path),
+                        e.path,
+                        h,
+                        pending,
+                        verify_hash=bool(e.sha256 and self.config.verify_hash),
+                        earlier=list(reversed(earlier)),
+                    )
+                )
             seen.add(h)
             earlier.append((e.step, h))
         return jobs, known
@@ -717,10 +758,17 @@ class Runner:
         return ProcessExecutor(env, self.config.workers)
 
     def _env(self, probe_set: Any, probe_hash: str) -> WorkerEnv:
-        return WorkerEnv(run_dir=str(self.run_dir), results_dir=self.config.results_dir, probe_set=probe_set,
-                         probe_hash=probe_hash, capture_fn=self.capture_fn, load_fn=self.load_fn,
-                         batch_size=self.config.batch_size, device=self.config.device,
-                         shared_capture=self.config.shared_capture)
+        return WorkerEnv(
+            run_dir=str(self.run_dir),
+            results_dir=self.config.results_dir,
+            probe_set=probe_set,
+            probe_hash=probe_hash,
+            capture_fn=self.capture_fn,
+            load_fn=self.load_fn,
+            batch_size=self.config.batch_size,
+            device=self.config.device,
+            shared_capture=self.config.shared_capture,
+        )
 
     def _entries(self) -> list[CheckpointEntry]:
         return [e for e in list_checkpoints(self.run_dir) if self.step_ok(e.step)]
@@ -739,8 +787,10 @@ class Runner:
 
             raise RunnerError(nothing_found_message(self.run_dir))
         if not any(self.step_ok(e.step) for e in entries):
-            raise RunnerError(f"no checkpoint of {str(self.run_dir)!r} matches --steps {self.config.steps!r} "
-                              f"(it has {len(entries)}, steps {entries[0].step}-{entries[-1].step})")
+            raise RunnerError(
+                f"no checkpoint of {str(self.run_dir)!r} matches --steps {self.config.steps!r} "
+                f"(it has {len(entries)}, steps {entries[0].step}-{entries[-1].step})"
+            )
 
     def check_probe_fit(self, probe_set: Any) -> list[str]:
         """Warnings about the probe set against the latest checkpoint's tokenizer (see :mod:`mlmscope.probes.fit`).
@@ -826,8 +876,7 @@ class Runner:
             return False
         return True
 
-    def _run_batch(self, entries: list[CheckpointEntry], probe_hash: str, executor: Executor,
-                   summary: Summary) -> None:
+    def _run_batch(self, entries: list[CheckpointEntry], probe_hash: str, executor: Executor, summary: Summary) -> None:
         jobs, known = self.plan(entries, probe_hash)
         summary.checkpoints += len(entries)
         for o in known:
@@ -888,10 +937,10 @@ def resolve_probe_set(run_dir: Path, probes: str | None, model_dir: Path | None)
     from ..probes.fit import load_tokenizer
 
     tokenizer, max_length = load_tokenizer(model_dir)  # the tokenizer is all the builder needs: no weights loaded
-    data = (Manifest.load(run_dir).run.get("config", {}).get("data")
-            if (run_dir / MANIFEST).exists() else None)
-    ps = build_default(BuildConfig(), tokenizer=tokenizer, max_length=max_length,
-                       data_cfg=DataConfig(**data) if data else DataConfig())
+    data = Manifest.load(run_dir).run.get("config", {}).get("data") if (run_dir / MANIFEST).exists() else None
+    ps = build_default(
+        BuildConfig(), tokenizer=tokenizer, max_length=max_length, data_cfg=DataConfig(**data) if data else DataConfig()
+    )
     tmp = cached.parent / f".tmp-default-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     ps.save(tmp)

@@ -125,14 +125,19 @@ def gold_table(probe_set: Any, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> Gold
     heads_l, rels_l = getattr(probe_set, "heads", None), getattr(probe_set, "relations", None)
     if words is None or len(words) == 0:
         raise SASInputError("the probe set is empty: nothing to score")
-    no_parse = ("the probe set carries no dependency parses{}: the SAS analysis needs heads and relations; build it "
-                "with the parser (`mlmscope probes build`) or give a CoNLL-U file with HEAD and DEPREL columns")
+    no_parse = (
+        "the probe set carries no dependency parses{}: the SAS analysis needs heads and relations; build it "
+        "with the parser (`mlmscope probes build`) or give a CoNLL-U file with HEAD and DEPREL columns"
+    )
     if heads_l is None or rels_l is None or all(r in NO_LABEL for rs in rels_l for r in rs):
         raise SASInputError(no_parse.format(""))
     for i, (w, h, r) in enumerate(zip(words, heads_l, rels_l)):
         if len(h) != len(w) or len(r) != len(w) or any(x is None or not 0 <= int(x) <= len(w) for x in h):
-            raise SASInputError(no_parse.format(f" (sentence {i}, {' '.join(map(str, w))[:60]!r}, has "
-                                                f"{len(w)} words but heads {list(h)[:12]})"))
+            raise SASInputError(
+                no_parse.format(
+                    f" (sentence {i}, {' '.join(map(str, w))[:60]!r}, has {len(w)} words but heads {list(h)[:12]})"
+                )
+            )
     rels_l = [[ROOT if int(h) == 0 else str(r) for h, r in zip(hs, rs)] for hs, rs in zip(heads_l, rels_l)]
     halves = getattr(probe_set, "halves", None) or [i % 2 for i in range(len(words))]
     relations = sorted({r for rs in rels_l for r in rs})
@@ -145,8 +150,14 @@ def gold_table(probe_set: Any, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> Gold
             gold[i, : len(hs)] = torch.tensor([int(h) for h in hs]) - 1
             rel[i, : len(rs)] = torch.tensor([rel_id[r] for r in rs])
     excluded = [rel_id[r] for r in (ROOT, *exclude) if r in rel_id]
-    return GoldTable(gold=gold, rel=rel, half=torch.tensor([int(h) % 2 for h in halves]),
-                     n_words=torch.tensor([len(h) for h in heads_l]), relations=relations, excluded=excluded)
+    return GoldTable(
+        gold=gold,
+        rel=rel,
+        half=torch.tensor([int(h) % 2 for h in halves]),
+        n_words=torch.tensor([len(h) for h in heads_l]),
+        relations=relations,
+        excluded=excluded,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,8 +181,12 @@ def piece_word_matrices(word_index: torch.Tensor, n_words: int) -> tuple[torch.T
     return member, member / member.sum(-1, keepdim=True).clamp(min=1)
 
 
-def word_attention(pattern: torch.Tensor, word_index: torch.Tensor, n_words: int,
-                   matrices: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def word_attention(
+    pattern: torch.Tensor,
+    word_index: torch.Tensor,
+    n_words: int,
+    matrices: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Word-to-word attention ``A_w = P @ A @ S^T`` of shape (B, H, W, W) (Clark et al. 2019, Sec. 4.1 merge).
 
     Args:
@@ -264,7 +279,8 @@ class SASCounts:
             raise SASInputError(f"layer {layer} had {counts.shape[0]} heads in an earlier batch and {h} now")
         counts.view(h * d, -1).index_add_(1, cell, hits.reshape(h * d, -1).to(torch.float64))
         pred_off.view(h * d, -1).scatter_add_(
-            1, pred_cell.reshape(h * d, -1), torch.ones(pred_cell.shape, dtype=torch.float64).view(h * d, -1))
+            1, pred_cell.reshape(h * d, -1), torch.ones(pred_cell.shape, dtype=torch.float64).view(h * d, -1)
+        )
 
 
 class SASAccumulator(Accumulator):
@@ -273,16 +289,19 @@ class SASAccumulator(Accumulator):
     def __init__(self, gold: GoldTable, n_layers: int, params: SAS.Params) -> None:
         self.gold = gold
         self.params = params
-        self.counts = SASCounts(n_rel=len(gold.relations), n_layers=n_layers, offsets=tuple(params.offsets),
-                                n_total=len(gold.n_words))
+        self.counts = SASCounts(
+            n_rel=len(gold.relations), n_layers=n_layers, offsets=tuple(params.offsets), n_total=len(gold.n_words)
+        )
 
     def update(self, batch: CaptureBatch) -> None:
         if batch.variant != "clean":
             return
         ids = batch.sentence_ids.to(torch.long).cpu()
         if len(ids) and int(ids.max()) >= len(self.gold.n_words):
-            raise SASInputError(f"capture batch refers to sentence {int(ids.max())} but the probe set has "
-                                f"{len(self.gold.n_words)}: was it captured with another probe set?")
+            raise SASInputError(
+                f"capture batch refers to sentence {int(ids.max())} but the probe set has "
+                f"{len(self.gold.n_words)}: was it captured with another probe set?"
+            )
         n_words = self.gold.n_words[ids]
         w = int(n_words.max()) if len(ids) else 0
         seq_len = batch.input_ids.shape[1]
@@ -292,11 +311,12 @@ class SASAccumulator(Accumulator):
         rel = self.gold.rel[ids, :w]
         half = self.gold.half[ids]
         pos = torch.arange(w)
-        word_ok = scored[:, None] & (pos[None, :] < n_words[:, None])            # (B, W) words to score
-        gold_bucket = torch.where(gold >= 0, offset_bucket(gold - pos, self.counts.offsets),
-                                  torch.full_like(gold, len(self.counts.offsets)))
+        word_ok = scored[:, None] & (pos[None, :] < n_words[:, None])  # (B, W) words to score
+        gold_bucket = torch.where(
+            gold >= 0, offset_bucket(gold - pos, self.counts.offsets), torch.full_like(gold, len(self.counts.offsets))
+        )
         nb = self.counts.n_buckets
-        cell_bw = (rel.clamp(min=0) * 2 + half[:, None]) * nb + gold_bucket          # (B, W) -> flat (R, 2, K+1)
+        cell_bw = (rel.clamp(min=0) * 2 + half[:, None]) * nb + gold_bucket  # (B, W) -> flat (R, 2, K+1)
         cell = cell_bw[word_ok]
         self.counts.add_words(cell)
         names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.counts.n_layers)]
@@ -304,10 +324,10 @@ class SASAccumulator(Accumulator):
         a_ws = [word_attention(batch[name].cpu(), widx, w, mats) for name in names]
         sizes = [a.shape[1] for a in a_ws]
         # all layers' heads at once (layers may differ in head count): one argmax per direction
-        a_w = torch.cat(a_ws, 1)                                                     # (B, sum H, W, W)
+        a_w = torch.cat(a_ws, 1)  # (B, sum H, W, W)
         pred = predict_heads(a_w, word_ok)
-        preds = torch.stack([pred[d] for d in DIRECTIONS], 1).permute(2, 1, 0, 3)   # (sum H, D, B, W)
-        hits = ((preds == gold) & (gold >= 0))[:, :, word_ok]                        # (sum H, D, N)
+        preds = torch.stack([pred[d] for d in DIRECTIONS], 1).permute(2, 1, 0, 3)  # (sum H, D, B, W)
+        hits = ((preds == gold) & (gold >= 0))[:, :, word_ok]  # (sum H, D, N)
         pred_cell = (rel.clamp(min=0) * nb + offset_bucket(preds - pos, self.counts.offsets))[:, :, word_ok]
         for layer, (h_l, p_l) in enumerate(zip(hits.split(sizes), pred_cell.split(sizes))):
             self.counts.add_layer(layer, h_l, cell, p_l)
@@ -315,13 +335,15 @@ class SASAccumulator(Accumulator):
     def _scored_sentences(self, widx: torch.Tensor, n_words: torch.Tensor, w: int) -> torch.Tensor:
         """(B,) bool: sentences with >= 2 words whose pieces cover exactly words 0..n-1; others counted as skipped."""
         member, _ = piece_word_matrices(widx, max(w, 1))
-        pieces = member.sum(-1)[:, :w]                                                       # (B, W)
+        pieces = member.sum(-1)[:, :w]  # (B, W)
         in_range = torch.arange(w)[None, :] < n_words[:, None]
         covered = ((pieces > 0) | ~in_range).all(-1)
         beyond = (widx >= n_words[:, None]).any(-1)
-        reasons = {"a word has no word piece or the sentence was truncated": ~covered,
-                   "word_ids point past the sentence's words": beyond & covered,
-                   "fewer than 2 words": (n_words < 2) & covered & ~beyond}
+        reasons = {
+            "a word has no word piece or the sentence was truncated": ~covered,
+            "word_ids point past the sentence's words": beyond & covered,
+            "fewer than 2 words": (n_words < 2) & covered & ~beyond,
+        }
         for reason, mask in reasons.items():
             if int(mask.sum()):
                 self.counts.skip_reasons[reason] = self.counts.skip_reasons.get(reason, 0) + int(mask.sum())
@@ -366,16 +388,28 @@ def _pool(counts: SASCounts, relations: list[str], excluded: list[int]) -> _Pool
         return np.concatenate([x, pooled], axis=axis)
 
     layers = [(l, h) for l, h in enumerate(counts.hits) if h is not None]
-    hits = np.concatenate([h.numpy().reshape(-1, *h.shape[2:]) for _, h in layers]) if layers else \
-        np.zeros((0, len(relations), 2, counts.n_buckets))
+    hits = (
+        np.concatenate([h.numpy().reshape(-1, *h.shape[2:]) for _, h in layers])
+        if layers
+        else np.zeros((0, len(relations), 2, counts.n_buckets))
+    )
     offs = [o for o in counts.pred_off if o is not None]  # None exactly where counts.hits is None
-    pred_off = np.concatenate([o.numpy().reshape(-1, len(relations), counts.n_buckets)
-                               for o in offs]) if layers else np.zeros((0, len(relations), counts.n_buckets))
+    pred_off = (
+        np.concatenate([o.numpy().reshape(-1, len(relations), counts.n_buckets) for o in offs])
+        if layers
+        else np.zeros((0, len(relations), counts.n_buckets))
+    )
     lab = [(l, hh, d) for l, h in layers for hh in range(h.shape[0]) for d in range(h.shape[1])]
     lab_arr = np.array(lab, dtype=int).reshape(-1, 3)
-    return _Pooled(relations=[*relations, ALL], n=with_all(counts.n.numpy(), 0), hits=with_all(hits, 1),
-                   pred_off=with_all(pred_off, 1), layer=lab_arr[:, 0], head=lab_arr[:, 1],
-                   direction=np.array(DIRECTIONS, dtype=object)[lab_arr[:, 2]])
+    return _Pooled(
+        relations=[*relations, ALL],
+        n=with_all(counts.n.numpy(), 0),
+        hits=with_all(hits, 1),
+        pred_off=with_all(pred_off, 1),
+        layer=lab_arr[:, 0],
+        head=lab_arr[:, 1],
+        direction=np.array(DIRECTIONS, dtype=object)[lab_arr[:, 2]],
+    )
 
 
 def _held_out(hits_h: np.ndarray, n_h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -388,8 +422,8 @@ def _held_out(hits_h: np.ndarray, n_h: np.ndarray) -> tuple[np.ndarray, np.ndarr
     Returns:
         held-out UAS (R,) pooled over both folds, and the chosen candidate (R,) on half 0 and on half 1.
     """
-    uas_h = _ratio(hits_h, n_h[None])                                            # (C, R, 2)
-    pick = np.nan_to_num(uas_h, nan=-1.0).argmax(0)                              # (R, 2): selected on half h
+    uas_h = _ratio(hits_h, n_h[None])  # (C, R, 2)
+    pick = np.nan_to_num(uas_h, nan=-1.0).argmax(0)  # (R, 2): selected on half h
     r = np.arange(hits_h.shape[1])
     held_hits = hits_h[pick[:, 0], r, 1] + hits_h[pick[:, 1], r, 0]
     both = (n_h > 0).all(-1)
@@ -397,8 +431,9 @@ def _held_out(hits_h: np.ndarray, n_h: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return uas, pick[:, 0], pick[:, 1]
 
 
-def _classify(uas_ho: np.ndarray, base_ho: np.ndarray, n: np.ndarray, share: np.ndarray, margin_se: float,
-              positional_share: float) -> np.ndarray:
+def _classify(
+    uas_ho: np.ndarray, base_ho: np.ndarray, n: np.ndarray, share: np.ndarray, margin_se: float, positional_share: float
+) -> np.ndarray:
     se = np.sqrt(np.clip(uas_ho * (1 - uas_ho), 0, None) / np.maximum(n, 1))
     syn = (uas_ho - base_ho) > margin_se * se
     pos = ~syn & (share >= positional_share)
@@ -406,55 +441,85 @@ def _classify(uas_ho: np.ndarray, base_ho: np.ndarray, n: np.ndarray, share: np.
     return np.where(np.isnan(uas_ho) | np.isnan(base_ho), "unknown", out)
 
 
-def sas_tables(counts: SASCounts, relations: list[str], excluded: list[int], params: SAS.Params
-               ) -> dict[str, pd.DataFrame]:
+def sas_tables(
+    counts: SASCounts, relations: list[str], excluded: list[int], params: SAS.Params
+) -> dict[str, pd.DataFrame]:
     """Turn streamed counts into the ``heads``, ``offsets``, ``best`` and ``summary`` tables."""
     p = _pool(counts, relations, excluded)
     offsets = np.array(counts.offsets)
-    n_rk = p.n.sum(1)                                                            # (R', K+1)
-    n_r = n_rk.sum(-1)                                                           # (R',)
+    n_rk = p.n.sum(1)  # (R', K+1)
+    n_r = n_rk.sum(-1)  # (R',)
     # offset baselines: a hit is "gold head at offset k", so hits = n in bucket k
-    off_hits_h = p.n[:, :, :-1]                                                  # (R', 2, K)
-    off_uas = _ratio(n_rk[:, :-1], n_r[:, None])                                 # (R', K)
-    best_k = np.nan_to_num(off_uas, nan=-1).argmax(-1)                           # (R',) index into offsets
+    off_hits_h = p.n[:, :, :-1]  # (R', 2, K)
+    off_uas = _ratio(n_rk[:, :-1], n_r[:, None])  # (R', K)
+    best_k = np.nan_to_num(off_uas, nan=-1).argmax(-1)  # (R',) index into offsets
     r_idx = np.arange(len(p.relations))
     off_ho, _, _ = _held_out(off_hits_h.transpose(2, 0, 1), p.n.sum(-1))
 
     # heads: in-sample UAS, per half, positional measures at the relation's best offset
-    hits_rh = p.hits.sum(-1)                                                     # (C, R', 2)
-    hits_r = hits_rh.sum(-1)                                                     # (C, R')
+    hits_rh = p.hits.sum(-1)  # (C, R', 2)
+    hits_r = hits_rh.sum(-1)  # (C, R')
     uas = _ratio(hits_r, n_r[None])
-    hits_at_k = p.hits.sum(2)[:, r_idx, best_k]                                  # (C, R') hits where gold at k*
+    hits_at_k = p.hits.sum(2)[:, r_idx, best_k]  # (C, R') hits where gold at k*
     uas_nonoff = _ratio(hits_r - hits_at_k, (n_r - n_rk[r_idx, best_k])[None])
     share = _ratio(p.pred_off[:, r_idx, best_k], n_r[None])
-    uas_half = _ratio(hits_rh, p.n.sum(-1)[None])                                # (C, R', 2)
+    uas_half = _ratio(hits_rh, p.n.sum(-1)[None])  # (C, R', 2)
 
     report = (n_r >= params.min_count) | (np.array(p.relations) == ALL) | np.isin(p.relations, params.relations)
     c, r = np.meshgrid(np.arange(len(p.layer)), np.flatnonzero(report), indexing="ij")
     c, r = c.ravel(), r.ravel()
-    heads = pd.DataFrame({
-        "layer": p.layer[c], "head": p.head[c], "direction": p.direction[c],
-        "relation": np.array(p.relations, dtype=object)[r], "n": n_r[r].astype(int), "hits": hits_r[c, r].astype(int),
-        "uas": uas[c, r], "uas_half0": uas_half[c, r, 0], "uas_half1": uas_half[c, r, 1],
-        "best_offset": offsets[best_k[r]], "offset_share": share[c, r], "uas_nonoffset": uas_nonoff[c, r]})
+    heads = pd.DataFrame(
+        {
+            "layer": p.layer[c],
+            "head": p.head[c],
+            "direction": p.direction[c],
+            "relation": np.array(p.relations, dtype=object)[r],
+            "n": n_r[r].astype(int),
+            "hits": hits_r[c, r].astype(int),
+            "uas": uas[c, r],
+            "uas_half0": uas_half[c, r, 0],
+            "uas_half1": uas_half[c, r, 1],
+            "best_offset": offsets[best_k[r]],
+            "offset_share": share[c, r],
+            "uas_nonoffset": uas_nonoff[c, r],
+        }
+    )
 
     rk = np.flatnonzero(report)
     ro, ko = np.meshgrid(rk, np.arange(len(offsets)), indexing="ij")
     ro, ko = ro.ravel(), ko.ravel()
-    off_half = _ratio(off_hits_h, p.n.sum(-1)[:, :, None])                       # (R', 2, K)
-    offsets_df = pd.DataFrame({
-        "relation": np.array(p.relations, dtype=object)[ro], "offset": offsets[ko], "n": n_r[ro].astype(int),
-        "hits": n_rk[ro, ko].astype(int), "uas": off_uas[ro, ko], "uas_half0": off_half[ro, 0, ko],
-        "uas_half1": off_half[ro, 1, ko]})
+    off_half = _ratio(off_hits_h, p.n.sum(-1)[:, :, None])  # (R', 2, K)
+    offsets_df = pd.DataFrame(
+        {
+            "relation": np.array(p.relations, dtype=object)[ro],
+            "offset": offsets[ko],
+            "n": n_r[ro].astype(int),
+            "hits": n_rk[ro, ko].astype(int),
+            "uas": off_uas[ro, ko],
+            "uas_half0": off_half[ro, 0, ko],
+            "uas_half1": off_half[ro, 1, ko],
+        }
+    )
 
     best = _best_table(p, params, n_r, uas, hits_rh, share, uas_nonoff, off_uas, best_k, off_ho, offsets, excluded)
     summary = _summary(best, counts, params, len(p.layer))
     return {"heads": heads, "offsets": offsets_df, "best": best, "summary": summary}
 
 
-def _best_table(p: _Pooled, params: SAS.Params, n_r: np.ndarray, uas: np.ndarray, hits_rh: np.ndarray,
-                share: np.ndarray, uas_nonoff: np.ndarray, off_uas: np.ndarray, best_k: np.ndarray,
-                off_ho: np.ndarray, offsets: np.ndarray, excluded: list[int]) -> pd.DataFrame:
+def _best_table(
+    p: _Pooled,
+    params: SAS.Params,
+    n_r: np.ndarray,
+    uas: np.ndarray,
+    hits_rh: np.ndarray,
+    share: np.ndarray,
+    uas_nonoff: np.ndarray,
+    off_uas: np.ndarray,
+    best_k: np.ndarray,
+    off_ho: np.ndarray,
+    offsets: np.ndarray,
+    excluded: list[int],
+) -> pd.DataFrame:
     """Per relation (>= min_count, never root/excluded; ``all`` always): best head vs best offset."""
     names = np.array(p.relations, dtype=object)
     eligible = (n_r >= params.min_count) | np.isin(names, params.relations)
@@ -464,9 +529,16 @@ def _best_table(p: _Pooled, params: SAS.Params, n_r: np.ndarray, uas: np.ndarray
     n_cand = len(p.layer)
     absent = [r for r in params.relations if r not in set(p.relations)]
     if n_cand == 0:  # nothing was captured
-        return pd.DataFrame({"relation": [*names[rows], *absent], "n": [*n_r[rows].astype(int), *[0] * len(absent)],
-                             "n_candidates": 0, "uas_held_out": np.nan, "kind": "unknown"})
-    pick = np.nan_to_num(uas, nan=-1).argmax(0)                                  # (R',) in-sample best candidate
+        return pd.DataFrame(
+            {
+                "relation": [*names[rows], *absent],
+                "n": [*n_r[rows].astype(int), *[0] * len(absent)],
+                "n_candidates": 0,
+                "uas_held_out": np.nan,
+                "kind": "unknown",
+            }
+        )
+    pick = np.nan_to_num(uas, nan=-1).argmax(0)  # (R',) in-sample best candidate
     head_ho, pick0, pick1 = _held_out(hits_rh, p.n.sum(-1))
     r = np.arange(len(names))
     kind = _classify(head_ho, off_ho, n_r, share[pick, r], params.margin_se, params.positional_share)
@@ -474,14 +546,26 @@ def _best_table(p: _Pooled, params: SAS.Params, n_r: np.ndarray, uas: np.ndarray
     def label(i: np.ndarray) -> np.ndarray:
         return np.array([f"L{p.layer[j]}H{p.head[j]} {p.direction[j]}" for j in i], dtype=object)
 
-    df = pd.DataFrame({
-        "relation": names, "n": n_r.astype(int), "n_candidates": n_cand,
-        "layer": p.layer[pick], "head": p.head[pick], "direction": p.direction[pick],
-        "uas_in_sample": uas[pick, r], "uas_held_out": head_ho,
-        "held_out_heads": label(pick0) + " | " + label(pick1),
-        "best_offset": offsets[best_k], "offset_uas_in_sample": off_uas[r, best_k], "offset_uas_held_out": off_ho,
-        "delta_held_out": head_ho - off_ho, "offset_share": share[pick, r], "uas_nonoffset": uas_nonoff[pick, r],
-        "kind": kind}).iloc[rows]
+    df = pd.DataFrame(
+        {
+            "relation": names,
+            "n": n_r.astype(int),
+            "n_candidates": n_cand,
+            "layer": p.layer[pick],
+            "head": p.head[pick],
+            "direction": p.direction[pick],
+            "uas_in_sample": uas[pick, r],
+            "uas_held_out": head_ho,
+            "held_out_heads": label(pick0) + " | " + label(pick1),
+            "best_offset": offsets[best_k],
+            "offset_uas_in_sample": off_uas[r, best_k],
+            "offset_uas_held_out": off_ho,
+            "delta_held_out": head_ho - off_ho,
+            "offset_share": share[pick, r],
+            "uas_nonoffset": uas_nonoff[pick, r],
+            "kind": kind,
+        }
+    ).iloc[rows]
     if absent:  # asked for but not in the probe set: reported as empty rows, not an error
         df = pd.concat([df, pd.DataFrame({"relation": absent, "n": 0, "n_candidates": n_cand, "kind": "absent"})])
     return df.reset_index(drop=True)
@@ -490,18 +574,32 @@ def _best_table(p: _Pooled, params: SAS.Params, n_r: np.ndarray, uas: np.ndarray
 def _summary(best: pd.DataFrame, counts: SASCounts, params: SAS.Params, n_cand: int) -> pd.DataFrame:
     row = best[best["relation"] == ALL].iloc[0] if "relation" in best and (best["relation"] == ALL).any() else None
     get = (lambda k: row.get(k, np.nan)) if row is not None else (lambda k: np.nan)
-    return pd.DataFrame([{
-        "sas_score": get("uas_held_out"), "sas_in_sample": get("uas_in_sample"),
-        "best_offset": get("best_offset"), "offset_uas_held_out": get("offset_uas_held_out"),
-        "offset_uas_in_sample": get("offset_uas_in_sample"), "delta_held_out": get("delta_held_out"),
-        "layer": get("layer"), "head": get("head"), "direction": get("direction"),
-        "offset_share": get("offset_share"), "uas_nonoffset": get("uas_nonoffset"), "kind": get("kind"),
-        "n_words": int(get("n")) if row is not None and not pd.isna(get("n")) else 0, "n_candidates": n_cand,
-        "n_sentences": counts.n_sentences, "n_skipped": counts.n_skipped,
-        "n_not_captured": counts.n_total - counts.n_sentences - counts.n_skipped,
-        "skip_reasons": "; ".join(f"{k}: {v}" for k, v in sorted(counts.skip_reasons.items())),
-        "convention": f"all = every word except root and {'/'.join(params.exclude) or 'nothing'}; "
-                      "word-level merge mean-from/sum-to; held-out = 2-fold over probe-set halves"}])
+    return pd.DataFrame(
+        [
+            {
+                "sas_score": get("uas_held_out"),
+                "sas_in_sample": get("uas_in_sample"),
+                "best_offset": get("best_offset"),
+                "offset_uas_held_out": get("offset_uas_held_out"),
+                "offset_uas_in_sample": get("offset_uas_in_sample"),
+                "delta_held_out": get("delta_held_out"),
+                "layer": get("layer"),
+                "head": get("head"),
+                "direction": get("direction"),
+                "offset_share": get("offset_share"),
+                "uas_nonoffset": get("uas_nonoffset"),
+                "kind": get("kind"),
+                "n_words": int(get("n")) if row is not None and not pd.isna(get("n")) else 0,
+                "n_candidates": n_cand,
+                "n_sentences": counts.n_sentences,
+                "n_skipped": counts.n_skipped,
+                "n_not_captured": counts.n_total - counts.n_sentences - counts.n_skipped,
+                "skip_reasons": "; ".join(f"{k}: {v}" for k, v in sorted(counts.skip_reasons.items())),
+                "convention": f"all = every word except root and {'/'.join(params.exclude) or 'nothing'}; "
+                "word-level merge mean-from/sum-to; held-out = 2-fold over probe-set halves",
+            }
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -521,14 +619,14 @@ class SAS(Analysis):
     @dataclass
     class Params(Analysis.Params):
         """Attributes:
-            min_count: Relations with fewer words get no per-relation best head (Clark et al.: 100).
-            exclude: Relations left out of ``all`` besides the root word.
-            relations: Relations always reported (n = 0 / NaN if absent from the probe set).
-            offsets: Fixed-offset baselines.
-            margin_se: A head is ``syntactic`` if its held-out UAS beats the held-out best offset by this many
-                binomial standard errors.
-            positional_share: Otherwise ``positional`` if at least this share of its predictions fall at the best
-                offset.
+        min_count: Relations with fewer words get no per-relation best head (Clark et al.: 100).
+        exclude: Relations left out of ``all`` besides the root word.
+        relations: Relations always reported (n = 0 / NaN if absent from the probe set).
+        offsets: Fixed-offset baselines.
+        margin_se: A head is ``syntactic`` if its held-out UAS beats the held-out best offset by this many
+            binomial standard errors.
+        positional_share: Otherwise ``positional`` if at least this share of its predictions fall at the best
+            offset.
         """
 
         min_count: int = MIN_COUNT
@@ -557,8 +655,9 @@ class SAS(Analysis):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sas_frames(model: Any, probe_set: Any, params: SAS.Params | None = None, batch_size: int = 32,
-               device: str = "cpu") -> dict[str, pd.DataFrame]:
+def sas_frames(
+    model: Any, probe_set: Any, params: SAS.Params | None = None, batch_size: int = 32, device: str = "cpu"
+) -> dict[str, pd.DataFrame]:
     """Run the SAS analysis on one model; the same accumulator the trajectory runner uses.
 
     Args:
@@ -579,11 +678,21 @@ def sas_frames(model: Any, probe_set: Any, params: SAS.Params | None = None, bat
     from ..probes.probeset import load_probe_set
 
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
-    ps = load_probe_set(os.fsdecode(probe_set)) if isinstance(probe_set, (str, bytes)) or hasattr(probe_set, "__fspath__") \
+    ps = (
+        load_probe_set(os.fsdecode(probe_set))
+        if isinstance(probe_set, (str, bytes)) or hasattr(probe_set, "__fspath__")
         else probe_set
+    )
     analysis = SAS(params)
-    ctx = AnalysisContext(model=lm.model, arch=lm.arch, n_layers=lm.n_layers, n_heads=lm.n_heads,
-                          d_model=lm.d_model, probe_set=ps, device=str(lm.device))
+    ctx = AnalysisContext(
+        model=lm.model,
+        arch=lm.arch,
+        n_layers=lm.n_layers,
+        n_heads=lm.n_heads,
+        d_model=lm.d_model,
+        probe_set=ps,
+        device=str(lm.device),
+    )
     acc = analysis.accumulator(ctx)
     with torch.no_grad():
         for batch in capture(lm, ps, variants=analysis.variants, names=analysis.names(ctx), batch_size=batch_size):
@@ -633,13 +742,15 @@ def fixed_head_curve(heads: pd.DataFrame, relation: str = ALL) -> pd.DataFrame:
     if last.empty:
         return pd.DataFrame(columns=["step", "layer", "head", "direction", "uas"])
     top = last.loc[last["uas"].idxmax()]
-    sel = rows[(rows["layer"] == top["layer"]) & (rows["head"] == top["head"])
-               & (rows["direction"] == top["direction"])]
+    sel = rows[
+        (rows["layer"] == top["layer"]) & (rows["head"] == top["head"]) & (rows["direction"] == top["direction"])
+    ]
     return sel[["step", "layer", "head", "direction", "uas", "offset_share", "uas_nonoffset"]].sort_values("step")
 
 
-def _window_mean(curve: pd.DataFrame, col: str, before: float | None = None, after: float | None = None,
-                 k: int = 3) -> float:
+def _window_mean(
+    curve: pd.DataFrame, col: str, before: float | None = None, after: float | None = None, k: int = 3
+) -> float:
     sel = curve[curve["step"] <= before].tail(k) if before is not None else curve[curve["step"] >= after].head(k)
     return float(sel[col].mean()) if len(sel) and col in sel else math.nan
 
@@ -655,10 +766,12 @@ def classify_onset(curve: pd.DataFrame, onset_step: float, end_step: float, k: i
       rose while the non-offset UAS did not (a previous/next-token head growing);
     * ``mixed`` otherwise.
     """
-    d_share = _window_mean(curve, "offset_share", after=end_step, k=k) - \
-        _window_mean(curve, "offset_share", before=onset_step, k=k)
-    d_nonoff = _window_mean(curve, "uas_nonoffset", after=end_step, k=k) - \
-        _window_mean(curve, "uas_nonoffset", before=onset_step, k=k)
+    d_share = _window_mean(curve, "offset_share", after=end_step, k=k) - _window_mean(
+        curve, "offset_share", before=onset_step, k=k
+    )
+    d_nonoff = _window_mean(curve, "uas_nonoffset", after=end_step, k=k) - _window_mean(
+        curve, "uas_nonoffset", before=onset_step, k=k
+    )
     post = curve[curve["step"] >= end_step].head(k)["kind"] if "kind" in curve else pd.Series(dtype=object)
     share_syn = float((post == "syntactic").mean()) if len(post) else math.nan
     share_pos = float((post == "positional").mean()) if len(post) else math.nan
@@ -668,8 +781,12 @@ def classify_onset(curve: pd.DataFrame, onset_step: float, end_step: float, k: i
         kind = "positional"
     else:
         kind = "mixed"
-    return {"structure_kind": kind, "delta_offset_share": d_share, "delta_uas_nonoffset": d_nonoff,
-            "post_share_syntactic": share_syn}
+    return {
+        "structure_kind": kind,
+        "delta_offset_share": d_share,
+        "delta_uas_nonoffset": d_nonoff,
+        "post_share_syntactic": share_syn,
+    }
 
 
 def sas_onsets(curve: pd.DataFrame, params: Any = None, score: str = "sas_score") -> pd.DataFrame:
@@ -701,8 +818,9 @@ def sas_onsets(curve: pd.DataFrame, params: Any = None, score: str = "sas_score"
         loss = detect_onset(curve["step"], curve["val_loss"], p, direction="down")
         row.update(loss.as_dict("loss_"))
         c = coincidence(sas, loss)
-        row.update({"coincide": c["coincide"], "coincide_reason": c["reason"],
-                    "distance_decades": c["distance_decades"]})
+        row.update(
+            {"coincide": c["coincide"], "coincide_reason": c["reason"], "distance_decades": c["distance_decades"]}
+        )
     else:
         row.update({"loss_found": False, "loss_reason": "no validation loss in the curve", "coincide": None})
     return pd.DataFrame([row])

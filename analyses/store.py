@@ -123,8 +123,14 @@ class ResultStore:
         return self.meta(key) is not None
 
     # --- writing ------------------------------------------------------------------------------------------------
-    def save(self, key: ResultKey, tables: dict[str, pd.DataFrame], meta: dict[str, Any] | None = None,
-             write_extra: Callable[[Path], None] | None = None, status: str = "ok") -> dict[str, Any]:
+    def save(
+        self,
+        key: ResultKey,
+        tables: dict[str, pd.DataFrame],
+        meta: dict[str, Any] | None = None,
+        write_extra: Callable[[Path], None] | None = None,
+        status: str = "ok",
+    ) -> dict[str, Any]:
         """Write a result atomically (temp folder + ``os.replace``) and return its meta record.
 
         Args:
@@ -141,14 +147,23 @@ class ResultStore:
         try:
             for name, df in tables.items():
                 if not isinstance(df, pd.DataFrame):
-                    raise TypeError(f"analysis {key.analysis!r} returned {type(df).__name__} for table {name!r}; "
-                                    "expected a pandas DataFrame")
+                    raise TypeError(
+                        f"analysis {key.analysis!r} returned {type(df).__name__} for table {name!r}; "
+                        "expected a pandas DataFrame"
+                    )
                 df.to_parquet(tmp / f"{_safe_name(name)}.parquet", index=False)
             if write_extra is not None:
                 write_extra(tmp)
-            record = {**(meta or {}), **asdict(key), "dirname": key.dirname, "status": status,
-                      "tables": sorted(tables), "rows": {k: len(v) for k, v in tables.items()},
-                      "result_id": uuid.uuid4().hex, "created": time.time()}
+            record = {
+                **(meta or {}),
+                **asdict(key),
+                "dirname": key.dirname,
+                "status": status,
+                "tables": sorted(tables),
+                "rows": {k: len(v) for k, v in tables.items()},
+                "result_id": uuid.uuid4().hex,
+                "created": time.time(),
+            }
             atomic_write_text(tmp / META, json.dumps(record, indent=1, default=str))
             _fsync_dir(tmp)
             self._commit(tmp, final)
@@ -187,11 +202,18 @@ class ResultStore:
     def _failure_path(self, ckpt: str, analysis: str) -> Path:
         return self.root / FAILURES / f"{_safe_name(ckpt)}__{_safe_name(analysis)}.json"
 
-    def record_failure(self, ckpt: str, analysis: str, error: str, traceback: str = "",
-                       meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    def record_failure(
+        self, ckpt: str, analysis: str, error: str, traceback: str = "", meta: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Record that ``analysis`` (or :data:`CHECKPOINT_SCOPE`) failed on checkpoint folder ``ckpt``."""
-        rec = {**(meta or {}), "checkpoint": ckpt, "analysis": analysis, "error": error, "traceback": traceback,
-               "time": time.time()}
+        rec = {
+            **(meta or {}),
+            "checkpoint": ckpt,
+            "analysis": analysis,
+            "error": error,
+            "traceback": traceback,
+            "time": time.time(),
+        }
         path = self._failure_path(ckpt, analysis)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(rec, indent=1, default=str))
@@ -306,8 +328,15 @@ class ResultStore:
         return sorted({m["analysis"] for m in self.entries()})
 
     # --- loading ------------------------------------------------------------------------------------------------
-    def load(self, analysis: str, table: str | None = None, *, version: str | None = None,
-             probe_hash: str | None = None, params_hash: str | None = None) -> pd.DataFrame:
+    def load(
+        self,
+        analysis: str,
+        table: str | None = None,
+        *,
+        version: str | None = None,
+        probe_hash: str | None = None,
+        params_hash: str | None = None,
+    ) -> pd.DataFrame:
         """One tidy frame of an analysis across checkpoints, with a ``step`` column first.
 
         Args:
@@ -326,14 +355,22 @@ class ResultStore:
             StoreError: ``table`` is not one of the stored tables.
         """
         recs = [m for m in self.entries(analysis) if m.get("status") == "ok"]
-        recs = [m for m in recs if (version is None or str(m["version"]) == str(version))
-                and (probe_hash is None or m["probe_hash"].startswith(probe_hash))
-                and (params_hash is None or m["params_hash"].startswith(params_hash))]
+        recs = [
+            m
+            for m in recs
+            if (version is None or str(m["version"]) == str(version))
+            and (probe_hash is None or m["probe_hash"].startswith(probe_hash))
+            and (params_hash is None or m["params_hash"].startswith(params_hash))
+        ]
         if not recs:
             return pd.DataFrame({"step": pd.Series([], dtype="int64")})
         latest = recs[-1]
-        recs = [m for m in recs if (m["version"], m["probe_hash"], m["params_hash"]) ==
-                (latest["version"], latest["probe_hash"], latest["params_hash"])]
+        recs = [
+            m
+            for m in recs
+            if (m["version"], m["probe_hash"], m["params_hash"])
+            == (latest["version"], latest["probe_hash"], latest["params_hash"])
+        ]
         tables = sorted({t for m in recs for t in m.get("tables", [])})
         if table is not None and table not in tables:
             raise StoreError(f"analysis {analysis!r} has no table {table!r}; stored tables: {', '.join(tables)}")

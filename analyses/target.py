@@ -49,8 +49,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 #: Read size for hashing a ``pytorch_model.bin`` (1 MiB blocks).
 _BLOCK = 1 << 20
 
-LOOKED_FOR = ("step_*/checkpoint-* folders holding config.json and weights (model.safetensors or "
-              "pytorch_model.bin), or a model folder (config.json + weights + tokenizer)")
+LOOKED_FOR = (
+    "step_*/checkpoint-* folders holding config.json and weights (model.safetensors or "
+    "pytorch_model.bin), or a model folder (config.json + weights + tokenizer)"
+)
 
 
 class TargetError(MlmscopeError):
@@ -134,8 +136,10 @@ def _check_model_dir(model_dir: Path) -> str:
     except ModelLoadError as e:
         raise TargetError(str(e)) from None
     if not (model_dir / "tokenizer.json").is_file():
-        raise TargetError(f"{str(model_dir)!r} has no tokenizer.json: a fast tokenizer saved with the model is needed "
-                          "(tokenizer.save_pretrained(folder))")
+        raise TargetError(
+            f"{str(model_dir)!r} has no tokenizer.json: a fast tokenizer saved with the model is needed "
+            "(tokenizer.save_pretrained(folder))"
+        )
     return arch
 
 
@@ -148,8 +152,9 @@ def _check_out(out: Path) -> None:
     if (out / MANIFEST).exists() and not is_single_model_results(out):
         raise TargetError(f"--out {str(out)!r} is a training run folder; choose another results folder")
     if not (out / MANIFEST).exists() and any(out.iterdir()):
-        raise TargetError(f"--out {str(out)!r} exists, is not empty and holds no single-model results; choose an "
-                          "empty or new folder")
+        raise TargetError(
+            f"--out {str(out)!r} exists, is not empty and holds no single-model results; choose an empty or new folder"
+        )
 
 
 def prepare_single_model(model_dir: Path, out: Path | None = None) -> Path:
@@ -172,9 +177,18 @@ def prepare_single_model(model_dir: Path, out: Path | None = None) -> Path:
     m = _STEP_RE.search(model_dir.name)
     entry = CheckpointEntry(step=int(m.group(1)) if m else 0, path=str(model_dir), sha256=digest)
     cfg = json.loads((model_dir / "config.json").read_text())
-    run = {"kind": SINGLE_MODEL_KIND, "status": "finished", "model_dir": str(model_dir), "architecture": arch,
-           "shape": {"n_layers": cfg.get("num_hidden_layers"), "d_model": cfg.get("hidden_size"),
-                     "n_heads": cfg.get("num_attention_heads"), "vocab_size": cfg.get("vocab_size")}}
+    run = {
+        "kind": SINGLE_MODEL_KIND,
+        "status": "finished",
+        "model_dir": str(model_dir),
+        "architecture": arch,
+        "shape": {
+            "n_layers": cfg.get("num_hidden_layers"),
+            "d_model": cfg.get("hidden_size"),
+            "n_heads": cfg.get("num_attention_heads"),
+            "vocab_size": cfg.get("vocab_size"),
+        },
+    }
     try:
         results.mkdir(parents=True, exist_ok=True)
         Manifest(run=run, checkpoints=[entry]).save(results)
@@ -199,8 +213,10 @@ def results_folder(path: str | os.PathLike) -> Path:
     if p.is_dir() and not (p / MANIFEST).exists() and is_model_dir(p):
         found = find_single_results(p)
         if found is None:
-            raise TargetError(f"{str(p)!r} is a model folder without results yet: run `mlmscope analyze {p}` first "
-                              "(or pass the results folder it printed)")
+            raise TargetError(
+                f"{str(p)!r} is a model folder without results yet: run `mlmscope analyze {p}` first "
+                "(or pass the results folder it printed)"
+            )
         return found
     return p
 
@@ -229,16 +245,21 @@ def resolve_target(path: str | os.PathLike, out: Path | None = None, follow: boo
         kind = "suite"
     if out is not None:
         what = "single-model results folder" if kind == "model" else kind
-        raise TargetError(f"--out is for a model folder; {str(p)!r} is a {what} (its results go to "
-                          f"{str(p / 'results')!r})")
+        raise TargetError(
+            f"--out is for a model folder; {str(p)!r} is a {what} (its results go to {str(p / 'results')!r})"
+        )
     if kind == "model":
         model_dir = Path(Manifest.load(p).run.get("model_dir", ""))
         if not is_model_dir(model_dir):
-            raise TargetError(f"{str(p)!r} holds the results of the model folder {str(model_dir)!r}, which no longer "
-                              "holds a model; analyse the model folder itself (mlmscope analyze MODEL --out ...)")
+            raise TargetError(
+                f"{str(p)!r} holds the results of the model folder {str(model_dir)!r}, which no longer "
+                "holds a model; analyse the model folder itself (mlmscope analyze MODEL --out ...)"
+            )
     try:
         n = len(list_checkpoints(p))
-    except ValueError as e:  # mlmscope.checkpoints.manifest.ManifestError: a damaged manifest.json, named in the message
+    except (
+        ValueError
+    ) as e:  # mlmscope.checkpoints.manifest.ManifestError: a damaged manifest.json, named in the message
         raise TargetError(str(e)) from None
     if n == 0 and not (follow and kind == "run"):
         raise TargetError(nothing_found_message(p))

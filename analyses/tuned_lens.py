@@ -152,11 +152,11 @@ class FitConfig:
     def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
             lr = self.lr if self.lr is not None else 1.0 * (1 - self.momentum)
-            return torch.optim.SGD(params, lr=lr, momentum=self.momentum, nesterov=True,
-                                   weight_decay=self.weight_decay)
+            return torch.optim.SGD(params, lr=lr, momentum=self.momentum, nesterov=True, weight_decay=self.weight_decay)
         if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr if self.lr is not None else 1e-3, amsgrad=True,
-                                    weight_decay=self.weight_decay)
+            return torch.optim.Adam(
+                params, lr=self.lr if self.lr is not None else 1e-3, amsgrad=True, weight_decay=self.weight_decay
+            )
         raise TunedLensError(f"unknown tuned-lens optimizer {self.optimizer!r}; choose 'sgd' or 'adam'")
 
 
@@ -184,12 +184,18 @@ def _plateaued(history: list[float], cfg: FitConfig) -> bool:
     (relative); best-so-far rather than last value, so an oscillating optimiser is not stopped by one bad step."""
     if len(history) <= cfg.patience:
         return False
-    before, recent = min(history[: -cfg.patience]), min(history[-cfg.patience:])
+    before, recent = min(history[: -cfg.patience]), min(history[-cfg.patience :])
     return before - recent <= max(cfg.tol * abs(before), cfg.atol)
 
 
-def _fit_one(h: torch.Tensor, logp_final: torch.Tensor, head_fn: Callable[[torch.Tensor], torch.Tensor],
-             weight: torch.Tensor, bias: torch.Tensor, cfg: FitConfig) -> tuple[int, list[float]]:
+def _fit_one(
+    h: torch.Tensor,
+    logp_final: torch.Tensor,
+    head_fn: Callable[[torch.Tensor], torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    cfg: FitConfig,
+) -> tuple[int, list[float]]:
     """Optimise one translator (``weight``/``bias`` leaf tensors, updated in place). Returns (steps, KL history).
 
     Full-batch steps, computed in chunks of ``cfg.chunk`` positions whose gradients are summed: the same step as
@@ -207,12 +213,16 @@ def _fit_one(h: torch.Tensor, logp_final: torch.Tensor, head_fn: Callable[[torch
     while True:
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        last = steps >= cfg.max_steps                  # the final evaluation needs no gradient
+        last = steps >= cfg.max_steps  # the final evaluation needs no gradient
         for c in chunks:
             hc = h[c]
             with torch.set_grad_enabled(not last):
-                loss = torch.nn.functional.cross_entropy(head_fn(hc + hc @ weight.T + bias).float(), p_final[c],
-                                                         reduction="sum") / n
+                loss = (
+                    torch.nn.functional.cross_entropy(
+                        head_fn(hc + hc @ weight.T + bias).float(), p_final[c], reduction="sum"
+                    )
+                    / n
+                )
             if not last:
                 loss.backward()
             total += float(loss.detach())
@@ -225,11 +235,14 @@ def _fit_one(h: torch.Tensor, logp_final: torch.Tensor, head_fn: Callable[[torch
         steps += 1
 
 
-def fit_tuned_lens(hiddens: torch.Tensor, final_logits: torch.Tensor,
-                   head_fn: Callable[[torch.Tensor], torch.Tensor],
-                   init: AffineTranslators | dict[str, torch.Tensor] | None = None,
-                   config: FitConfig | None = None,
-                   frozen: list[nn.Module] | None = None) -> tuple[AffineTranslators, list[int], list[list[float]]]:
+def fit_tuned_lens(
+    hiddens: torch.Tensor,
+    final_logits: torch.Tensor,
+    head_fn: Callable[[torch.Tensor], torch.Tensor],
+    init: AffineTranslators | dict[str, torch.Tensor] | None = None,
+    config: FitConfig | None = None,
+    frozen: list[nn.Module] | None = None,
+) -> tuple[AffineTranslators, list[int], list[list[float]]]:
     """Fit per-layer affine translators minimising KL(final ‖ lens) at the given positions.
 
     Args:
@@ -255,8 +268,10 @@ def fit_tuned_lens(hiddens: torch.Tensor, final_logits: torch.Tensor,
     if init is not None:
         state = init.state_dict() if isinstance(init, AffineTranslators) else init
         if tuple(state["weight"].shape) != (k_layers, d, d):
-            raise TunedLensError(f"warm-start translators have shape {tuple(state['weight'].shape)}, this model needs "
-                                 f"{(k_layers, d, d)} (different depth or width?)")
+            raise TunedLensError(
+                f"warm-start translators have shape {tuple(state['weight'].shape)}, this model needs "
+                f"{(k_layers, d, d)} (different depth or width?)"
+            )
         tr.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
     tr = tr.to(hiddens.device)
     logp_final = torch.log_softmax(final_logits.detach().float(), -1)
@@ -314,8 +329,16 @@ class TunedLensAccumulator(Accumulator):
     size), plus O(N·V) while fitting one layer.
     """
 
-    def __init__(self, arch: Any, n_layers: int, params: TunedLens.Params, label: str, device: str,
-                 init: dict[str, Any] | None, frozen: list[nn.Module]) -> None:
+    def __init__(
+        self,
+        arch: Any,
+        n_layers: int,
+        params: TunedLens.Params,
+        label: str,
+        device: str,
+        init: dict[str, Any] | None,
+        frozen: list[nn.Module],
+    ) -> None:
         self.arch = arch
         self.params = params
         self.label = label
@@ -323,7 +346,8 @@ class TunedLensAccumulator(Accumulator):
         self.init = init
         self.frozen = frozen
         self.sites = [LensSite("embed.hook_out", -1, "embed", 0.0)] + [
-            LensSite(f"blocks.{l}.hook_resid_post", l, "resid_post", l + 1.0) for l in range(n_layers)]
+            LensSite(f"blocks.{l}.hook_resid_post", l, "resid_post", l + 1.0) for l in range(n_layers)
+        ]
         self._h: dict[str, list[torch.Tensor]] = {"train": [], "heldout": []}
         self._gold: dict[str, list[torch.Tensor]] = {"train": [], "heldout": []}
         self._n = 0
@@ -339,8 +363,11 @@ class TunedLensAccumulator(Accumulator):
         hs, gold = masked_states(batch, [s.name for s in self.sites])
         check_finite(hs[-1], f"the final layer ({self.sites[-1].name}) at masked positions", self.label)
         rows = batch.masked_mask.nonzero()[:, 0]
-        held = (batch.sentence_ids[rows] % self.params.heldout_every == 0) if self.params.heldout_every else (
-            torch.zeros_like(rows, dtype=torch.bool))
+        held = (
+            (batch.sentence_ids[rows] % self.params.heldout_every == 0)
+            if self.params.heldout_every
+            else (torch.zeros_like(rows, dtype=torch.bool))
+        )
         hs, gold, held = hs[:, :room], gold[:room], held[:room]
         for split, sel in (("train", ~held), ("heldout", held)):
             self._h[split].append(hs[:, sel].float())
@@ -354,42 +381,63 @@ class TunedLensAccumulator(Accumulator):
         stats = LensSums(len(self.sites))
         with torch.no_grad():
             ref = FinalRef.from_logits(self._decode(hs[-1]))
-            sums = [lens_metric_sums(self._decode(h if tr is None or k >= tr.n else tr.translate(k, h)), ref, gold)
-                    for k, h in enumerate(hs)]
+            sums = [
+                lens_metric_sums(self._decode(h if tr is None or k >= tr.n else tr.translate(k, h)), ref, gold)
+                for k, h in enumerate(hs)
+            ]
         stats.add({m: torch.cat([s[m] for s in sums]) for m in METRICS}, int(gold.numel()))
         return stats
 
     def _fit(self, hs: torch.Tensor, init: dict[str, Any] | None) -> tuple[AffineTranslators, list[int], list]:
         with torch.no_grad():
             final = self._decode(hs[-1])
-        return fit_tuned_lens(hs[:-1], final, self._decode, init=init, config=self.params.fit_config(),
-                              frozen=self.frozen)
+        return fit_tuned_lens(
+            hs[:-1], final, self._decode, init=init, config=self.params.fit_config(), frozen=self.frozen
+        )
 
     def result(self) -> dict[str, pd.DataFrame]:
         if self._n == 0:
             raise NoMaskedPositionsError(
                 "tuned_lens: the probe set has no masked positions with a gold label (variant 'mask15'); "
-                "rebuild the masked probe variant or use a probe set with non-special tokens")
+                "rebuild the masked probe variant or use a probe set with non-special tokens"
+            )
         train_h, _ = self._split("train")
         eval_split = "heldout" if sum(g.numel() for g in self._gold["heldout"]) else "train"
         eval_h, eval_gold = self._split(eval_split)
         tr, steps, hist = self._fit(train_h, self.init)
         init_src = "warm" if self.init is not None else "zero"
-        fit = pd.DataFrame({"translator": range(tr.n), "block": [s.block for s in self.sites[:-1]],
-                            "init": init_src, "steps": steps, "train_kl": [h[-1] for h in hist],
-                            "train_kl_start": [h[0] for h in hist]})
+        fit = pd.DataFrame(
+            {
+                "translator": range(tr.n),
+                "block": [s.block for s in self.sites[:-1]],
+                "init": init_src,
+                "steps": steps,
+                "train_kl": [h[-1] for h in hist],
+                "train_kl_start": [h[0] for h in hist],
+            }
+        )
         if self.init is not None:
             prev = torch.as_tensor(self.init["weight"]).to(tr.weight.device)
             fit["drift_fro"] = torch.linalg.matrix_norm(tr.weight.data - prev).cpu().numpy()
         tuned = self._score(eval_h, eval_gold, tr)
         if self.init is not None and self.params.compare_cold:
             tr, fit, tuned = self._compare_cold(train_h, eval_h, eval_gold, tr, fit, tuned, hist)
-        self._state = {"weight": tr.weight.data.cpu(), "bias": tr.bias.data.cpu(),
-                       "checkpoint": self.label, "init": str(fit["init"].iloc[0]), "steps": [int(s) for s in steps],
-                       "n_train": int(train_h.shape[1])}
+        self._state = {
+            "weight": tr.weight.data.cpu(),
+            "bias": tr.bias.data.cpu(),
+            "checkpoint": self.label,
+            "init": str(fit["init"].iloc[0]),
+            "steps": [int(s) for s in steps],
+            "n_train": int(train_h.shape[1]),
+        }
         logit = self._score(eval_h, eval_gold, None)
-        per_layer = pd.concat([logit.frame(self.sites, lens="logit", eval_split=eval_split),
-                               tuned.frame(self.sites, lens="tuned", eval_split=eval_split)], ignore_index=True)
+        per_layer = pd.concat(
+            [
+                logit.frame(self.sites, lens="logit", eval_split=eval_split),
+                tuned.frame(self.sites, lens="tuned", eval_split=eval_split),
+            ],
+            ignore_index=True,
+        )
         fit["n_train"] = int(train_h.shape[1])
         return {"per_layer": per_layer, "fit": fit}
 
@@ -425,7 +473,9 @@ class TunedLens(Analysis):
 
     name = "tuned_lens"
     version = "1"
-    description = "Tuned lens for MLMs at [MASK] positions (warm-started across checkpoints), side by side with the logit lens"
+    description = (
+        "Tuned lens for MLMs at [MASK] positions (warm-started across checkpoints), side by side with the logit lens"
+    )
     variants = ("mask15",)
     needs_mlm_head = True
     chained = True
@@ -464,8 +514,15 @@ class TunedLens(Analysis):
         warm_tolerance: float = 0.02
 
         def fit_config(self) -> FitConfig:
-            return FitConfig(optimizer=self.optimizer, lr=self.lr, max_steps=self.max_steps, tol=self.tol,
-                             patience=self.patience, atol=self.atol, weight_decay=self.weight_decay)
+            return FitConfig(
+                optimizer=self.optimizer,
+                lr=self.lr,
+                max_steps=self.max_steps,
+                tol=self.tol,
+                patience=self.patience,
+                atol=self.atol,
+                weight_decay=self.weight_decay,
+            )
 
     def names(self, ctx: AnalysisContext) -> list[str]:
         return ["embed.hook_out"] + [f"blocks.{l}.hook_resid_post" for l in range(ctx.n_layers)]
@@ -475,8 +532,7 @@ class TunedLens(Analysis):
         warm = ctx.previous / TRANSLATORS_FILE if ctx.previous is not None else None
         init = load_translators(warm) if warm is not None and warm.exists() else None
         if init is not None and tuple(init["weight"].shape) != (ctx.n_layers, ctx.d_model, ctx.d_model):
-            init = None     # another architecture (e.g. a foreign checkpoint in the folder): cold start
+            init = None  # another architecture (e.g. a foreign checkpoint in the folder): cold start
         norm = arch.final_norm()
         frozen = [arch.mlm_head()] + ([norm] if norm is not None else [])
-        return TunedLensAccumulator(arch, ctx.n_layers, self.params, checkpoint_label(ctx), ctx.device, init,
-                                    frozen)
+        return TunedLensAccumulator(arch, ctx.n_layers, self.params, checkpoint_label(ctx), ctx.device, init, frozen)

@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 # mlmscope.analyses.runner / mlmscope.analyses.store (torch, pandas) are imported inside the commands, so
 # `mlmscope --help` stays fast.
 
-app = typer.Typer(help="The registered analyses: list them, show recorded failures, benchmark the runner.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="The registered analyses: list them, show recorded failures, benchmark the runner.", no_args_is_help=True
+)
 console = Console(stderr=True)
 
 
@@ -44,32 +45,50 @@ def _names(values: list[str] | None) -> list[str] | None:
 
 
 def analyze_command(
-    run: Path = typer.Argument(..., help="Run folder, any folder of step_*/checkpoint-* checkpoint folders, or one "
-                                         "model folder (HF BERT/RoBERTa MLM, head-less BertModel, a run's step_*)."),
-    analyses: list[str] | None = typer.Option(None, "--analyses", "-a",
-                                                 help="Analyses to run (comma-separated or repeated; default all)."),
-    params: list[str] | None = typer.Option(None, "--param", "-p", help="An analysis parameter, NAME.FIELD=VALUE "
-                                            "(repeatable; typed by the analysis's Params, listed by `mlmscope "
-                                            "analyses list`), e.g. -p sas.min_count=50 -p tuned_lens.max_steps=50."),
+    run: Path = typer.Argument(
+        ...,
+        help="Run folder, any folder of step_*/checkpoint-* checkpoint folders, or one "
+        "model folder (HF BERT/RoBERTa MLM, head-less BertModel, a run's step_*).",
+    ),
+    analyses: list[str] | None = typer.Option(
+        None, "--analyses", "-a", help="Analyses to run (comma-separated or repeated; default all)."
+    ),
+    params: list[str] | None = typer.Option(
+        None,
+        "--param",
+        "-p",
+        help="An analysis parameter, NAME.FIELD=VALUE "
+        "(repeatable; typed by the analysis's Params, listed by `mlmscope "
+        "analyses list`), e.g. -p sas.min_count=50 -p tuned_lens.max_steps=50.",
+    ),
     steps: str | None = typer.Option(None, help="Steps to analyse, e.g. '0,100,400-2000,5000-' (default all)."),
     workers: int = typer.Option(1, help="Local worker processes (torch threads are split between them)."),
-    threads: int | None = typer.Option(None, help="torch threads in all (split between --workers; default: one "
-                                                     "per core)."),
-    out: Path | None = typer.Option(None, help="Results folder for a single model folder (default: "
-                                                  "runs/models/<name>-<hash8>); not for a run."),
-    backend: Literal["local", "ray"] = typer.Option("local", help="Where checkpoints are analysed: local processes "
-                                                    "or one Ray task each."),
-    address: str | None = typer.Option(None, help="Ray cluster address: auto or HOST:PORT (default: start a "
-                                                     "local Ray instance)."),
+    threads: int | None = typer.Option(
+        None, help="torch threads in all (split between --workers; default: one per core)."
+    ),
+    out: Path | None = typer.Option(
+        None, help="Results folder for a single model folder (default: runs/models/<name>-<hash8>); not for a run."
+    ),
+    backend: Literal["local", "ray"] = typer.Option(
+        "local", help="Where checkpoints are analysed: local processes or one Ray task each."
+    ),
+    address: str | None = typer.Option(
+        None, help="Ray cluster address: auto or HOST:PORT (default: start a local Ray instance)."
+    ),
     force: bool = typer.Option(False, help="Recompute results that are already stored."),
-    follow: bool = typer.Option(False, help="Keep analysing new checkpoints until the manifest says training "
-                                            "finished."),
+    follow: bool = typer.Option(
+        False, help="Keep analysing new checkpoints until the manifest says training finished."
+    ),
     poll: float = typer.Option(10.0, help="Seconds between manifest polls with --follow."),
-    idle_timeout: float | None = typer.Option(None, help="With --follow, stop after this many seconds without "
-                                                            "a new checkpoint."),
-    probes: Path | None = typer.Option(None, help="Probe set folder or CoNLL-U file (default: the run's default "
-                                                     "probe set, built once into RUN/probes/default; for a single "
-                                                     "model, into its results folder)."),
+    idle_timeout: float | None = typer.Option(
+        None, help="With --follow, stop after this many seconds without a new checkpoint."
+    ),
+    probes: Path | None = typer.Option(
+        None,
+        help="Probe set folder or CoNLL-U file (default: the run's default "
+        "probe set, built once into RUN/probes/default; for a single "
+        "model, into its results folder).",
+    ),
     batch_size: int = typer.Option(32, help="Probe sentences per forward pass."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:1 ..."),
     verify_hash: bool = typer.Option(True, help="Re-hash weights against the manifest before analysing."),
@@ -79,21 +98,39 @@ def analyze_command(
     from ..analyses.store import ResultStore
     from ..analyses.target import resolve_target
 
-    cfg = RunnerConfig(analyses=_names(analyses), params=_params(params), steps=steps, workers=workers, backend=backend, address=address,
-                       force=force, follow=follow, poll_s=poll, idle_timeout_s=idle_timeout,
-                       probes=str(probes) if probes else None, batch_size=batch_size, device=device,
-                       verify_hash=verify_hash, threads=threads)
+    cfg = RunnerConfig(
+        analyses=_names(analyses),
+        params=_params(params),
+        steps=steps,
+        workers=workers,
+        backend=backend,
+        address=address,
+        force=force,
+        follow=follow,
+        poll_s=poll,
+        idle_timeout_s=idle_timeout,
+        probes=str(probes) if probes else None,
+        batch_size=batch_size,
+        device=device,
+        verify_hash=verify_hash,
+        threads=threads,
+    )
     probe_set = _check_options(cfg, probes)
     target = resolve_target(run, out, follow)
     if target.kind == "model":
-        console.print(f"single model {str(target.path)!r}: a trajectory of one checkpoint; results in "
-                      f"{str(target.run_dir)!r} (then: mlmscope report {target.run_dir})", highlight=False,
-                      soft_wrap=True)
+        console.print(
+            f"single model {str(target.path)!r}: a trajectory of one checkpoint; results in "
+            f"{str(target.run_dir)!r} (then: mlmscope report {target.run_dir})",
+            highlight=False,
+            soft_wrap=True,
+        )
     summary = Runner(target.run_dir, cfg, probe_set=probe_set, reporter=RichReporter(console)).run()
     print_summary(summary, Console())
     if summary.failed:
-        console.print(f"[red]{summary.failed} (checkpoint, analysis) pairs failed[/]; errors are recorded in "
-                      f"{ResultStore(target.run_dir, cfg.results_dir).root / '_failures'}; re-run to retry only those")
+        console.print(
+            f"[red]{summary.failed} (checkpoint, analysis) pairs failed[/]; errors are recorded in "
+            f"{ResultStore(target.run_dir, cfg.results_dir).root / '_failures'}; re-run to retry only those"
+        )
         raise typer.Exit(1)
 
 
@@ -146,14 +183,21 @@ def list_command() -> None:
     table = Table("name", "version", "variants", "MLM head", "description", "parameters (default)")
     for name, cls in sorted(load_all().items()):
         params = ", ".join(f"{k}: {_type_name(tp)} = {default!r}" for k, (tp, default) in cls.param_fields().items())
-        table.add_row(name, str(cls.version), ",".join(cls.variants), "yes" if cls.needs_mlm_head else "",
-                      escape(cls.description), escape(params))
+        table.add_row(
+            name,
+            str(cls.version),
+            ",".join(cls.variants),
+            "yes" if cls.needs_mlm_head else "",
+            escape(cls.description),
+            escape(params),
+        )
     Console().print(table)
 
 
 @app.command("failures")
-def failures_command(run: Path = typer.Argument(..., help="Run folder, or a model folder / its results folder.")
-                     ) -> None:
+def failures_command(
+    run: Path = typer.Argument(..., help="Run folder, or a model folder / its results folder."),
+) -> None:
     """Recorded failures of RUN (checkpoint, analysis, error); exit 1 if there are any."""
     from ..analyses.store import ResultStore
     from ..analyses.target import results_folder
@@ -184,25 +228,35 @@ def bench_command(
     out_console = Console()
     table = Table("mode", "seconds", "load s", "capture s", "analyses s", "checkpoints", "failed")
     for mode, t in timings["modes"].items():
-        table.add_row(mode, f"{t['seconds']:.1f}", f"{t['load_s']:.1f}", f"{t['capture_s']:.1f}",
-                      f"{sum(t['compute_s'].values()):.1f}", str(t["checkpoints"]), str(t["failed"]))
+        table.add_row(
+            mode,
+            f"{t['seconds']:.1f}",
+            f"{t['load_s']:.1f}",
+            f"{t['capture_s']:.1f}",
+            f"{sum(t['compute_s'].values()):.1f}",
+            str(t["checkpoints"]),
+            str(t["failed"]),
+        )
     out_console.print(table)
     per = Table("analysis", "shared: compute s", "naive: compute s", title="analysis compute (summed over workers)")
     shared, naive = timings["modes"]["shared"]["compute_s"], timings["modes"]["naive"]["compute_s"]
     for name in sorted(shared, key=shared.get, reverse=True):
         per.add_row(name, f"{shared[name]:.1f}", f"{naive.get(name, 0.0):.1f}")
     out_console.print(per)
-    out_console.print(f"naive / shared = {timings['naive_over_shared']:.2f}x   "
-                      f"capture alone: naive / shared = {timings['capture_ratio']:.2f}x   "
-                      f"analysis compute = {timings['compute_share']:.0%} of the shared run\n"
-                      f"1 worker / {workers} workers = {timings['speedup_workers']:.2f}x   "
-                      f"shared and naive results identical: {timings['identical']}")
+    out_console.print(
+        f"naive / shared = {timings['naive_over_shared']:.2f}x   "
+        f"capture alone: naive / shared = {timings['capture_ratio']:.2f}x   "
+        f"analysis compute = {timings['compute_share']:.0%} of the shared run\n"
+        f"1 worker / {workers} workers = {timings['speedup_workers']:.2f}x   "
+        f"shared and naive results identical: {timings['identical']}"
+    )
     if out:
         out.write_text(json.dumps(timings, indent=1))
 
 
-def run_bench(run: Path, analyses: list[str] | None, steps: str | None, probes: str | None,
-              batch_size: int, workers: int) -> dict[str, Any]:
+def run_bench(
+    run: Path, analyses: list[str] | None, steps: str | None, probes: str | None, batch_size: int, workers: int
+) -> dict[str, Any]:
     """Analyse RUN three times into scratch result stores: shared capture, naive, shared with N workers.
 
     The probe set is resolved and one checkpoint analysed once beforehand (not timed, so imports and first-call
@@ -216,8 +270,11 @@ def run_bench(run: Path, analyses: list[str] | None, steps: str | None, probes: 
 
     base: dict[str, Any] = dict(analyses=analyses, steps=steps, probes=probes, batch_size=batch_size, force=True)
     probe_set = Runner(run, RunnerConfig(**base)).probe_set()
-    modes = {"shared": dict(shared_capture=True), "naive": dict(shared_capture=False),
-             f"shared, {workers} workers": dict(workers=workers)}
+    modes = {
+        "shared": dict(shared_capture=True),
+        "naive": dict(shared_capture=False),
+        f"shared, {workers} workers": dict(workers=workers),
+    }
     out: dict[str, Any] = {"modes": {}}
     with tempfile.TemporaryDirectory(prefix="mlmscope-bench-") as scratch:
         # untimed warm-up on the first checkpoint: imports and first-call costs would otherwise land on one mode
@@ -225,17 +282,25 @@ def run_bench(run: Path, analyses: list[str] | None, steps: str | None, probes: 
         from ..checkpoints.manifest import list_checkpoints
 
         first = next((c.step for c in list_checkpoints(run) if parse_steps(steps)(c.step)), 0)
-        Runner(run, RunnerConfig(**{**base, "steps": str(first)},
-                                 results_dir=os.path.join(scratch, "warmup")), probe_set=probe_set).run()
+        Runner(
+            run,
+            RunnerConfig(**{**base, "steps": str(first)}, results_dir=os.path.join(scratch, "warmup")),
+            probe_set=probe_set,
+        ).run()
         stores = {}
         for mode, extra in modes.items():
             cfg = RunnerConfig(**base, **extra, results_dir=os.path.join(scratch, mode.replace(" ", "_")))
             r = Runner(run, cfg, probe_set=probe_set, reporter=RichReporter(console))
             t0 = time.perf_counter()
             s = r.run()
-            out["modes"][mode] = {"seconds": time.perf_counter() - t0, "checkpoints": s.checkpoints,
-                                  "failed": s.failed, "load_s": s.load_s, "capture_s": s.capture_s,
-                                  "compute_s": dict(s.seconds)}
+            out["modes"][mode] = {
+                "seconds": time.perf_counter() - t0,
+                "checkpoints": s.checkpoints,
+                "failed": s.failed,
+                "load_s": s.load_s,
+                "capture_s": s.capture_s,
+                "compute_s": dict(s.seconds),
+            }
             stores[mode] = r.store
         out["identical"] = _same_results(stores["shared"], stores["naive"])
     t = {m: v["seconds"] for m, v in out["modes"].items()}
@@ -276,9 +341,16 @@ class RichReporter:
         )
 
         self.console = console or Console(stderr=True)
-        self.progress = Progress(TextColumn("[bold]checkpoints"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=self.console, transient=False)
+        self.progress = Progress(
+            TextColumn("[bold]checkpoints"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
         self.task: Any = None
 
     def start(self, total: int) -> None:
@@ -303,18 +375,24 @@ class RichReporter:
 
 def summary_table(summary: Summary) -> Table:
     """A rich Table: one row per analysis with ok / cached / skipped / failed counts and compute seconds."""
-    t = Table(title=f"{summary.checkpoints} checkpoints in {summary.wall_s:.1f} s "
-                    f"(load {summary.load_s:.1f} s, capture {summary.capture_s:.1f} s)")
+    t = Table(
+        title=f"{summary.checkpoints} checkpoints in {summary.wall_s:.1f} s "
+        f"(load {summary.load_s:.1f} s, capture {summary.capture_s:.1f} s)"
+    )
     for col in ("analysis", "ok", "cached", "skipped", "failed", "compute s"):
         t.add_column(col, justify="left" if col == "analysis" else "right")
     for name in sorted({a for a, _ in summary.counts}):
-        t.add_row(name, *(str(summary.counts[(name, s)]) for s in ("ok", "cached", "skipped", "failed")),
-                  f"{summary.seconds[name]:.1f}")
+        t.add_row(
+            name,
+            *(str(summary.counts[(name, s)]) for s in ("ok", "cached", "skipped", "failed")),
+            f"{summary.seconds[name]:.1f}",
+        )
     return t
 
 
-def analyze_run(run_dir: str | os.PathLike, config: RunnerConfig | None = None, console: Any | None = None,
-                **options: Any) -> Summary:
+def analyze_run(
+    run_dir: str | os.PathLike, config: RunnerConfig | None = None, console: Any | None = None, **options: Any
+) -> Summary:
     """Analyse a run with a progress bar and print the summary table (``mlmscope demo`` calls this).
 
     Args:

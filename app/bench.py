@@ -48,11 +48,16 @@ def build_micro_run(run: Path, max_steps: int = 30, linear_every: int = 10, n_do
     run = Path(run)
     corpus = run.parent / f".{run.name}-corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": t}) for t in _wiki_texts()[:n_docs]))
-    train(run, make_config("micro", corpus=str(corpus), max_steps=max_steps, linear_every=linear_every),
-          progress=False, force=True)
+    train(
+        run,
+        make_config("micro", corpus=str(corpus), max_steps=max_steps, linear_every=linear_every),
+        progress=False,
+        force=True,
+    )
     lm = load_model(run / "step_000000")
-    ps = build_probe_set(PROBE_TEXT, BuildConfig(n=len(PROBE_TEXT), min_words=3), tokenizer=lm.tokenizer,
-                         max_length=lm.arch.max_length)
+    ps = build_probe_set(
+        PROBE_TEXT, BuildConfig(n=len(PROBE_TEXT), min_words=3), tokenizer=lm.tokenizer, max_length=lm.arch.max_length
+    )
     ps.save(run / DEFAULT_PROBES)
     Runner(run, RunnerConfig(batch_size=8)).run()
     return run
@@ -93,7 +98,7 @@ PROBE_TEXT = [
 
 def bench_steps(n: int) -> list[int]:
     """``n`` checkpoint steps: 0, powers of two up to 256, then every 300 (the demo preset's schedule, extended)."""
-    steps = [0] + [2 ** i for i in range(9)]
+    steps = [0] + [2**i for i in range(9)]
     while len(steps) < n:
         steps.append(300 * (len(steps) - 9))
     return steps[:n]
@@ -124,9 +129,17 @@ def synthesize_store(source: Path, dest: Path, n: int = 100) -> Path:
     for i, step in enumerate(steps):
         src = src_ck[i * len(src_ck) // n]
         fake = hashlib.sha256(f"bench-{i}".encode()).hexdigest()
-        entries.append(CheckpointEntry(step=step, path=step_dirname(step), tokens_seen=src.tokens_seen,
-                                       train_loss=src.train_loss, val_loss=src.val_loss, val_acc=src.val_acc,
-                                       sha256=fake))
+        entries.append(
+            CheckpointEntry(
+                step=step,
+                path=step_dirname(step),
+                tokens_seen=src.tokens_seen,
+                train_loss=src.train_loss,
+                val_loss=src.val_loss,
+                val_acc=src.val_acc,
+                sha256=fake,
+            )
+        )
         for meta in src_store.entries():
             if meta["ckpt_hash"] != src.sha256 or meta["ckpt_hash"] not in by_hash:
                 continue
@@ -134,8 +147,10 @@ def synthesize_store(source: Path, dest: Path, n: int = 100) -> Path:
             target = store.path(key)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(src_store.root / meta["analysis"] / meta["dirname"], target)
-            atomic_write_text(target / META, json.dumps({**meta, "ckpt_hash": fake, "step": step,
-                                                         "dirname": key.dirname}, default=str))
+            atomic_write_text(
+                target / META,
+                json.dumps({**meta, "ckpt_hash": fake, "step": step, "dirname": key.dirname}, default=str),
+            )
     run_meta = {**Manifest.load(source).run, "status": "finished", "benchmark_of": str(source)}
     Manifest(run=run_meta, checkpoints=entries).save(dest)
     store.index()  # build index.json once, as the runner would have
@@ -198,8 +213,10 @@ def _check(at, page: str) -> None:
 
 
 def report(times: dict[str, list[float]], n: int) -> str:
-    lines = [f"slider-move rerun, {n}-checkpoint store (server side, streamlit AppTest; target ≤ {TARGET_S * 1e3:.0f} ms)",
-             f"{'page':<12} {'median ms':>10} {'max ms':>8}  within target"]
+    lines = [
+        f"slider-move rerun, {n}-checkpoint store (server side, streamlit AppTest; target ≤ {TARGET_S * 1e3:.0f} ms)",
+        f"{'page':<12} {'median ms':>10} {'max ms':>8}  within target",
+    ]
     for page, t in times.items():
         med = statistics.median(t)
         lines.append(f"{page:<12} {med * 1e3:>10.0f} {max(t) * 1e3:>8.0f}  {'yes' if med <= TARGET_S else 'NO'}")
@@ -211,8 +228,10 @@ def _has_results(run: Path) -> bool:
 
 
 def bench_command(
-    source: Path | None = typer.Argument(None, help="An analysed run to replicate (default: runs/demo if it has "
-                                                       "results, else a freshly trained micro run)."),
+    source: Path | None = typer.Argument(
+        None,
+        help="An analysed run to replicate (default: runs/demo if it has results, else a freshly trained micro run).",
+    ),
     checkpoints: int = typer.Option(100, help="Checkpoints in the synthetic store."),
     moves: int = typer.Option(10, help="Slider moves timed per page."),
     live: bool = typer.Option(True, help="Also time the live page on the source run (loads checkpoints)."),
@@ -234,8 +253,10 @@ def bench_command(
         if live:
             lt = bench_live(src)
             result["live_s"] = lt
-            print(f"live sentence page (source run, new checkpoint each move): median "
-                  f"{statistics.median(lt) * 1e3:.0f} ms, max {max(lt) * 1e3:.0f} ms")
+            print(
+                f"live sentence page (source run, new checkpoint each move): median "
+                f"{statistics.median(lt) * 1e3:.0f} ms, max {max(lt) * 1e3:.0f} ms"
+            )
         if out is not None:
             out.write_text(json.dumps(result, indent=1))
 

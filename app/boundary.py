@@ -24,6 +24,7 @@ console = Console(stderr=True)
 class UserError(MlmscopeError):
     """A problem with the command line itself (options that contradict each other, a malformed value)."""
 
+
 #: Set to any non-empty value to let unexpected exceptions through with their traceback.
 DEBUG_ENV = "MLMSCOPE_DEBUG"
 

@@ -26,8 +26,13 @@ from .probes_cli import app as probes_app
 from .report_cli import report_command
 from .serve import app_command
 
-app = typer.Typer(help="mlmscope: train small MLMs with dense checkpoint trajectories and study how they learn.",
-                  cls=ErrorBoundary, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="mlmscope: train small MLMs with dense checkpoint trajectories and study how they learn.",
+    cls=ErrorBoundary,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 bench_app = typer.Typer(help="Benchmarks (print measured ratios; not timed tests).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
@@ -85,8 +90,10 @@ def _merge_overrides(options: dict[str, Any], sets: dict[str, Any]) -> dict[str,
     merged = {k: v for k, v in options.items() if v is not None}
     for key, value in sets.items():
         if key in merged and merged[key] != value:
-            raise UserError(f"{key} is given twice with different values: --{key.replace('_', '-')} "
-                            f"{merged[key]!r} and --set {key}={value!r}; give it once")
+            raise UserError(
+                f"{key} is given twice with different values: --{key.replace('_', '-')} "
+                f"{merged[key]!r} and --set {key}={value!r}; give it once"
+            )
         merged[key] = value
     return merged
 
@@ -103,8 +110,12 @@ def _show_warnings() -> None:
 
 #: ``mlmscope train --help`` panels: the run's own options, then one per RunConfig section.
 _RUN_PANEL = "Run"
-_SECTION_PANELS = {"model": "Model", "train": "Training", "data": "Corpus and tokenizer",
-                   "sas_reg": "SAS regulariser (Chen et al. 2024)"}
+_SECTION_PANELS = {
+    "model": "Model",
+    "train": "Training",
+    "data": "Corpus and tokenizer",
+    "sas_reg": "SAS regulariser (Chen et al. 2024)",
+}
 #: Where :class:`_TrainCommand` hands the values of the run-config options to :func:`train`.
 _CONFIG_OPTIONS = "mlmscope.train.config_options"
 
@@ -124,8 +135,9 @@ def _config_params() -> list:
         scalar = _scalar_type(f.type)
         more = {} if scalar else {"parser": functools.partial(_field_text, f), "metavar": _list_metavar(f.type)}
         option = typer.Option(None, help=f.help, rich_help_panel=_SECTION_PANELS[f.section], **more)
-        params.append(inspect.Parameter(f.key, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=(scalar or str) | None))
+        params.append(
+            inspect.Parameter(f.key, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=(scalar or str) | None)
+        )
 
     def options(**values: Any) -> None:
         """Holds the generated signature; typer turns it into click options."""
@@ -205,26 +217,42 @@ else:
 def train(
     ctx: typer.Context,
     run: Path = typer.Argument(DEFAULT_RUN, help="Run folder (created under runs/ by convention)."),
-    preset: _Preset = typer.Option("demo", rich_help_panel=_RUN_PANEL,
-                                   help="Model and training preset; every option below that is not given takes "
-                                   "the preset's value."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run exactly from its latest checkpoint.",
-                                rich_help_panel=_RUN_PANEL),
-    force: bool = typer.Option(False, help="Replace an existing run: once every option and the corpus have been "
-                               "checked, the old run is moved aside; it is deleted when the new run's first "
-                               "checkpoint is written, and moved back if the new run fails before that.",
-                               rich_help_panel=_RUN_PANEL),
-    seeds: str | None = typer.Option(None, help="Train several seeds (init and data) into RUN/seed_<s>/, e.g. "
-                                        "0,1,2.", rich_help_panel=_RUN_PANEL),
-    threads: int | None = typer.Option(None, help="torch intra-op threads (default: torch's choice; a resumed "
-                                          "run reuses its recorded count). Recorded in the manifest.",
-                                          rich_help_panel=_RUN_PANEL),
-    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available).",
-                                         rich_help_panel=_RUN_PANEL),
+    preset: _Preset = typer.Option(
+        "demo",
+        rich_help_panel=_RUN_PANEL,
+        help="Model and training preset; every option below that is not given takes the preset's value.",
+    ),
+    resume: bool = typer.Option(
+        False, help="Continue an interrupted run exactly from its latest checkpoint.", rich_help_panel=_RUN_PANEL
+    ),
+    force: bool = typer.Option(
+        False,
+        help="Replace an existing run: once every option and the corpus have been "
+        "checked, the old run is moved aside; it is deleted when the new run's first "
+        "checkpoint is written, and moved back if the new run fails before that.",
+        rich_help_panel=_RUN_PANEL,
+    ),
+    seeds: str | None = typer.Option(
+        None, help="Train several seeds (init and data) into RUN/seed_<s>/, e.g. 0,1,2.", rich_help_panel=_RUN_PANEL
+    ),
+    threads: int | None = typer.Option(
+        None,
+        help="torch intra-op threads (default: torch's choice; a resumed "
+        "run reuses its recorded count). Recorded in the manifest.",
+        rich_help_panel=_RUN_PANEL,
+    ),
+    device: str | None = typer.Option(
+        None, help="cpu, cuda, cuda:1 … (default: cuda if available).", rich_help_panel=_RUN_PANEL
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar.", rich_help_panel=_RUN_PANEL),
-    set_: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE", rich_help_panel=_RUN_PANEL,
-                                   help="Any config field by name: --set n_layers=4 --set betas=0.9,0.98 (cast to "
-                                   "the field's type; lists comma-separated, none clears)."),
+    set_: list[str] = typer.Option(
+        [],
+        "--set",
+        metavar="FIELD=VALUE",
+        rich_help_panel=_RUN_PANEL,
+        help="Any config field by name: --set n_layers=4 --set betas=0.9,0.98 (cast to "
+        "the field's type; lists comma-separated, none clears).",
+    ),
 ) -> None:
     """Train a BERT MLM into RUN with a dense, verifiable checkpoint trajectory (works under torchrun).
 
@@ -253,8 +281,10 @@ def train(
         _set_threads(threads, run_dir if resume else None)
         m = _train_one(run_dir, cfg, resume=resume, force=force, device=device, progress=progress)
         last = m.checkpoints[-1]
-        console.print(f"[green]done[/] {run_dir}: {len(m.checkpoints)} checkpoints, final val loss "
-                      f"{last.val_loss:.3f} (unigram entropy {m.run.get('val_unigram_entropy', float('nan')):.3f})")
+        console.print(
+            f"[green]done[/] {run_dir}: {len(m.checkpoints)} checkpoints, final val loss "
+            f"{last.val_loss:.3f} (unigram entropy {m.run.get('val_unigram_entropy', float('nan')):.3f})"
+        )
 
 
 def _set_threads(threads: int | None, resumed_run: Path | None) -> None:
@@ -294,8 +324,10 @@ def verify(run: Path = typer.Argument(..., help="Run folder or folder of checkpo
 
     results = verify_run(run)
     if not results:
-        raise UserError(f"no checkpoints in {run}: looked for the entries of {run / 'manifest.json'} and, without "
-                        f"one, for step_*/checkpoint-* folders holding config.json and weights")
+        raise UserError(
+            f"no checkpoints in {run}: looked for the entries of {run / 'manifest.json'} and, without "
+            f"one, for step_*/checkpoint-* folders holding config.json and weights"
+        )
     table = Table("step", "folder", "status", "detail")
     for r in results:
         color = "green" if r.status == "ok" else "red"
@@ -349,9 +381,14 @@ def demo(
         hook(run)
         times[hook.__name__.strip("_").replace("demo_", "")] = time.perf_counter() - t0
     precision = Manifest.load(run).run.get("levers", {}).get("precision", {}).get("value", "?")
-    console.print("demo wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
-                  + f", total {sum(times.values()) / 60:.1f} min (CPU {hardware.cpu_capability()}, {precision}, "
-                  f"{hardware.describe()['threads']} threads)", highlight=False, soft_wrap=True)
+    console.print(
+        "demo wall time: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
+        + f", total {sum(times.values()) / 60:.1f} min (CPU {hardware.cpu_capability()}, {precision}, "
+        f"{hardware.describe()['threads']} threads)",
+        highlight=False,
+        soft_wrap=True,
+    )
     if serve:
         _serve([run], host="127.0.0.1", port=port)
 

@@ -48,8 +48,13 @@ def pick_sources(sources: list[Source]) -> list[Source]:
     by_label = {s.label: s for s in sources}
     if any(label not in by_label for label in st.session_state.get("runs", [])):
         del st.session_state["runs"]
-    chosen = st.sidebar.multiselect("Runs", list(by_label), default=[sources[0].label], key="runs",
-                                    help="Overlaid on every curve; a seed group is drawn as mean ± 1 sd.")
+    chosen = st.sidebar.multiselect(
+        "Runs",
+        list(by_label),
+        default=[sources[0].label],
+        key="runs",
+        help="Overlaid on every curve; a seed group is drawn as mean ± 1 sd.",
+    )
     return [by_label[label] for label in chosen]
 
 
@@ -60,8 +65,12 @@ def pick_focus(chosen: list[Source]) -> str:
         return members[0]
     if st.session_state.get("focus") not in members:
         st.session_state.pop("focus", None)
-    focus = st.sidebar.selectbox("Focus run", members, key="focus",
-                                 help="Heatmaps, tables and the live model show this run at the selected step.")
+    focus = st.sidebar.selectbox(
+        "Focus run",
+        members,
+        key="focus",
+        help="Heatmaps, tables and the live model show this run at the selected step.",
+    )
     assert focus is not None  # None only for an empty option list
     return focus
 
@@ -77,8 +86,14 @@ def pick_step(runs: list[str], fps: dict[str, tuple[int, ...]]) -> int | None:
         return steps[0]
     if "step" in st.session_state and st.session_state["step"] not in steps:
         del st.session_state["step"]
-    return st.sidebar.select_slider("Step", options=steps, value=steps[-1], key="step", bind="query-params",
-                                    help="Every page follows this step; it is marked on every curve.")
+    return st.sidebar.select_slider(
+        "Step",
+        options=steps,
+        value=steps[-1],
+        key="step",
+        bind="query-params",
+        help="Every page follows this step; it is marked on every curve.",
+    )
 
 
 def pick_page() -> str:
@@ -98,26 +113,33 @@ def status_banner(view: View) -> None:
     n = len(view.checkpoints())
     status = meta.get("status")
     if not n:
-        st.warning(f"`{view.focus}` has no finished checkpoints yet" +
-                   (" (training is running; the first checkpoint appears once written)." if status == "training"
-                    else "."))
+        st.warning(
+            f"`{view.focus}` has no finished checkpoints yet"
+            + (" (training is running; the first checkpoint appears once written)." if status == "training" else ".")
+        )
     elif n == 1 and status != "training":
         single = meta.get("model_dir")
-        st.info(("Single model `" + str(single) + "`: " if single else "") + "a single checkpoint, so every curve "
-                "over steps is one point; read the values from the tables and per-layer figures.")
+        st.info(
+            ("Single model `" + str(single) + "`: " if single else "") + "a single checkpoint, so every curve "
+            "over steps is one point; read the values from the tables and per-layer figures."
+        )
     elif status == "training":
         last = int(view.checkpoints()["step"].max())
         total = meta.get("config", {}).get("train", {}).get("max_steps", "?")
-        st.info(f"Training of `{view.focus}` is still running: {n} checkpoints so far (last step {last} of "
-                f"{total}). The pages show finished checkpoints and results only; rerun (R) to pick up new ones.")
+        st.info(
+            f"Training of `{view.focus}` is still running: {n} checkpoints so far (last step {last} of "
+            f"{total}). The pages show finished checkpoints and results only; rerun (R) to pick up new ones."
+        )
     elif status in ("failed", "interrupted"):
-        st.warning(f"Training of `{view.focus}` {status} after {n} checkpoints"
-                   f"{': ' + str(meta['error']) if meta.get('error') else ''}.")
+        st.warning(
+            f"Training of `{view.focus}` {status} after {n} checkpoints"
+            f"{': ' + str(meta['error']) if meta.get('error') else ''}."
+        )
 
 
 def main() -> None:
     """The script's body (Streamlit runs the whole file on every interaction)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # this script is an entry point: process defaults are set here
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this script is an entry point: process defaults are set here
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     st.set_page_config(page_title="mlmscope", layout="wide")
     sources, problems = discover_sources(configured_runs())

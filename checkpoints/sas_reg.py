@@ -104,8 +104,9 @@ class SASRegConfig:
 def _check(directions: Sequence[str], reduction: str) -> None:
     bad = [d for d in directions if d not in REG_DIRECTIONS]
     if bad or not directions:
-        raise SASRegError(f"regulariser directions must be a non-empty subset of {REG_DIRECTIONS}, got "
-                          f"{tuple(directions)}")
+        raise SASRegError(
+            f"regulariser directions must be a non-empty subset of {REG_DIRECTIONS}, got {tuple(directions)}"
+        )
     if reduction not in REDUCTIONS:
         raise SASRegError(f"regulariser reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
@@ -124,13 +125,16 @@ def max_attention(attentions: Sequence[torch.Tensor] | torch.Tensor) -> torch.Te
         m = a.amax(1)
         out = m if out is None else torch.maximum(out, m)
     if out is None:
-        raise SASRegError("no attention maps given (forward the model with output_attentions=True and eager "
-                          "attention)")
+        raise SASRegError("no attention maps given (forward the model with output_attentions=True and eager attention)")
     return out
 
 
-def sas_attention_score(attentions: Sequence[torch.Tensor] | torch.Tensor, dep_pairs: torch.Tensor,
-                        directions: Sequence[str] = REG_DIRECTIONS, reduction: str = "sum") -> torch.Tensor:
+def sas_attention_score(
+    attentions: Sequence[torch.Tensor] | torch.Tensor,
+    dep_pairs: torch.Tensor,
+    directions: Sequence[str] = REG_DIRECTIONS,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """The raw regulariser Σ γ over arcs (before λ); log it per step.
 
     Args:
@@ -146,8 +150,10 @@ def sas_attention_score(attentions: Sequence[torch.Tensor] | torch.Tensor, dep_p
     _check(directions, reduction)
     gamma = max_attention(attentions)
     if dep_pairs.shape != gamma.shape[:2]:
-        raise SASRegError(f"dep_pairs has shape {tuple(dep_pairs.shape)} but the attentions are over "
-                          f"{tuple(gamma.shape[:2])} (batch, tokens)")
+        raise SASRegError(
+            f"dep_pairs has shape {tuple(dep_pairs.shape)} but the attentions are over "
+            f"{tuple(gamma.shape[:2])} (batch, tokens)"
+        )
     heads = dep_pairs.to(device=gamma.device, dtype=torch.long)
     valid = heads >= 0
     if (heads >= gamma.shape[-1]).any():
@@ -163,8 +169,13 @@ def sas_attention_score(attentions: Sequence[torch.Tensor] | torch.Tensor, dep_p
     return total
 
 
-def sas_regularizer(attentions: Sequence[torch.Tensor] | torch.Tensor, dep_pairs: torch.Tensor, lam: float,
-                    directions: Sequence[str] = REG_DIRECTIONS, reduction: str = "sum") -> torch.Tensor:
+def sas_regularizer(
+    attentions: Sequence[torch.Tensor] | torch.Tensor,
+    dep_pairs: torch.Tensor,
+    lam: float,
+    directions: Sequence[str] = REG_DIRECTIONS,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """Chen et al.'s SAS loss term ``λ · Σ_arcs max_{layer, head} α``, to add to the MLM loss.
 
     Args:
@@ -235,8 +246,9 @@ def _parser_id(nlp: Any) -> str:
     return f"{nlp.meta.get('name', '?')}=={nlp.meta.get('version', '?')}"
 
 
-def parse_corpus(texts: Sequence[str], cache_dir: str | os.PathLike | None = None, nlp: Any = None,
-                 batch_size: int = 64) -> ParsedCorpus:
+def parse_corpus(
+    texts: Sequence[str], cache_dir: str | os.PathLike | None = None, nlp: Any = None, batch_size: int = 64
+) -> ParsedCorpus:
     """Parse documents with spaCy once; later calls with the same texts and parser load the cache.
 
     Args:
@@ -262,19 +274,36 @@ def parse_corpus(texts: Sequence[str], cache_dir: str | os.PathLike | None = Non
         heads.extend(t.head.i for t in doc)
         space.extend(t.is_space for t in doc)
         offsets.append(offsets[-1] + len(doc))
-    parsed = ParsedCorpus(np.asarray(offsets, np.int64), np.asarray(starts, np.int64), np.asarray(ends, np.int64),
-                          np.asarray(heads, np.int64), np.asarray(space, bool), parser)
+    parsed = ParsedCorpus(
+        np.asarray(offsets, np.int64),
+        np.asarray(starts, np.int64),
+        np.asarray(ends, np.int64),
+        np.asarray(heads, np.int64),
+        np.asarray(space, bool),
+        parser,
+    )
     if cache_dir != "":
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, doc_offsets=parsed.doc_offsets, starts=parsed.starts, ends=parsed.ends, heads=parsed.heads,
-                 is_space=parsed.is_space)
+        np.savez(
+            tmp,
+            doc_offsets=parsed.doc_offsets,
+            starts=parsed.starts,
+            ends=parsed.ends,
+            heads=parsed.heads,
+            is_space=parsed.is_space,
+        )
         os.replace(tmp, path)
     return parsed
 
 
-def piece_heads(piece_starts: np.ndarray, word_starts: np.ndarray, word_heads: np.ndarray, is_space: np.ndarray,
-                root_to_cls: bool = False) -> np.ndarray:
+def piece_heads(
+    piece_starts: np.ndarray,
+    word_starts: np.ndarray,
+    word_heads: np.ndarray,
+    is_space: np.ndarray,
+    root_to_cls: bool = False,
+) -> np.ndarray:
     """Head piece (index within the document's pieces) of every piece of one document, -1 for none.
 
     Each piece belongs to the word whose span contains its first character; all pieces of a dependent point to
@@ -297,8 +326,9 @@ def piece_heads(piece_starts: np.ndarray, word_starts: np.ndarray, word_heads: n
     return out
 
 
-def pack_heads(tokenizer: Any, texts: Sequence[str], seq_len: int, parsed: ParsedCorpus,
-               root_to_cls: bool = False) -> torch.Tensor:
+def pack_heads(
+    tokenizer: Any, texts: Sequence[str], seq_len: int, parsed: ParsedCorpus, root_to_cls: bool = False
+) -> torch.Tensor:
     """Head positions laid out like ``mlmscope.checkpoints.data.pack(tokenizer, texts, seq_len)`` lays out token ids.
 
     Returns:
@@ -309,8 +339,10 @@ def pack_heads(tokenizer: Any, texts: Sequence[str], seq_len: int, parsed: Parse
         SASRegError: the parses do not belong to these texts.
     """
     if len(parsed.doc_offsets) - 1 != len(texts):
-        raise SASRegError(f"{len(parsed.doc_offsets) - 1} parsed documents for {len(texts)} texts: parse the same "
-                          "texts that are packed")
+        raise SASRegError(
+            f"{len(parsed.doc_offsets) - 1} parsed documents for {len(texts)} texts: parse the same "
+            "texts that are packed"
+        )
     enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
     flat_heads: list[np.ndarray] = []
     start = 0
@@ -318,30 +350,35 @@ def pack_heads(tokenizer: Any, texts: Sequence[str], seq_len: int, parsed: Parse
         ws, wh, sp = parsed.doc(d)
         local = piece_heads(np.asarray([o[0] for o in offs], np.int64), ws, wh, sp, root_to_cls)
         glob = np.where(local >= 0, local + start, local)
-        flat_heads.append(np.append(glob, -1))                      # the [SEP] that pack() appends to each doc
+        flat_heads.append(np.append(glob, -1))  # the [SEP] that pack() appends to each doc
         start += len(offs) + 1
     flat = np.concatenate(flat_heads) if flat_heads else np.zeros(0, np.int64)
     body = seq_len - 2
     n = len(flat) // body
     chunk = flat[: n * body].reshape(n, body)
     chunk_start = (np.arange(n) * body)[:, None]
-    local = chunk - chunk_start + 1                                  # +1: [CLS] at position 0
+    local = chunk - chunk_start + 1  # +1: [CLS] at position 0
     inside = (chunk >= chunk_start) & (chunk < chunk_start + body)
-    out = np.where(inside, local, np.where(chunk == -2, 0, -1))      # -2 = root -> [CLS] (root_to_cls)
+    out = np.where(inside, local, np.where(chunk == -2, 0, -1))  # -2 = root -> [CLS] (root_to_cls)
     out = np.concatenate([np.full((n, 1), -1), out, np.full((n, 1), -1)], axis=1)
     dtype = torch.int16 if seq_len <= np.iinfo(np.int16).max else torch.int32
     return torch.from_numpy(out).to(dtype)
 
 
-def training_heads(tokenizer: Any, texts: Sequence[str], seq_len: int, cache_dir: str | os.PathLike | None = None,
-                   root_to_cls: bool = False, nlp: Any = None) -> torch.Tensor:
+def training_heads(
+    tokenizer: Any,
+    texts: Sequence[str],
+    seq_len: int,
+    cache_dir: str | os.PathLike | None = None,
+    root_to_cls: bool = False,
+    nlp: Any = None,
+) -> torch.Tensor:
     """Parse (cached) and align: the (N, seq_len) head positions matching ``pack(tokenizer, texts, seq_len)``."""
     from .tokenizer import tokenizer_hash
 
     cache = Path(cache_dir if cache_dir is not None else default_cache_dir())
     parsed = parse_corpus(texts, cache_dir=cache_dir, nlp=nlp)
-    key = _digest([_texts_digest(texts), parsed.parser, tokenizer_hash(tokenizer), seq_len, root_to_cls,
-                   ALIGN_VERSION])
+    key = _digest([_texts_digest(texts), parsed.parser, tokenizer_hash(tokenizer), seq_len, root_to_cls, ALIGN_VERSION])
     path = cache / f"heads_{key}.pt"
     if cache_dir != "" and path.exists():
         return torch.load(path)
@@ -358,7 +395,7 @@ def step_heads(heads: torch.Tensor, batches: Any, step: int) -> list[torch.Tenso
     """This rank's micro-batch head positions for ``step``, sliced exactly like ``StepBatches.micro_batches``."""
     h = heads[batches.indices(step)].long()
     share = batches.micro * batches.accum
-    h = h[batches.rank * share:(batches.rank + 1) * share]
+    h = h[batches.rank * share : (batches.rank + 1) * share]
     return list(h.split(batches.micro))
 
 

@@ -22,8 +22,9 @@ class TokenizerError(MlmscopeError, ValueError):
     """The corpus cannot support the requested tokenizer."""
 
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int = 8192, lowercase: bool = True,
-                    min_frequency: int = 2) -> PreTrainedTokenizerFast:
+def train_wordpiece(
+    texts: Iterable[str], vocab_size: int = 8192, lowercase: bool = True, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
     """Train a BERT-style WordPiece tokenizer on an iterator of texts.
 
     Args:
@@ -40,25 +41,36 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 8192, lowercase: boo
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                        min_frequency=min_frequency)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=min_frequency
+    )
     tok.train_from_iterator(_batched(texts), trainer=trainer)
     got = tok.get_vocab_size()
     if got < 0.9 * vocab_size:
         raise TokenizerError(
             f"the corpus supports only {got} WordPiece entries but vocab_size={vocab_size} was asked for; "
-            f"use a larger corpus or --vocab-size {got}")
+            f"use a larger corpus or --vocab-size {got}"
+        )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
     return _wrap(tok, lowercase)
 
 
 def _wrap(tok: Tokenizer, lowercase: bool) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=512, do_lower_case=lowercase)
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+        do_lower_case=lowercase,
+    )
 
 
 def tokenizer_key(fingerprint: str, vocab_size: int, lowercase: bool) -> str:
@@ -83,8 +95,10 @@ def shipped_tokenizer(key: str) -> PreTrainedTokenizerFast | None:
     tok = _wrap(Tokenizer.from_file(str(path)), lowercase=key_lowercase(path))
     got = tokenizer_hash(tok)
     if got != want:
-        raise TokenizerError(f"shipped tokenizer {path} hashes to {got[:12]}…, expected {str(want)[:12]}… "
-                             f"(damaged install: reinstall mlmscope)")
+        raise TokenizerError(
+            f"shipped tokenizer {path} hashes to {got[:12]}…, expected {str(want)[:12]}… "
+            f"(damaged install: reinstall mlmscope)"
+        )
     return tok
 
 
@@ -119,17 +133,21 @@ def load_tokenizer_ref(ref: str, root: Path) -> PreTrainedTokenizerFast:
     p = Path(ref)
     for cand in (p, p / "tokenizer.json", p / "tokenizer" / "tokenizer.json"):
         if cand.is_file():
-            return PreTrainedTokenizerFast.from_pretrained(str(cand.parent)) if cand.name == "tokenizer.json" \
-                and (cand.parent / "tokenizer_config.json").exists() else _wrap(Tokenizer.from_file(str(cand)),
-                                                                                key_lowercase(cand))
+            return (
+                PreTrainedTokenizerFast.from_pretrained(str(cand.parent))
+                if cand.name == "tokenizer.json" and (cand.parent / "tokenizer_config.json").exists()
+                else _wrap(Tokenizer.from_file(str(cand)), key_lowercase(cand))
+            )
     if len(ref) >= 8 and all(c in "0123456789abcdef" for c in ref.lower()):
         hits = [h for h in sorted((root / "sha256").glob(f"{ref.lower()[:16]}*")) if (h / "tokenizer.json").exists()]
         if len(hits) == 1:
             return PreTrainedTokenizerFast.from_pretrained(str(hits[0]))
         if len(hits) > 1:
             raise TokenizerError(f"tokenizer hash {ref} is ambiguous ({len(hits)} matches in {root}); give more digits")
-    raise TokenizerError(f"no tokenizer {ref!r}: not a tokenizer folder/file, and no tokenizer with that hash in "
-                         f"{root / 'sha256'} (every tokenizer a run trains or uses is kept there)")
+    raise TokenizerError(
+        f"no tokenizer {ref!r}: not a tokenizer folder/file, and no tokenizer with that hash in "
+        f"{root / 'sha256'} (every tokenizer a run trains or uses is kept there)"
+    )
 
 
 def ship(fingerprint: str, texts: Iterable[str], vocab_size: int, lowercase: bool) -> Path:

@@ -102,8 +102,9 @@ class SparseMLM(torch.nn.Module):
         self.model = model
         self.reg = reg
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, heads: torch.Tensor | None = None,
-                lam: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, heads: torch.Tensor | None = None, lam: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (mean cross-entropy over masked positions [+ SAS term], number of correct top-1 predictions in
         eval mode, else None)."""
         with_reg = heads is not None and lam != 0.0
@@ -161,7 +162,7 @@ def resolve_levers(tc: TrainConfig, device: str, recorded: dict | None = None) -
     if recorded:
         prec = hardware.Choice(**recorded["precision"])
         attn = hardware.Choice(**recorded["attention"])
-        if "optimizer" in recorded and opt.value == "fused":   # fused where it was fused, if this device can
+        if "optimizer" in recorded and opt.value == "fused":  # fused where it was fused, if this device can
             opt = hardware.Choice(**recorded["optimizer"])
     else:
         try:
@@ -169,8 +170,12 @@ def resolve_levers(tc: TrainConfig, device: str, recorded: dict | None = None) -
         except ValueError as e:
             raise TrainingError(str(e)) from None
         attn = hardware.resolve_attention(tc.attn, device, prec.value)
-    levers = {"precision": prec.to_dict(), "attention": attn.to_dict(),
-              "optimizer": opt.to_dict(), "hardware": hardware.describe()}
+    levers = {
+        "precision": prec.to_dict(),
+        "attention": attn.to_dict(),
+        "optimizer": opt.to_dict(),
+        "hardware": hardware.describe(),
+    }
     return dataclasses.replace(tc, precision=prec.value, attn=attn.value), levers
 
 
@@ -179,14 +184,20 @@ def _versions() -> dict[str, str]:
     import tokenizers
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__, "datasets": datasets.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "datasets": datasets.__version__,
+    }
 
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -221,13 +232,18 @@ def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, force: bool) -
                 new = json.loads(json.dumps(cfg.to_dict()))
                 if old != new:
                     diff = _config_diff(old or {}, new)
-                    raise TrainingError(f"run folder {run_dir} already holds a run with a different config "
-                                        f"({diff}); use --resume to continue it or --force to overwrite it")
-            raise TrainingError(f"run folder {run_dir} already exists; use --resume to continue it or --force to "
-                                f"overwrite it")
+                    raise TrainingError(
+                        f"run folder {run_dir} already holds a run with a different config "
+                        f"({diff}); use --resume to continue it or --force to overwrite it"
+                    )
+            raise TrainingError(
+                f"run folder {run_dir} already exists; use --resume to continue it or --force to overwrite it"
+            )
         if not any((run_dir / name).exists() for name in _RUN_MARKERS) and not any(run_dir.glob("step_*")):
-            raise TrainingError(f"{run_dir} is not an mlmscope run folder (no manifest.json, tokenizer/ or step_* "
-                                f"folders); --force replaces only runs: delete it yourself or choose another folder")
+            raise TrainingError(
+                f"{run_dir} is not an mlmscope run folder (no manifest.json, tokenizer/ or step_* "
+                f"folders); --force replaces only runs: delete it yourself or choose another folder"
+            )
         os.replace(run_dir, _replaced_path(run_dir))
     return None
 
@@ -299,8 +315,9 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> str:
     return ", ".join(diffs)
 
 
-def _build_tokenizer(run_dir: Path, cfg: RunConfig, train_texts, fingerprint: str,
-                     resume: bool) -> tuple[PreTrainedTokenizerFast, str]:
+def _build_tokenizer(
+    run_dir: Path, cfg: RunConfig, train_texts, fingerprint: str, resume: bool
+) -> tuple[PreTrainedTokenizerFast, str]:
     """The run's tokenizer and where it came from, first match wins:
 
     1. on resume, the run's own ``tokenizer/``;
@@ -325,8 +342,10 @@ def _build_tokenizer(run_dir: Path, cfg: RunConfig, train_texts, fingerprint: st
     elif (cached / "tokenizer.json").exists():
         tok, source = PreTrainedTokenizerFast.from_pretrained(str(cached)), f"cache: {cached}"
     else:
-        tok, source = train_wordpiece(train_texts, vocab_size=cfg.data.vocab_size, lowercase=cfg.data.lowercase), \
-            "trained"
+        tok, source = (
+            train_wordpiece(train_texts, vocab_size=cfg.data.vocab_size, lowercase=cfg.data.lowercase),
+            "trained",
+        )
         _keep(lambda: save_atomic(tok, cached))
     _keep(lambda: store_by_hash(tok, root))
     tok.save_pretrained(str(tok_dir))
@@ -367,8 +386,9 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool | None = No
 
 
 @torch.no_grad()
-def evaluate(model: BertForMaskedLM, val_inputs: torch.Tensor, val_labels: torch.Tensor, batch_size: int,
-             device: str) -> tuple[float, float]:
+def evaluate(
+    model: BertForMaskedLM, val_inputs: torch.Tensor, val_labels: torch.Tensor, batch_size: int, device: str
+) -> tuple[float, float]:
     """Validation MLM loss (nats per masked token) and top-1 accuracy on fixed masks, fp32."""
     was_training = model.training
     model.eval()
@@ -386,8 +406,9 @@ def evaluate(model: BertForMaskedLM, val_inputs: torch.Tensor, val_labels: torch
     return (loss_sum / n, correct / n) if n else (float("nan"), float("nan"))
 
 
-def _save_checkpoint(run_dir: Path, model: BertForMaskedLM, tok: PreTrainedTokenizerFast, state: TrainState,
-                     last_good: int | None) -> tuple[str, str]:
+def _save_checkpoint(
+    run_dir: Path, model: BertForMaskedLM, tok: PreTrainedTokenizerFast, state: TrainState, last_good: int | None
+) -> tuple[str, str]:
     """Write ``step_XXXXXX/`` atomically (temp folder + rename); return (folder name, weights sha256)."""
     name = step_dirname(state.step)
     final, tmp = run_dir / name, run_dir / f".{name}.tmp"
@@ -395,16 +416,16 @@ def _save_checkpoint(run_dir: Path, model: BertForMaskedLM, tok: PreTrainedToken
     try:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        (tmp / "mlmscope.json").write_text(json.dumps(
-            {"step": state.step, "tokens_seen": state.tokens_seen}, indent=1))
+        (tmp / "mlmscope.json").write_text(json.dumps({"step": state.step, "tokens_seen": state.tokens_seen}, indent=1))
         digest = weights_sha256(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError(f"could not write checkpoint step {state.step} ({e}); nothing half-written was kept, "
-                            f"the last complete checkpoint is step {last_good}; free space and run with --resume") \
-            from None
+        raise TrainingError(
+            f"could not write checkpoint step {state.step} ({e}); nothing half-written was kept, "
+            f"the last complete checkpoint is step {last_good}; free space and run with --resume"
+        ) from None
     return name, digest
 
 
@@ -413,8 +434,15 @@ def _save_resume(run_dir: Path, optimizer, scheduler, state: TrainState) -> None
     d = run_dir / RESUME_DIR
     d.mkdir(exist_ok=True)
     tmp = d / "state.pt.tmp"
-    torch.save({"train_state": vars(state), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp)
+    torch.save(
+        {
+            "train_state": vars(state),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp,
+    )
     os.replace(tmp, d / "state.pt")
 
 
@@ -430,8 +458,10 @@ def _load_resume(run_dir: Path, manifest: Manifest, model, optimizer, scheduler)
     except (OSError, ValueError) as e:
         raise TrainingError(f"cannot resume from step {state.step}: {e}") from None
     if digest != entry.sha256:
-        raise TrainingError(f"cannot resume: weights of step {state.step} ({ckpt}) do not match the manifest hash "
-                            f"(corrupted file); run `mlmscope verify {run_dir}`")
+        raise TrainingError(
+            f"cannot resume: weights of step {state.step} ({ckpt}) do not match the manifest hash "
+            f"(corrupted file); run `mlmscope verify {run_dir}`"
+        )
     from safetensors.torch import load_file
 
     missing, unexpected = model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
@@ -467,13 +497,13 @@ class _Data:
     """The run's tokenizer and token data (:func:`_load_data`)."""
 
     tok: PreTrainedTokenizerFast
-    tok_source: str                 # where the tokenizer came from (manifest ``tokenizer_source``)
-    fingerprint: str                # of the corpus
-    train_texts: list[str]          # what the SAS regulariser parses for dependency heads
-    batches: StepBatches            # the training batch of any step
-    val_inputs: torch.Tensor        # validation sequences, masked once with VAL_MASK_SEED
+    tok_source: str  # where the tokenizer came from (manifest ``tokenizer_source``)
+    fingerprint: str  # of the corpus
+    train_texts: list[str]  # what the SAS regulariser parses for dependency heads
+    batches: StepBatches  # the training batch of any step
+    val_inputs: torch.Tensor  # validation sequences, masked once with VAL_MASK_SEED
     val_labels: torch.Tensor
-    facts: dict                     # what the manifest records about the data
+    facts: dict  # what the manifest records about the data
 
 
 @dataclass
@@ -481,30 +511,36 @@ class _Run:
     """A run being trained: what :func:`_setup` builds, the loop advances and :func:`_checkpoint` saves."""
 
     run_dir: Path
-    cfg: RunConfig                  # as trained: precision and attention resolved for the device
+    cfg: RunConfig  # as trained: precision and attention resolved for the device
     device: str
     dist: distributed.Dist
     manifest: Manifest
-    schedule: list[int]             # checkpoint steps
+    schedule: list[int]  # checkpoint steps
     data: _Data
     model: BertForMaskedLM
-    objective: torch.nn.Module      # SparseMLM over the model (DDP-wrapped / compiled as configured)
+    objective: torch.nn.Module  # SparseMLM over the model (DDP-wrapped / compiled as configured)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    heads: torch.Tensor | None      # dependency heads of the training sequences (SAS regulariser only)
+    heads: torch.Tensor | None  # dependency heads of the training sequences (SAS regulariser only)
     state: TrainState
-    t0: float                       # time.perf_counter() at which the run's wall clock read 0
-    last_good: int | None           # the latest checkpoint written completely
-    val_loss: float | None          # at the latest checkpoint
+    t0: float  # time.perf_counter() at which the run's wall clock read 0
+    last_good: int | None  # the latest checkpoint written completely
+    val_loss: float | None  # at the latest checkpoint
 
     @property
     def tc(self) -> TrainConfig:
         return self.cfg.train
 
 
-def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, force: bool = False,
-          device: str | None = None, progress: bool = True,
-          on_checkpoint: Callable[[CheckpointEntry], None] | None = None) -> Manifest:
+def train(
+    run_dir: str | os.PathLike,
+    cfg: RunConfig,
+    resume: bool = False,
+    force: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    on_checkpoint: Callable[[CheckpointEntry], None] | None = None,
+) -> Manifest:
     """Train one run into ``run_dir`` and return its manifest.
 
     Args:
@@ -528,12 +564,23 @@ def train(run_dir: str | os.PathLike, cfg: RunConfig, resume: bool = False, forc
                 _checkpoint(run, out)
             if state.step >= tc.max_steps:
                 break
-            loss = _train_step(run.objective, run.optimizer, run.scheduler, run.data.batches, state.step, tc,
-                               run.device, run.heads, run.cfg.sas_reg.lam_at(state.step))
+            loss = _train_step(
+                run.objective,
+                run.optimizer,
+                run.scheduler,
+                run.data.batches,
+                state.step,
+                tc,
+                run.device,
+                run.heads,
+                run.cfg.sas_reg.lam_at(state.step),
+            )
             loss = distributed.mean(loss, run.dist)
             if distributed.any_flag(not math.isfinite(loss), run.dist):
-                raise TrainingError(f"loss became {loss} at step {state.step + 1}; training stopped, the last good "
-                                    f"checkpoint is step {run.last_good} (lower --lr or use --precision fp32)")
+                raise TrainingError(
+                    f"loss became {loss} at step {state.step + 1}; training stopped, the last good "
+                    f"checkpoint is step {run.last_good} (lower --lr or use --precision fp32)"
+                )
             state.advance(loss, run.data.batches.tokens_per_step())
             out.step(run, loss)
     except BaseException as e:
@@ -555,7 +602,9 @@ def _setup(run_dir: Path, cfg: RunConfig, resume: bool, force: bool, device: str
         manifest = manifest or Manifest.load(run_dir)
         cfg = RunConfig.from_dict(manifest.run["config"])
     requested_cfg = cfg
-    tc, levers = resolve_levers(cfg.train, device, manifest.run.get("levers") if resume and manifest is not None else None)
+    tc, levers = resolve_levers(
+        cfg.train, device, manifest.run.get("levers") if resume and manifest is not None else None
+    )
     cfg = dataclasses.replace(cfg, train=tc)
     schedule = checkpoint_steps(tc)
     if tc.max_steps < 1:
@@ -585,9 +634,24 @@ def _setup(run_dir: Path, cfg: RunConfig, resume: bool, force: bool, device: str
     manifest.run["status"] = "training"
     manifest.run.pop("error", None)
     last = manifest.checkpoints[-1] if manifest.checkpoints else None
-    return _Run(run_dir, cfg, device, dist, manifest, schedule, data, model, objective, optimizer, scheduler, heads,
-                state, t0=time.perf_counter() - state.wall_clock_s, last_good=last.step if last else None,
-                val_loss=last.val_loss if last else None)
+    return _Run(
+        run_dir,
+        cfg,
+        device,
+        dist,
+        manifest,
+        schedule,
+        data,
+        model,
+        objective,
+        optimizer,
+        scheduler,
+        heads,
+        state,
+        t0=time.perf_counter() - state.wall_clock_s,
+        last_good=last.step if last else None,
+        val_loss=last.val_loss if last else None,
+    )
 
 
 def _init_device(device: str | None) -> tuple[str, distributed.Dist]:
@@ -641,22 +705,44 @@ def _load_data(run_dir: Path, cfg: RunConfig, resume: bool, dist: distributed.Di
     val_all = pack(tok, val_texts, tc.seq_len)
     val_data = val_all[: tc.val_batches * tc.batch_size]
     val_inputs, val_labels = masker(val_data, torch.Generator().manual_seed(VAL_MASK_SEED))
-    facts = {"n_train_sequences": len(train_data), "n_val_sequences": len(val_data),
-             "val_unigram_entropy": unigram_entropy(val_all, special)}
+    facts = {
+        "n_train_sequences": len(train_data),
+        "n_val_sequences": len(val_data),
+        "val_unigram_entropy": unigram_entropy(val_all, special),
+    }
     return _Data(tok, tok_source, fingerprint, train_texts, batches, val_inputs, val_labels, facts)
 
 
-def _new_manifest(cfg: RunConfig, levers: dict, data: _Data, model: BertForMaskedLM, schedule: list[int],
-                  device: str, dist: distributed.Dist) -> Manifest:
+def _new_manifest(
+    cfg: RunConfig,
+    levers: dict,
+    data: _Data,
+    model: BertForMaskedLM,
+    schedule: list[int],
+    device: str,
+    dist: distributed.Dist,
+) -> Manifest:
     """A new run's manifest: the config as requested (``auto`` kept; ``levers`` says what it resolved to), the data
     and the provenance."""
-    return Manifest(run={
-        "config": cfg.to_dict(), "levers": levers, "corpus": source_description(cfg.data),
-        "corpus_fingerprint": data.fingerprint, "tokenizer_sha256": tokenizer_hash(data.tok),
-        "tokenizer_source": data.tok_source, **data.facts,
-        "n_params": sum(p.numel() for p in model.parameters()), "schedule": schedule,
-        "versions": _versions(), "git_commit": _git_commit(), "world_size": dist.world_size,
-        "device": device, "threads": torch.get_num_threads(), "status": "training"})
+    return Manifest(
+        run={
+            "config": cfg.to_dict(),
+            "levers": levers,
+            "corpus": source_description(cfg.data),
+            "corpus_fingerprint": data.fingerprint,
+            "tokenizer_sha256": tokenizer_hash(data.tok),
+            "tokenizer_source": data.tok_source,
+            **data.facts,
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "schedule": schedule,
+            "versions": _versions(),
+            "git_commit": _git_commit(),
+            "world_size": dist.world_size,
+            "device": device,
+            "threads": torch.get_num_threads(),
+            "status": "training",
+        }
+    )
 
 
 class _Output:
@@ -671,8 +757,13 @@ class _Output:
         if progress and main:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=tc.max_steps, initial=run.state.step, unit="step", dynamic_ncols=True,
-                            desc=f"train {run.run_dir.name} [{tc.precision}, {tc.attn}]")
+            self.bar = tqdm(
+                total=tc.max_steps,
+                initial=run.state.step,
+                unit="step",
+                dynamic_ncols=True,
+                desc=f"train {run.run_dir.name} [{tc.precision}, {tc.attn}]",
+            )
             reason = run.manifest.run["levers"]["precision"]["reason"]
             self.bar.write(f"precision {tc.precision} ({reason}); attention {tc.attn}")
 
@@ -680,8 +771,17 @@ class _Output:
         """After an optimiser step (``run.state`` already counts it)."""
         state = run.state
         if self.log is not None and state.step % run.tc.log_every == 0:
-            self.log.write(json.dumps({"step": state.step, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
-                                       "tokens": state.tokens_seen}) + "\n")
+            self.log.write(
+                json.dumps(
+                    {
+                        "step": state.step,
+                        "loss": loss,
+                        "lr": run.scheduler.get_last_lr()[0],
+                        "tokens": state.tokens_seen,
+                    }
+                )
+                + "\n"
+            )
             self.log.flush()
         if self.bar is not None:
             self.bar.update(1)
@@ -713,13 +813,23 @@ def _checkpoint(run: _Run, out: _Output) -> None:
     if run.dist.is_main:
         state = run.state
         state.wall_clock_s = time.perf_counter() - run.t0
-        run.val_loss, val_acc = evaluate(run.model, run.data.val_inputs, run.data.val_labels, run.tc.batch_size,
-                                         run.device)
+        run.val_loss, val_acc = evaluate(
+            run.model, run.data.val_inputs, run.data.val_labels, run.tc.batch_size, run.device
+        )
         name, digest = _save_checkpoint(run.run_dir, run.model, run.data.tok, state, run.last_good)
         _save_resume(run.run_dir, run.optimizer, run.scheduler, state)
-        entry = run.manifest.add(CheckpointEntry(
-            step=state.step, path=name, tokens_seen=state.tokens_seen, wall_clock_s=round(state.wall_clock_s, 3),
-            train_loss=state.loss_ema, val_loss=run.val_loss, val_acc=val_acc, sha256=digest))
+        entry = run.manifest.add(
+            CheckpointEntry(
+                step=state.step,
+                path=name,
+                tokens_seen=state.tokens_seen,
+                wall_clock_s=round(state.wall_clock_s, 3),
+                train_loss=state.loss_ema,
+                val_loss=run.val_loss,
+                val_acc=val_acc,
+                sha256=digest,
+            )
+        )
         run.manifest.save(run.run_dir)
         run.last_good = state.step
         out.checkpoint(run, entry)
@@ -746,8 +856,17 @@ def _finish(run: _Run) -> Manifest:
     return Manifest.load(run.run_dir)
 
 
-def _train_step(objective, optimizer, scheduler, batches: StepBatches, step: int, tc: TrainConfig,
-                device: str, heads: torch.Tensor | None = None, lam: float = 0.0) -> float:
+def _train_step(
+    objective,
+    optimizer,
+    scheduler,
+    batches: StepBatches,
+    step: int,
+    tc: TrainConfig,
+    device: str,
+    heads: torch.Tensor | None = None,
+    lam: float = 0.0,
+) -> float:
     """One optimiser step over ``grad_accum`` micro-batches; returns the mean loss (NaN skips the update)."""
     total = 0.0
     micro = batches.micro_batches(step)

@@ -50,8 +50,7 @@ class EncodedProbes:
         return len(self.sentence_ids)
 
 
-def encode_words(tokenizer: Any, sentences: Sequence[Sequence[str]], max_length: int | None = None
-                 ) -> EncodedProbes:
+def encode_words(tokenizer: Any, sentences: Sequence[Sequence[str]], max_length: int | None = None) -> EncodedProbes:
     """Tokenise pre-split sentences; skip (and count) those empty, too long or with a word that maps to no piece.
 
     Args:
@@ -65,9 +64,16 @@ def encode_words(tokenizer: Any, sentences: Sequence[Sequence[str]], max_length:
     ids, wids, kept, nw = [], [], [], []
     skipped: dict[str, list[int]] = {SKIP_TOO_LONG: [], SKIP_EMPTY_WORD: [], SKIP_EMPTY: []}
     for start in range(0, len(sentences), ENCODE_CHUNK):
-        chunk = [list(s) for s in sentences[start: start + ENCODE_CHUNK]]
-        enc = tokenizer(chunk, is_split_into_words=True, add_special_tokens=True, truncation=False, padding=False,
-                        return_attention_mask=False, return_token_type_ids=False)
+        chunk = [list(s) for s in sentences[start : start + ENCODE_CHUNK]]
+        enc = tokenizer(
+            chunk,
+            is_split_into_words=True,
+            add_special_tokens=True,
+            truncation=False,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
         for j, words in enumerate(chunk):
             i, w = start + j, enc.word_ids(j)
             if not words:

@@ -45,10 +45,12 @@ class BenchResult:
         return self.n_sentences / self.seconds
 
     def line(self) -> str:
-        return (f"{self.route:8s} {self.n_sentences} sentences ({self.n_tokens} pieces) in {self.seconds:.2f} s: "
-                f"{self.sentences_per_s:.1f} sentences/s, {self.n_tokens / self.seconds:.0f} pieces/s "
-                f"(process CPU {self.cpu_seconds:.2f} s); "
-                f"RSS before capture {self.start_rss_mb:.0f} MB, peak RSS {self.peak_rss_mb:.0f} MB")
+        return (
+            f"{self.route:8s} {self.n_sentences} sentences ({self.n_tokens} pieces) in {self.seconds:.2f} s: "
+            f"{self.sentences_per_s:.1f} sentences/s, {self.n_tokens / self.seconds:.0f} pieces/s "
+            f"(process CPU {self.cpu_seconds:.2f} s); "
+            f"RSS before capture {self.start_rss_mb:.0f} MB, peak RSS {self.peak_rss_mb:.0f} MB"
+        )
 
 
 def peak_rss_mb() -> float:
@@ -57,8 +59,9 @@ def peak_rss_mb() -> float:
     return r / 1024**2 if sys.platform == "darwin" else r / 1024
 
 
-def synthetic_sentences(tokenizer: Any, n: int, seed: int = 0, min_words: int = 5, max_words: int = 40
-                        ) -> list[list[str]]:
+def synthetic_sentences(
+    tokenizer: Any, n: int, seed: int = 0, min_words: int = 5, max_words: int = 40
+) -> list[list[str]]:
     """``n`` word lists of uniform random length drawn from the tokenizer's whole-word alphabetic vocabulary.
 
     For benchmarks only (no parse needed); word-piece counts are realistic because the words are vocabulary words.
@@ -92,14 +95,22 @@ def random_model_dir(preset: str, out: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def hf_capture(lm: LoadedModel, enc: EncodedProbes, names: Sequence[str], batch_size: int = 32
-               ) -> Iterator[CaptureBatch]:
+def hf_capture(
+    lm: LoadedModel, enc: EncodedProbes, names: Sequence[str], batch_size: int = 32
+) -> Iterator[CaptureBatch]:
     """Reference route: HF outputs + ``register_forward_hook`` on the adapter's modules (clean variant only)."""
     taps = _taps(lm)
     store: dict[str, torch.Tensor] = {}
     handles = []
-    hooked = [n for n in names if n != MLM_HEAD_NAME and "hook_pattern" not in n and n != "embed.hook_out"
-              and not n.endswith("hook_resid_post") and not n.endswith("hook_resid_pre")]
+    hooked = [
+        n
+        for n in names
+        if n != MLM_HEAD_NAME
+        and "hook_pattern" not in n
+        and n != "embed.hook_out"
+        and not n.endswith("hook_resid_post")
+        and not n.endswith("hook_resid_pre")
+    ]
     for n in hooked:
         t = taps[n]
 
@@ -116,8 +127,12 @@ def hf_capture(lm: LoadedModel, enc: EncodedProbes, names: Sequence[str], batch_
             for b, r in enumerate(rows):
                 ids[b, : len(r)], am[b, : len(r)] = torch.tensor(r), 1
             with torch.no_grad():
-                out = lm.arch.encoder_model(ids.to(lm.device), attention_mask=am.to(lm.device),
-                                            output_attentions=True, output_hidden_states=True)
+                out = lm.arch.encoder_model(
+                    ids.to(lm.device),
+                    attention_mask=am.to(lm.device),
+                    output_attentions=True,
+                    output_hidden_states=True,
+                )
             acts = dict(store)
             for n in names:
                 if n == "embed.hook_out":
@@ -130,16 +145,25 @@ def hf_capture(lm: LoadedModel, enc: EncodedProbes, names: Sequence[str], batch_
                     acts[n] = out.attentions[int(n.split(".")[1])]
             pad = (~am.bool().to(lm.device)).nonzero(as_tuple=True)
             acts = {n: _zero_padding_(n, acts[n].float(), pad).cpu() for n in names if n != MLM_HEAD_NAME}
-            yield CaptureBatch("clean", torch.tensor([enc.sentence_ids[i] for i in idx]), ids, am,
-                               ~am.bool(), [enc.word_ids[i] for i in idx], torch.full_like(ids, -100),
-                               torch.zeros((0, 2), dtype=torch.long), acts)
+            yield CaptureBatch(
+                "clean",
+                torch.tensor([enc.sentence_ids[i] for i in idx]),
+                ids,
+                am,
+                ~am.bool(),
+                [enc.word_ids[i] for i in idx],
+                torch.full_like(ids, -100),
+                torch.zeros((0, 2), dtype=torch.long),
+                acts,
+            )
     finally:
         for h in handles:
             h.remove()
 
 
-def run_bench(lm: LoadedModel, sentences: Any, route: str = "nnsight", names: Sequence[str] | None = None,
-              batch_size: int = 32) -> BenchResult:
+def run_bench(
+    lm: LoadedModel, sentences: Any, route: str = "nnsight", names: Sequence[str] | None = None, batch_size: int = 32
+) -> BenchResult:
     """Time one full capture pass (clean variant), consuming and discarding each batch as an analysis would."""
     import psutil
 
@@ -147,8 +171,11 @@ def run_bench(lm: LoadedModel, sentences: Any, route: str = "nnsight", names: Se
     enc = prepare(lm, sentences)
     names = _check_names(lm, names)
     names = [n for n in names if n != MLM_HEAD_NAME]
-    it = capture(lm, enc, names=names, batch_size=batch_size) if route == "nnsight" else \
-        hf_capture(lm, enc, names, batch_size)
+    it = (
+        capture(lm, enc, names=names, batch_size=batch_size)
+        if route == "nnsight"
+        else hf_capture(lm, enc, names, batch_size)
+    )
     t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for batch in it:

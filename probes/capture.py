@@ -121,8 +121,10 @@ def _check_names(lm: LoadedModel, names: Sequence[str] | None) -> list[str]:
     if MLM_HEAD_NAME in unknown and not lm.has_mlm_head:
         raise ProbeError(f"{MLM_HEAD_NAME} requested but {lm.path!r} has no MLM head (head-less model)")
     if unknown:
-        raise ProbeError(f"unknown activation name(s) {unknown}; valid names look like {ACTIVATION_NAMES[:4]}... "
-                         f"(layers 0..{lm.n_layers - 1})")
+        raise ProbeError(
+            f"unknown activation name(s) {unknown}; valid names look like {ACTIVATION_NAMES[:4]}... "
+            f"(layers 0..{lm.n_layers - 1})"
+        )
     order = {n: i for i, n in enumerate(valid)}
     return sorted(names, key=order.__getitem__)
 
@@ -251,9 +253,11 @@ def prepare(lm: LoadedModel, probe_set: Any) -> EncodedProbes:
         return probe_set
     want = getattr(probe_set, "tokenizer_hash", None)
     if want and want != lm.tokenizer_hash:
-        raise ProbeError(f"probe set was built for tokenizer {want} but the model at {lm.path!r} uses "
-                         f"{lm.tokenizer_hash}; rebuild it with `mlmscope probes build --model {lm.path}` "
-                         "or build one without --model")
+        raise ProbeError(
+            f"probe set was built for tokenizer {want} but the model at {lm.path!r} uses "
+            f"{lm.tokenizer_hash}; rebuild it with `mlmscope probes build --model {lm.path}` "
+            "or build one without --model"
+        )
     sentences = getattr(probe_set, "sentences", probe_set)
     enc = encode_words(lm.tokenizer, sentences, lm.arch.max_length)
     if len(enc) == 0:
@@ -266,12 +270,20 @@ def _batches(enc: EncodedProbes, batch_size: int, sort_by_length: bool) -> Itera
     if sort_by_length:
         order.sort(key=lambda i: (len(enc.input_ids[i]), i))
     for s in range(0, len(order), batch_size):
-        yield order[s: s + batch_size]
+        yield order[s : s + batch_size]
 
 
-def capture(lm: LoadedModel, probe_set: Any, variants: Sequence[str] = ("clean",), names: Sequence[str] | None = None,
-            batch_size: int = 32, head_at: str = "masked", seed: int = 0, sort_by_length: bool = True,
-            to_cpu: bool = True) -> Iterator[CaptureBatch]:
+def capture(
+    lm: LoadedModel,
+    probe_set: Any,
+    variants: Sequence[str] = ("clean",),
+    names: Sequence[str] | None = None,
+    batch_size: int = 32,
+    head_at: str = "masked",
+    seed: int = 0,
+    sort_by_length: bool = True,
+    to_cpu: bool = True,
+) -> Iterator[CaptureBatch]:
     """Stream capture batches: one nnsight-traced forward pass per (variant, batch), saving only ``names``.
 
     Args:
@@ -307,14 +319,25 @@ def capture(lm: LoadedModel, probe_set: Any, variants: Sequence[str] = ("clean",
             yield _capture_one(lm, tracer, enc, idx, variant, names, head_at, seed, special_ids, to_cpu)
 
 
-def _capture_one(lm: LoadedModel, tracer: _Tracer, enc: EncodedProbes, idx: list[int], variant: str,
-                 names: list[str], head_at: str, seed: int, special_ids: set[int], to_cpu: bool) -> CaptureBatch:
+def _capture_one(
+    lm: LoadedModel,
+    tracer: _Tracer,
+    enc: EncodedProbes,
+    idx: list[int],
+    variant: str,
+    names: list[str],
+    head_at: str,
+    seed: int,
+    special_ids: set[int],
+    to_cpu: bool,
+) -> CaptureBatch:
     tok = lm.tokenizer
     rows, labels = [], []
     for i in idx:
         wid = enc.word_ids[i]
-        ids, lab = apply_mask(enc.input_ids[i], [w is None for w in wid], variant, enc.sentence_ids[i],
-                              tok.mask_token_id, seed)
+        ids, lab = apply_mask(
+            enc.input_ids[i], [w is None for w in wid], variant, enc.sentence_ids[i], tok.mask_token_id, seed
+        )
         rows.append(ids)
         labels.append(lab)
     input_ids, am = _pad_batch(rows, tok.pad_token_id, lm.device)
@@ -338,6 +361,14 @@ def _capture_one(lm: LoadedModel, tracer: _Tracer, enc: EncodedProbes, idx: list
     if to_cpu:
         acts = {k: v.cpu() for k, v in acts.items()}
     word_ids = [enc.word_ids[i] + [None] * (T - len(enc.word_ids[i])) for i in idx]
-    return CaptureBatch(variant=variant, sentence_ids=torch.tensor([enc.sentence_ids[i] for i in idx]),
-                        input_ids=input_ids.cpu(), attention_mask=am_cpu, special_mask=special, word_ids=word_ids,
-                        labels=lab, head_positions=hp, acts=acts)
+    return CaptureBatch(
+        variant=variant,
+        sentence_ids=torch.tensor([enc.sentence_ids[i] for i in idx]),
+        input_ids=input_ids.cpu(),
+        attention_mask=am_cpu,
+        special_mask=special,
+        word_ids=word_ids,
+        labels=lab,
+        head_positions=hp,
+        acts=acts,
+    )

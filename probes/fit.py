@@ -73,28 +73,38 @@ class FitReport:
         out = []
         dropped = sum(self.dropped_at_load.values())
         if dropped:
-            out.append(f"{dropped} sentence(s) of the probe file were dropped when it was read "
-                       f"({self._reasons(self.dropped_at_load)})")
+            out.append(
+                f"{dropped} sentence(s) of the probe file were dropped when it was read "
+                f"({self._reasons(self.dropped_at_load)})"
+            )
         skipped = sum(self.skipped.values())
         if skipped:
-            out.append(f"{skipped} of {self.n_sentences} probe sentences are skipped for {self.model or 'the model'} "
-                       f"({self._reasons(self.skipped)}); the analyses use the other {self.kept}")
+            out.append(
+                f"{skipped} of {self.n_sentences} probe sentences are skipped for {self.model or 'the model'} "
+                f"({self._reasons(self.skipped)}); the analyses use the other {self.kept}"
+            )
         if self.mostly_unk:
-            out.append(f"{self.mostly_unk} of {self.kept} probe sentences are mostly [UNK] for the tokenizer of "
-                       f"{self.model or 'the model'} (more than {MOSTLY_UNK_SHARE:.0%} of their words map only to "
-                       f"[UNK]; {self.unk_words} of {self.n_words} words in all): their results measure [UNK], "
-                       "not the text")
+            out.append(
+                f"{self.mostly_unk} of {self.kept} probe sentences are mostly [UNK] for the tokenizer of "
+                f"{self.model or 'the model'} (more than {MOSTLY_UNK_SHARE:.0%} of their words map only to "
+                f"[UNK]; {self.unk_words} of {self.n_words} words in all): their results measure [UNK], "
+                "not the text"
+            )
         return out
 
     def refusal(self) -> str | None:
         """Why the probe set cannot be analysed with this tokenizer at all, or None."""
         if self.kept == 0:
-            return (f"no probe sentence fits {self.model or 'the model'} (of {self.n_sentences}: "
-                    f"{self._reasons(self.skipped) or 'none given'})")
+            return (
+                f"no probe sentence fits {self.model or 'the model'} (of {self.n_sentences}: "
+                f"{self._reasons(self.skipped) or 'none given'})"
+            )
         if self.mostly_unk == self.kept:
-            return (f"every usable probe sentence ({self.kept}) is mostly [UNK] for the tokenizer of "
-                    f"{self.model or 'the model'} ({self.unk_words} of {self.n_words} words map only to [UNK]): its "
-                    "vocabulary does not cover this text's script; use a probe set in a language the model knows")
+            return (
+                f"every usable probe sentence ({self.kept}) is mostly [UNK] for the tokenizer of "
+                f"{self.model or 'the model'} ({self.unk_words} of {self.n_words} words map only to [UNK]): its "
+                "vocabulary does not cover this text's script; use a probe set in a language the model knows"
+            )
         return None
 
 
@@ -129,8 +139,9 @@ def _unknown_words(word_ids: Sequence[int | None], input_ids: Sequence[int], unk
     return sum(all(t == unk_id for t in ts) for ts in pieces.values()), len(pieces)
 
 
-def fit_report(tokenizer: Any, probe_set: _Sentences | Sequence[Sequence[str]], max_length: int | None,
-               model: str = "") -> FitReport:
+def fit_report(
+    tokenizer: Any, probe_set: _Sentences | Sequence[Sequence[str]], max_length: int | None, model: str = ""
+) -> FitReport:
     """Count skipped and mostly-[UNK] sentences of ``probe_set`` for ``tokenizer``.
 
     Args:
@@ -142,8 +153,13 @@ def fit_report(tokenizer: Any, probe_set: _Sentences | Sequence[Sequence[str]], 
     sentences = cast(Sequence[Sequence[str]], getattr(probe_set, "sentences", probe_set))
     meta = getattr(probe_set, "meta", None) or {}
     enc = encode_words(tokenizer, sentences, max_length)
-    rep = FitReport(n_sentences=len(sentences), kept=len(enc), skipped=dict(enc.skipped),
-                    dropped_at_load=dict(meta.get("dropped_at_load") or {}), model=model)
+    rep = FitReport(
+        n_sentences=len(sentences),
+        kept=len(enc),
+        skipped=dict(enc.skipped),
+        dropped_at_load=dict(meta.get("dropped_at_load") or {}),
+        model=model,
+    )
     unk_id = getattr(tokenizer, "unk_token_id", None)
     if unk_id is None:  # byte-level BPE (RoBERTa) has no unknown token: every script is representable
         rep.n_words = sum(enc.n_words)

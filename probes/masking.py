@@ -53,8 +53,9 @@ def _positions(variant: str, n_pieces: int, sentence_id: int, seed: int) -> tupl
     return tuple(np.sort(rng.choice(n_pieces, size=min(k, n_pieces), replace=False)).tolist())
 
 
-def apply_mask(input_ids: list[int], special: list[bool], variant: str, sentence_id: int, mask_id: int,
-               seed: int = 0) -> tuple[list[int], list[int]]:
+def apply_mask(
+    input_ids: list[int], special: list[bool], variant: str, sentence_id: int, mask_id: int, seed: int = 0
+) -> tuple[list[int], list[int]]:
     """Mask one sentence.
 
     Args:

@@ -308,8 +308,10 @@ def _architecture(cfg: dict[str, Any], path: Path) -> str:
     if not archs and mtype in ("bert", "roberta"):
         return "BertModel" if mtype == "bert" else "RobertaModel"
     found = f"architectures={archs}, model_type={mtype!r}"
-    raise ModelLoadError(f"{str(path)!r} is not a supported BERT/RoBERTa checkpoint (found {found}); "
-                         f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    raise ModelLoadError(
+        f"{str(path)!r} is not a supported BERT/RoBERTa checkpoint (found {found}); "
+        f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
 
 
 def check_model_folder(path: str | os.PathLike) -> str:
@@ -355,9 +357,17 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     model.eval().to(device)
     vocab = int(model.config.vocab_size)
     if len(tok) > vocab:
-        raise ModelLoadError(f"{str(p)!r}: tokenizer has {len(tok)} entries but the model's vocabulary has {vocab}; "
-                             "the tokenizer does not belong to this model")
+        raise ModelLoadError(
+            f"{str(p)!r}: tokenizer has {len(tok)} entries but the model's vocabulary has {vocab}; "
+            "the tokenizer does not belong to this model"
+        )
     if tok.mask_token_id is None or tok.pad_token_id is None:
         raise ModelLoadError(f"{str(p)!r}: tokenizer lacks a mask or pad token")
-    return LoadedModel(model=model, tokenizer=tok, arch=ArchAdapter(model, family, has_head), path=str(p),
-                       tokenizer_hash=tokenizer_hash(tok), device=str(device))
+    return LoadedModel(
+        model=model,
+        tokenizer=tok,
+        arch=ArchAdapter(model, family, has_head),
+        path=str(p),
+        tokenizer_hash=tokenizer_hash(tok),
+        device=str(device),
+    )

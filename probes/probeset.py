@@ -104,9 +104,16 @@ class ProbeSet:
 
     def header(self) -> dict[str, Any]:
         rel = Counter(r for rs in self.relations for r in rs)
-        return {"format": FORMAT, "version": FORMAT_VERSION, **self.meta, "content_hash": self.content_hash,
-                "n_sentences": len(self), "n_words": sum(map(len, self.sentences)),
-                "halves": [self.halves.count(0), self.halves.count(1)], "relations": dict(rel.most_common())}
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            **self.meta,
+            "content_hash": self.content_hash,
+            "n_sentences": len(self),
+            "n_words": sum(map(len, self.sentences)),
+            "halves": [self.halves.count(0), self.halves.count(1)],
+            "relations": dict(rel.most_common()),
+        }
 
     def to_conllu(self) -> str:
         """Serialise with the ``conllu`` package (``# sent_id``, ``# half`` and ``# text`` comments)."""
@@ -114,9 +121,21 @@ class ProbeSet:
 
         out = []
         for i, words in enumerate(self.sentences):
-            toks = [Token(id=j + 1, form=w, lemma="_", upos=self.upos[i][j], xpos="_", feats=None,
-                          head=self.heads[i][j], deprel=self.relations[i][j], deps=None, misc=None)
-                    for j, w in enumerate(words)]
+            toks = [
+                Token(
+                    id=j + 1,
+                    form=w,
+                    lemma="_",
+                    upos=self.upos[i][j],
+                    xpos="_",
+                    feats=None,
+                    head=self.heads[i][j],
+                    deprel=self.relations[i][j],
+                    deps=None,
+                    misc=None,
+                )
+                for j, w in enumerate(words)
+            ]
             md = Metadata(sent_id=str(i), half=str(self.halves[i]), text=" ".join(words))
             out.append(TokenList(toks, metadata=md).serialize())
         return "".join(out)
@@ -151,8 +170,14 @@ def _sentence_rows(sent: Any) -> tuple[list[str], list[int], list[str], list[str
     return words, heads, [t.dep_ for t in sent], [t.pos_ for t in sent]
 
 
-def build_probe_set(texts: Iterable[str], cfg: BuildConfig | None = None, tokenizer: Any = None,
-                    max_length: int | None = None, source: str = "texts", nlp: Any = None) -> ProbeSet:
+def build_probe_set(
+    texts: Iterable[str],
+    cfg: BuildConfig | None = None,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    source: str = "texts",
+    nlp: Any = None,
+) -> ProbeSet:
     """Parse texts and keep sentences of ``min_words..max_words`` words until ``cfg.n`` are collected.
 
     Args:
@@ -199,14 +224,21 @@ def build_probe_set(texts: Iterable[str], cfg: BuildConfig | None = None, tokeni
         if len(rows) == cfg.n:
             break
     if not rows:
-        raise ProbeSetError(f"no sentence of {cfg.min_words}-{cfg.max_words} words found in {source} "
-                            f"(skipped: {dict(skipped)})")
+        raise ProbeSetError(
+            f"no sentence of {cfg.min_words}-{cfg.max_words} words found in {source} (skipped: {dict(skipped)})"
+        )
     from .model import tokenizer_hash
 
-    meta = {"source": source, "parser": PARSER_MODEL, "parser_version": nlp.meta.get("version"),
-            "spacy_version": spacy.about.__version__, "build": vars(cfg).copy(), "skipped": dict(sorted(skipped.items())),
-            "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
-            "max_length": max_length if tokenizer is not None else None}
+    meta = {
+        "source": source,
+        "parser": PARSER_MODEL,
+        "parser_version": nlp.meta.get("version"),
+        "spacy_version": spacy.about.__version__,
+        "build": vars(cfg).copy(),
+        "skipped": dict(sorted(skipped.items())),
+        "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
+        "max_length": max_length if tokenizer is not None else None,
+    }
     words, heads, rels, upos = (list(map(list, x)) for x in zip(*rows))
     return ProbeSet(words, heads, rels, upos, assign_halves(len(rows), cfg.seed), meta)
 
@@ -219,8 +251,9 @@ def _paragraphs(texts: Iterable[str]) -> Iterator[str]:
                 yield " ".join(line.split())
 
 
-def _reject_reason(row: tuple[list[str], list[int], list[str], list[str]], cfg: BuildConfig,
-                   seen: set[tuple[str, ...]]) -> str | None:
+def _reject_reason(
+    row: tuple[list[str], list[int], list[str], list[str]], cfg: BuildConfig, seen: set[tuple[str, ...]]
+) -> str | None:
     n = len(row[0])
     if n < cfg.min_words:
         return "too_few_words"
@@ -245,13 +278,16 @@ def default_texts(seed: int = 0, data_cfg: Any = None) -> tuple[list[str], str]:
     data_cfg = data_cfg or DataConfig()
     docs = validation_texts(data_cfg)
     order = np.random.default_rng(seed).permutation(len(docs))
-    src = (f"{source_description(data_cfg)} validation split (val_fraction={data_cfg.val_fraction}, "
-           f"split_seed={data_cfg.split_seed})")
+    src = (
+        f"{source_description(data_cfg)} validation split (val_fraction={data_cfg.val_fraction}, "
+        f"split_seed={data_cfg.split_seed})"
+    )
     return [docs[i] for i in order], src
 
 
-def build_default(cfg: BuildConfig | None = None, tokenizer: Any = None, max_length: int | None = None,
-                  data_cfg: Any = None) -> ProbeSet:
+def build_default(
+    cfg: BuildConfig | None = None, tokenizer: Any = None, max_length: int | None = None, data_cfg: Any = None
+) -> ProbeSet:
     """Build the default probe set from the default corpus's validation split (offline)."""
     cfg = cfg or BuildConfig()
     texts, src = default_texts(cfg.seed, data_cfg)
@@ -277,7 +313,7 @@ def find_cycle(heads: Sequence[int]) -> list[int] | None:
         w = start
         while w != 0 and w not in done:
             if w in on_path:
-                return path[path.index(w):] + [w]
+                return path[path.index(w) :] + [w]
             path.append(w)
             on_path.add(w)
             w = heads[w - 1] if 1 <= w <= n else 0
@@ -305,8 +341,10 @@ def _check_conllu(text: str, name: str) -> None:
             label = f"sentence {comments.get('sent_id', n_sent)!r}"
             if comments.get("text"):
                 label += f" ({comments['text'][:60]!r})"
-            raise ProbeSetError(f"{name}:{sent_lines[0][0]}: dependency cycle in {label}: words "
-                                f"{' -> '.join(map(str, cycle))} (HEAD must lead every word to the root, 0)")
+            raise ProbeSetError(
+                f"{name}:{sent_lines[0][0]}: dependency cycle in {label}: words "
+                f"{' -> '.join(map(str, cycle))} (HEAD must lead every word to the root, 0)"
+            )
 
     for ln, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -322,8 +360,9 @@ def _check_conllu(text: str, name: str) -> None:
             continue
         cols = line.split("\t")
         if len(cols) != 10:
-            raise ProbeSetError(f"{name}:{ln}: expected 10 tab-separated CoNLL-U fields, found {len(cols)}: "
-                                f"{line[:60]!r}")
+            raise ProbeSetError(
+                f"{name}:{ln}: expected 10 tab-separated CoNLL-U fields, found {len(cols)}: {line[:60]!r}"
+            )
         if _ID_OTHER.match(cols[0]):
             continue  # multi-word token range or empty node: not a word of the probe sentence
         if not _ID_INT.match(cols[0]) or int(cols[0]) != expected:
@@ -398,16 +437,27 @@ def load_probe_set(path: str | Path) -> ProbeSet:
         header = json.loads(header_path.read_text(encoding="utf-8"))
         if header.get("format") == FORMAT:
             if header.get("content_hash") != ps.content_hash:
-                raise ProbeSetError(f"{conllu_path}: content hash {ps.content_hash} differs from the header's "
-                                    f"{header.get('content_hash')} ({header_path}); the file was edited after it was "
-                                    "built — rebuild it, or delete the header to use it as a plain CoNLL-U file")
-            keep = {k: v for k, v in header.items() if k not in ("format", "version", "content_hash", "n_sentences",
-                                                                 "n_words", "halves", "relations")}
+                raise ProbeSetError(
+                    f"{conllu_path}: content hash {ps.content_hash} differs from the header's "
+                    f"{header.get('content_hash')} ({header_path}); the file was edited after it was "
+                    "built — rebuild it, or delete the header to use it as a plain CoNLL-U file"
+                )
+            keep = {
+                k: v
+                for k, v in header.items()
+                if k not in ("format", "version", "content_hash", "n_sentences", "n_words", "halves", "relations")
+            }
             ps.meta.update(keep)
     return ps
 
 
 def sentences_of(words: Sequence[Sequence[str]]) -> ProbeSet:
     """A parse-less probe set from word lists (heads 0, relations/POS "_"), e.g. for synthetic benchmarks."""
-    return ProbeSet([list(w) for w in words], [[0] * len(w) for w in words], [["_"] * len(w) for w in words],
-                    [["_"] * len(w) for w in words], assign_halves(len(words), 0), {"source": "word lists"})
+    return ProbeSet(
+        [list(w) for w in words],
+        [[0] * len(w) for w in words],
+        [["_"] * len(w) for w in words],
+        [["_"] * len(w) for w in words],
+        assign_halves(len(words), 0),
+        {"source": "word lists"},
+    )

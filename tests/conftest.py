@@ -97,8 +97,10 @@ def no_leaked_processes(tmp_path_factory):
     leaked = _GUARD.stop_leftovers()
     _GUARD = None
     if leaked:
-        pytest.fail("processes started by the tests were still running after the suite (now killed):\n  "
-                    + "\n  ".join(leaked), pytrace=False)
+        pytest.fail(
+            "processes started by the tests were still running after the suite (now killed):\n  " + "\n  ".join(leaked),
+            pytrace=False,
+        )
 
 
 def pytest_runtest_logfinish(nodeid, location):

@@ -105,8 +105,14 @@ class ProcessGuard:
                 pass
         for p in psutil.process_iter():
             k = _key(p)
-            if k and k not in found and k not in self.baseline and k[1] >= self.started - 1 and p.pid != self.me.pid \
-                    and self._ours(p):
+            if (
+                k
+                and k not in found
+                and k not in self.baseline
+                and k[1] >= self.started - 1
+                and p.pid != self.me.pid
+                and self._ours(p)
+            ):
                 found[k] = p
         return [p for p in found.values() if _alive(p) and not self._infrastructure(p)]
 

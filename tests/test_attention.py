@@ -25,8 +25,10 @@ def test_hand_computed_uniform_and_previous_token_heads():
         p[0, 1, i, max(i - 1, 0)] = 1.0
     sums = head_sums(p, torch.tensor([[1, 1, 1, 1, 0]]), torch.tensor([[True, False, False, True, True]]))
     # columns: entropy, cls, sep, self, prev, next; each summed over the 4 real queries
-    want = [[4 * math.log(4), 1.0, 1.0, 1.0, 0.75, 0.75],   # prev/next: 3 of 4 queries have that neighbour
-            [0.0, 2.0, 0.0, 1.0, 3.0, 0.0]]
+    want = [
+        [4 * math.log(4), 1.0, 1.0, 1.0, 0.75, 0.75],  # prev/next: 3 of 4 queries have that neighbour
+        [0.0, 2.0, 0.0, 1.0, 3.0, 0.0],
+    ]
     np.testing.assert_allclose(sums.numpy(), want, rtol=1e-12, atol=1e-12)
 
 
@@ -40,8 +42,9 @@ def micro(micro_model_dir):
 
 
 def _run(lm, batch_size: int):
-    ctx = AnalysisContext(model=lm.model, arch=lm.arch, n_layers=lm.n_layers, n_heads=lm.n_heads, d_model=lm.d_model,
-                          probe_set=SENTS)
+    ctx = AnalysisContext(
+        model=lm.model, arch=lm.arch, n_layers=lm.n_layers, n_heads=lm.n_heads, d_model=lm.d_model, probe_set=SENTS
+    )
     a = AttentionStats()
     acc = a.accumulator(ctx)
     for b in capture(lm, SENTS, variants=a.variants, names=a.names(ctx), batch_size=batch_size):
@@ -57,8 +60,9 @@ def test_matches_hf_attentions_and_is_batch_size_invariant(micro):
         enc = tok(words, is_split_into_words=True, return_tensors="pt")
         with torch.no_grad():
             att = micro.model(**enc, output_attentions=True).attentions
-        special = torch.tensor(tok.get_special_tokens_mask(enc["input_ids"][0].tolist(),
-                                                           already_has_special_tokens=True), dtype=torch.bool)[None]
+        special = torch.tensor(
+            tok.get_special_tokens_mask(enc["input_ids"][0].tolist(), already_has_special_tokens=True), dtype=torch.bool
+        )[None]
         for layer, a in enumerate(att):
             s = head_sums(a, enc["attention_mask"], special)
             rows[layer] = rows.get(layer, 0) + s

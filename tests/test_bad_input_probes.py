@@ -43,8 +43,11 @@ def test_find_cycle():
 def test_cycle_in_a_user_conllu_is_refused_naming_the_sentence(tmp_path):
     f = tmp_path / "cyc.conllu"
     f.write_text(GOOD + _conllu([("dogs", 2), ("bark", 3), ("loudly", 2)], "weird-7", "dogs bark loudly"))
-    with pytest.raises(ProbeSetError, match=r"dependency cycle in sentence 'weird-7' \('dogs bark loudly'\): "
-                                            r"words 2 -> 3 -> 2") as e:
+    with pytest.raises(
+        ProbeSetError,
+        match=r"dependency cycle in sentence 'weird-7' \('dogs bark loudly'\): "
+        r"words 2 -> 3 -> 2",
+    ) as e:
         load_probe_set(f)
     assert "cyc.conllu:" in str(e.value)
     f.write_text(GOOD.replace("# sent_id = ok\n", "") + GOOD.replace("3\tsat\t_\t_\t_\t_\t0", "3\tsat\t_\t_\t_\t_\t3"))
@@ -52,7 +55,7 @@ def test_cycle_in_a_user_conllu_is_refused_naming_the_sentence(tmp_path):
         load_probe_set(f)
 
 
-def test_cli_refuses_a_cyclic_probe_set_in_one_line(cli, run1, tmp_path):  # noqa: F811
+def test_cli_refuses_a_cyclic_probe_set_in_one_line(cli, run1, tmp_path):  # noqa: F811 - the `cli` fixture imported above
     f = tmp_path / "cyc.conllu"
     f.write_text(_conllu([("a", 2), ("b", 1)], "loop"))
     res = cli("analyze", run1, "-a", "_t_norm", "--probes", f)
@@ -61,7 +64,7 @@ def test_cli_refuses_a_cyclic_probe_set_in_one_line(cli, run1, tmp_path):  # noq
 
 
 # --- dropped sentences --------------------------------------------------------------------------------------------
-def test_dropped_sentences_are_warned_with_counts(cli, run1, tmp_path):  # noqa: F811
+def test_dropped_sentences_are_warned_with_counts(cli, run1, tmp_path):  # noqa: F811 - the `cli` fixture imported above
     long = " ".join(["word"] * 80)
     rows = [(w, 0 if i == 0 else 1) for i, w in enumerate(long.split())]
     f = tmp_path / "mixed.conllu"
@@ -77,8 +80,9 @@ def test_dropped_sentences_are_warned_with_counts(cli, run1, tmp_path):  # noqa:
 
 
 def test_empty_word_lists_are_skipped_and_counted(run1):
-    r = Runner(run1, RunnerConfig(batch_size=2, force=True), probe_set=sentences_of(PROBES + [[]]),
-               analyses=[FakeNorm()])
+    r = Runner(
+        run1, RunnerConfig(batch_size=2, force=True), probe_set=sentences_of(PROBES + [[]]), analyses=[FakeNorm()]
+    )
     warnings = r.check_probe_fit(r.probe_set())
     assert any("1 of 4 probe sentences are skipped" in w and "empty: 1" in w for w in warnings), warnings
 
@@ -102,7 +106,7 @@ def test_fit_report_counts_mostly_unk_sentences(micro_model_dir):
     assert "1 of 3 probe sentences are mostly [UNK]" in w and "5 of 14 words" in w
 
 
-def test_cli_warns_on_some_and_refuses_all_unk(cli, run1, tmp_path):  # noqa: F811
+def test_cli_warns_on_some_and_refuses_all_unk(cli, run1, tmp_path):  # noqa: F811 - the `cli` fixture imported above
     some = sentences_of([UNSEEN, PROBES[0], PROBES[1]]).save(tmp_path / "some")
     res = cli("analyze", run1, "-a", "_t_norm", "--probes", some)
     assert res.exit_code == 0, res.output

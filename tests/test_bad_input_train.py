@@ -24,15 +24,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlmscope.app.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "COLUMNS": "400"})
+    return subprocess.run(
+        [sys.executable, "-m", "mlmscope.app.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "400"},
+    )
 
 
 def _one_line_error(r: subprocess.CompletedProcess, message: str) -> None:
     """Exit 1, no traceback, exactly one error message (rich may still wrap it), containing ``message``."""
     assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr[-2000:]
-    assert message in r.stderr[r.stderr.index("error:"):].replace("\n", " "), r.stderr[-2000:]
+    assert message in r.stderr[r.stderr.index("error:") :].replace("\n", " "), r.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +58,34 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 # --- 1. --force never loses a finished run -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch-size", "0"], "batch_size must be an integer >= 1"),
-    (["--seq-len", "128"], "exceeds the model's max_position=64"),
-    (["--set", "lr=abc"], "--set lr=abc: expected a number"),
-    (["--corpus", "/nonexistent/corpus.txt"], "does not exist"),
-    (["--vocab-size", "100000"], "left as it was before --force"),  # fails after the move aside: moved back
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "0"], "batch_size must be an integer >= 1"),
+        (["--seq-len", "128"], "exceeds the model's max_position=64"),
+        (["--set", "lr=abc"], "--set lr=abc: expected a number"),
+        (["--corpus", "/nonexistent/corpus.txt"], "does not exist"),
+        (["--vocab-size", "100000"], "left as it was before --force"),  # fails after the move aside: moved back
+    ],
+)
 def test_force_with_invalid_option_keeps_the_run(finished_run, tmp_path, small_corpus, args, message):
     run = _copy(finished_run, tmp_path)
     before = (run / "manifest.json").read_text()
-    r = _cli("train", str(run), "--preset", "micro", "--corpus", small_corpus, "--max-steps", "4",
-             "--linear-every", "2", "--no-progress", "--force", *args)
+    r = _cli(
+        "train",
+        str(run),
+        "--preset",
+        "micro",
+        "--corpus",
+        small_corpus,
+        "--max-steps",
+        "4",
+        "--linear-every",
+        "2",
+        "--no-progress",
+        "--force",
+        *args,
+    )
     _one_line_error(r, message)
     assert (run / "manifest.json").read_text() == before
     assert not _replaced_path(run).exists()
@@ -73,8 +95,7 @@ def test_force_with_invalid_option_keeps_the_run(finished_run, tmp_path, small_c
 
 def test_force_replaces_the_run_and_drops_the_old_one(finished_run, tmp_path, small_corpus):
     run = _copy(finished_run, tmp_path)
-    m = train(run, make_config("micro", corpus=small_corpus, max_steps=2, linear_every=2), force=True,
-              progress=False)
+    m = train(run, make_config("micro", corpus=small_corpus, max_steps=2, linear_every=2), force=True, progress=False)
     assert [c.step for c in m.checkpoints] == [0, 1, 2] and m.run["config"]["train"]["max_steps"] == 2
     assert not _replaced_path(run).exists()
     assert {r.status for r in verify_run(run)} == {"ok"}
@@ -85,8 +106,24 @@ def test_force_with_a_run_that_diverges_keeps_the_old_run(finished_run, tmp_path
     kept until the new one finishes, so it comes back intact."""
     run = _copy(finished_run, tmp_path)
     before = (run / "manifest.json").read_text()
-    r = _cli("train", str(run), "--preset", "micro", "--corpus", small_corpus, "--max-steps", "40",
-             "--linear-every", "2", "--lr", "1e9", "--set", "grad_clip=1e9", "--no-progress", "--force")
+    r = _cli(
+        "train",
+        str(run),
+        "--preset",
+        "micro",
+        "--corpus",
+        small_corpus,
+        "--max-steps",
+        "40",
+        "--linear-every",
+        "2",
+        "--lr",
+        "1e9",
+        "--set",
+        "grad_clip=1e9",
+        "--no-progress",
+        "--force",
+    )
     _one_line_error(r, "left as it was before --force")
     assert (run / "manifest.json").read_text() == before and not _replaced_path(run).exists()
     assert {v.status for v in verify_run(run)} == {"ok"}
@@ -105,16 +142,14 @@ def test_force_failure_before_first_checkpoint_is_undone(finished_run, tmp_path,
 
     monkeypatch.setattr(tr, "_build_model", boom)
     with pytest.raises(TrainingError, match="simulated"):
-        train(run, make_config("micro", corpus=small_corpus, max_steps=2, linear_every=2), force=True,
-              progress=False)
+        train(run, make_config("micro", corpus=small_corpus, max_steps=2, linear_every=2), force=True, progress=False)
     assert _replaced_path(run).exists()  # what a kill -9 at this moment leaves
     assert recover_replaced(run) is True
     assert (run / "manifest.json").read_text() == before and not _replaced_path(run).exists()
     # The same left behind again is recovered by the next train() call on the folder, before anything else: here
     # one without --force, refused because the restored finished run is in the way.
     with pytest.raises(TrainingError, match="simulated"):
-        train(run, make_config("micro", corpus=small_corpus, max_steps=2, linear_every=2), force=True,
-              progress=False)
+        train(run, make_config("micro", corpus=small_corpus, max_steps=2, linear_every=2), force=True, progress=False)
     monkeypatch.undo()
     with pytest.raises(TrainingError, match="already exists|different config"):
         train(run, make_config("micro", corpus=small_corpus, max_steps=2, linear_every=2), progress=False)
@@ -138,37 +173,51 @@ def test_validate_lists_every_problem():
     with pytest.raises(ConfigError) as e:
         cfg.validate()
     msg = str(e.value)
-    for part in ("batch_size must be", "mask_rate must be", "lr must be", "warmup_steps must be",
-                 "seq_len=128 exceeds the model's max_position=64", "d_model=64 is not divisible by n_heads=3"):
+    for part in (
+        "batch_size must be",
+        "mask_rate must be",
+        "lr must be",
+        "warmup_steps must be",
+        "seq_len=128 exceeds the model's max_position=64",
+        "d_model=64 is not divisible by n_heads=3",
+    ):
         assert part in msg
     assert "\n" not in msg
     for preset in ("micro", "demo", "tiny", "small", "base"):
         make_config(preset).validate()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--seq-len", "128"], "seq_len=128 exceeds the model's max_position=64"),
-    (["--batch-size", "0", "--mask-rate", "0"], "batch_size must be an integer >= 1, got 0; mask_rate must be"),
-    (["--set", "lr=abc"], "--set lr=abc: expected a number"),
-    (["--set", "betas=x"], "--set betas=x: expected 2 comma-separated numbers"),
-    (["--lr", "1e-3", "--set", "lr=2e-3"], "lr is given twice with different values"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seq-len", "128"], "seq_len=128 exceeds the model's max_position=64"),
+        (["--batch-size", "0", "--mask-rate", "0"], "batch_size must be an integer >= 1, got 0; mask_rate must be"),
+        (["--set", "lr=abc"], "--set lr=abc: expected a number"),
+        (["--set", "betas=x"], "--set betas=x: expected 2 comma-separated numbers"),
+        (["--lr", "1e-3", "--set", "lr=2e-3"], "lr is given twice with different values"),
+    ],
+)
 def test_invalid_options_are_one_line_errors(tmp_path, small_corpus, args, message):
     r = _cli("train", str(tmp_path / "run"), "--preset", "micro", "--corpus", small_corpus, "--no-progress", *args)
     _one_line_error(r, message)
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda c: c._parse_set(["max_steps=1.5"]), "--set max_steps=1.5: expected an integer"),
-    (lambda c: c._parse_set(["no_such_field=1"]), "unknown config field 'no_such_field'"),
-    (lambda c: c._parse_set(["lr"]), "--set expects key=value"),
-    (lambda c: c._parse_set(["compile=maybe"]), "expected true or false"),
-    (lambda c: c._merge_overrides({"sas_lam": 0.1}, {"sas_lam": 0.2}), "--sas-lam 0.1 and --set sas_lam=0.2"),
-    (lambda c: c._int_list("0,x", "--seeds"), "--seeds: expected comma-separated integers"),
-    (lambda c: make_config("micro", lr=float("nan"), grad_accum=0, betas=(0.9, 1.5)).validate(),
-     "grad_accum must be an integer >= 1, got 0; lr must be a finite number >= 0, got nan; betas must be"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda c: c._parse_set(["max_steps=1.5"]), "--set max_steps=1.5: expected an integer"),
+        (lambda c: c._parse_set(["no_such_field=1"]), "unknown config field 'no_such_field'"),
+        (lambda c: c._parse_set(["lr"]), "--set expects key=value"),
+        (lambda c: c._parse_set(["compile=maybe"]), "expected true or false"),
+        (lambda c: c._merge_overrides({"sas_lam": 0.1}, {"sas_lam": 0.2}), "--sas-lam 0.1 and --set sas_lam=0.2"),
+        (lambda c: c._int_list("0,x", "--seeds"), "--seeds: expected comma-separated integers"),
+        (
+            lambda c: make_config("micro", lr=float("nan"), grad_accum=0, betas=(0.9, 1.5)).validate(),
+            "grad_accum must be an integer >= 1, got 0; lr must be a finite number >= 0, got nan; betas must be",
+        ),
+    ],
+)
 def test_option_parsing_errors_are_user_errors(call, message):
     import mlmscope.app.cli as c
 
@@ -179,10 +228,26 @@ def test_option_parsing_errors_are_user_errors(call, message):
 def test_set_values_are_cast_to_the_declared_type():
     from mlmscope.app.cli import _merge_overrides, _parse_set
 
-    sets = _parse_set(["lr=1e-3", "max-steps=7", "betas=0.9,0.99", "steps=0,3,7", "compile=false",
-                       "sas_release_step=none", "corpus=my.txt"])
-    assert sets == {"lr": 1e-3, "max_steps": 7, "betas": (0.9, 0.99), "steps": [0, 3, 7], "compile": False,
-                    "sas_release_step": None, "corpus": "my.txt"}
+    sets = _parse_set(
+        [
+            "lr=1e-3",
+            "max-steps=7",
+            "betas=0.9,0.99",
+            "steps=0,3,7",
+            "compile=false",
+            "sas_release_step=none",
+            "corpus=my.txt",
+        ]
+    )
+    assert sets == {
+        "lr": 1e-3,
+        "max_steps": 7,
+        "betas": (0.9, 0.99),
+        "steps": [0, 3, 7],
+        "compile": False,
+        "sas_release_step": None,
+        "corpus": "my.txt",
+    }
     merged = _merge_overrides({"lr": 1e-3, "seq_len": None}, sets)  # the same value twice is fine
     cfg = make_config("micro", **merged)
     cfg.validate()
@@ -206,11 +271,30 @@ def test_every_config_field_is_a_generated_option():
     params = _train_params()
     assert set(config_fields()) <= set(params) and all(params[k] is None for k in config_fields())
     assert "sas_lambda" not in params and "vocab_size" in params and "sas_lam" in params
-    got = _train_params("--betas", "0.9,0.99", "--steps", "0,5", "--no-lowercase", "--sas-lam", "0.1",
-                        "--mask-replace", "mask", "--precision", "bf16", "--n-layers", "3")
+    got = _train_params(
+        "--betas",
+        "0.9,0.99",
+        "--steps",
+        "0,5",
+        "--no-lowercase",
+        "--sas-lam",
+        "0.1",
+        "--mask-replace",
+        "mask",
+        "--precision",
+        "bf16",
+        "--n-layers",
+        "3",
+    )
     assert {k: v for k, v in got.items() if k in config_fields() and v is not None} == {
-        "betas": (0.9, 0.99), "steps": [0, 5], "lowercase": False, "sas_lam": 0.1, "mask_replace": "mask",
-        "precision": "bf16", "n_layers": 3}
+        "betas": (0.9, 0.99),
+        "steps": [0, 5],
+        "lowercase": False,
+        "sas_lam": 0.1,
+        "mask_replace": "mask",
+        "precision": "bf16",
+        "n_layers": 3,
+    }
     help_text = _cli("train", "--help").stdout
     for key, f in config_fields().items():
         assert f.help, key
@@ -218,12 +302,15 @@ def test_every_config_field_is_a_generated_option():
     assert "auto|fp32|bf16" in help_text and "80/10/10|mask" in help_text and "micro|demo|tiny|small|base" in help_text
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--precision", "fp8"], "'fp8' is not one of 'auto', 'fp32', 'bf16'"),
-    (["--mask-replace", "90/5/5"], "'90/5/5' is not one of '80/10/10', 'mask'"),
-    (["--preset", "huge"], "'huge' is not one of 'micro', 'demo'"),
-    (["--betas", "0.9"], "expected 2 comma-separated numbers"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--precision", "fp8"], "'fp8' is not one of 'auto', 'fp32', 'bf16'"),
+        (["--mask-replace", "90/5/5"], "'90/5/5' is not one of '80/10/10', 'mask'"),
+        (["--preset", "huge"], "'huge' is not one of 'micro', 'demo'"),
+        (["--betas", "0.9"], "expected 2 comma-separated numbers"),
+    ],
+)
 def test_closed_sets_and_lists_are_checked_by_the_command_line(tmp_path, args, message):
     r = _cli("train", str(tmp_path / "run"), "--preset", "micro", "--no-progress", *args)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -233,9 +320,27 @@ def test_closed_sets_and_lists_are_checked_by_the_command_line(tmp_path, args, m
 
 def test_set_works_for_fields_with_an_option_and_threads_are_recorded(tmp_path, small_corpus):
     run = tmp_path / "run"
-    r = _cli("train", str(run), "--preset", "micro", "--corpus", small_corpus, "--no-progress", "--threads", "1",
-             "--set", "lr=1e-3", "--set", "max_steps=2", "--max-steps", "2", "--set", "betas=0.9,0.99",
-             "--set", "linear-every=2")
+    r = _cli(
+        "train",
+        str(run),
+        "--preset",
+        "micro",
+        "--corpus",
+        small_corpus,
+        "--no-progress",
+        "--threads",
+        "1",
+        "--set",
+        "lr=1e-3",
+        "--set",
+        "max_steps=2",
+        "--max-steps",
+        "2",
+        "--set",
+        "betas=0.9,0.99",
+        "--set",
+        "linear-every=2",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     m = Manifest.load(run)
     assert m.run["threads"] == 1
@@ -275,8 +380,9 @@ def test_random_bytes_corpus_is_refused(tmp_path, cache):
     with pytest.raises(CorpusError, match="does not look like text: .* undecodable bytes or control characters"):
         load_corpus(DataConfig(corpus=str(tmp_path / "noise.txt")))
     # The same through the CLI: one line, exit 1, before any run folder exists.
-    r = _cli("train", str(tmp_path / "run"), "--preset", "micro", "--corpus", str(tmp_path / "noise.txt"),
-             "--no-progress")
+    r = _cli(
+        "train", str(tmp_path / "run"), "--preset", "micro", "--corpus", str(tmp_path / "noise.txt"), "--no-progress"
+    )
     _one_line_error(r, "does not look like text")
     assert not (tmp_path / "run").exists()
 
@@ -316,8 +422,11 @@ def test_enormous_unbroken_line_is_bounded(tmp_path, cache):
     blob = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(1_000_000))
     spaced = " ".join(docs) * 300  # ~1.4 M characters of ordinary words in one line
     (tmp_path / "c.txt").write_text("\n\n".join([*docs, blob, spaced]))
-    with pytest.warns(CorpusWarning, match=r"1 unbroken run\(s\) longer than 1,000 .* 2 document\(s\) longer than "
-                                           r"100,000 characters were split"):
+    with pytest.warns(
+        CorpusWarning,
+        match=r"1 unbroken run\(s\) longer than 1,000 .* 2 document\(s\) longer than "
+        r"100,000 characters were split",
+    ):
         dd, _ = load_corpus(DataConfig(corpus=str(tmp_path / "c.txt")))
     texts = list(dd["train"]["text"]) + list(dd["validation"]["text"])
     assert max(len(t) for t in texts) <= MAX_DOC_CHARS

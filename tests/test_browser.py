@@ -26,8 +26,14 @@ from mlmscope.app.views import PAGES
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[1]
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--no-first-run"]
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 METRIC = '[data-testid="stMetricValue"]'
 
 
@@ -66,8 +72,14 @@ def _start_app(run_dir: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     exe = Path(sys.executable).with_name("mlmscope")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlmscope.app.cli"]
-    proc = subprocess.Popen([*cmd, "app", str(run_dir), "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [*cmd, "app", str(run_dir), "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         first = proc.stdout.readline()
         assert f"http://127.0.0.1:{port}" in first, first
@@ -95,6 +107,7 @@ def _stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     The group is the child's own (``start_new_session=True``), so this reaches the server even if `mlmscope app`
     dies first; `mlmscope app` itself also stops the server on SIGTERM (app/serve.py).
     """
+
     def signal_group(sig) -> None:
         try:
             os.killpg(proc.pid, sig)

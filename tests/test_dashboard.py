@@ -57,6 +57,7 @@ def group(analysed, micro_root) -> Path:
     def shift(m):
         for c in m["checkpoints"]:
             c["val_loss"] += 0.5
+
     _edit_manifest(g / "seed_1", shift)
     return g
 
@@ -69,6 +70,7 @@ def half(analysed, micro_root) -> Path:
     def cut(m):
         m["run"]["status"] = "training"
         m["checkpoints"] = m["checkpoints"][:6]
+
     _edit_manifest(run, cut)
     for step in (20, 30):
         shutil.rmtree(run / f"step_{step:06d}")
@@ -92,7 +94,7 @@ def failed(analysed, micro_root) -> Path:
             shutil.rmtree(store.root / "sas" / rec["dirname"])
     weights = run / "step_000010" / "model.safetensors"
     blob = bytearray(weights.read_bytes())
-    blob[len(blob) // 2: len(blob) // 2 + 64] = bytes(64)
+    blob[len(blob) // 2 : len(blob) // 2 + 64] = bytes(64)
     weights.write_bytes(bytes(blob))
     summary = Runner(run, RunnerConfig(analyses=["sas"], batch_size=8)).run()
     assert summary.failed == 1
@@ -161,8 +163,7 @@ def test_displayed_values_are_the_stored_ones(monkeypatch, analysed):
     at.sidebar.radio(key="page").set_value("syntax").run()
     summary = load_results(analysed, "sas", "summary").set_index("step")
     assert at.metric[0].value == f"{summary.loc[8, 'sas_score']:.4g}"
-    assert at.metric[1].value == (f"L{summary.loc[8, 'layer']} H{summary.loc[8, 'head']} "
-                                  f"{summary.loc[8, 'direction']}")
+    assert at.metric[1].value == (f"L{summary.loc[8, 'layer']} H{summary.loc[8, 'head']} {summary.loc[8, 'direction']}")
 
 
 @pytest.mark.parametrize("log_x", [False, True])
@@ -194,8 +195,9 @@ def test_seed_group_is_mean_with_band(monkeypatch, group):
     assert at.sidebar.selectbox(key="focus").options == [str(group / "seed_0"), str(group / "seed_1")]
     loss = next(f for f in _figures(at) if f["layout"]["title"]["text"] == "Loss over training")
     line = next(t for t in loss["data"] if t.get("name") == f"{label} · validation")
-    per_seed = [pd.Series({c.step: c.val_loss for c in Manifest.load(group / s).checkpoints})
-                for s in ("seed_0", "seed_1")]
+    per_seed = [
+        pd.Series({c.step: c.val_loss for c in Manifest.load(group / s).checkpoints}) for s in ("seed_0", "seed_1")
+    ]
     expected = (per_seed[0] + per_seed[1]) / 2
     np.testing.assert_allclose(_arr(line["y"]), expected.sort_index().to_numpy(), rtol=1e-9)
     band = [t for t in loss["data"] if t.get("fill") == "toself"]

@@ -45,8 +45,10 @@ def test_the_config_offers_the_precisions_the_hardware_resolves():
 def test_avx2_emulation_resolves_to_fp32():
     """ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 make any x86 machine choose as an AVX2-only one does."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    code = ("import json; from checkpoints import hardware; "
-            "print(json.dumps([hardware.cpu_capability(), hardware.resolve_precision('auto', 'cpu').value]))")
+    code = (
+        "import json; from checkpoints import hardware; "
+        "print(json.dumps([hardware.cpu_capability(), hardware.resolve_precision('auto', 'cpu').value]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     cap, prec = json.loads(out.stdout.strip().splitlines()[-1])
     if cap != "AVX2":
@@ -94,8 +96,9 @@ def test_demo_reports_stage_times_with_the_cpu_kind(tmp_path, small_corpus, monk
 
     calls = []
     real = config.make_config
-    monkeypatch.setattr(config, "make_config",
-                        lambda preset="demo", **kw: real("micro", corpus=small_corpus, max_steps=4, steps=[0, 4]))
+    monkeypatch.setattr(
+        config, "make_config", lambda preset="demo", **kw: real("micro", corpus=small_corpus, max_steps=4, steps=[0, 4])
+    )
     monkeypatch.setattr(cli, "_DEMO_STEPS", [lambda run: calls.append(run)])
     res = CliRunner().invoke(cli.app, ["demo", "--run", str(tmp_path / "d"), "--no-serve"])
     assert res.exit_code == 0, res.output

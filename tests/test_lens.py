@@ -169,8 +169,9 @@ def prel_model(seed: int = 0, **kw) -> tuple[TinyPreLNForMaskedLM, PreLNAdapter]
     return m, PreLNAdapter(m)
 
 
-def prel_batch(model: TinyPreLNForMaskedLM, B: int = 6, T: int = 12, seed: int = 0, mask_id: int = 1,
-               n_mask: int = 2) -> CaptureBatch:
+def prel_batch(
+    model: TinyPreLNForMaskedLM, B: int = 6, T: int = 12, seed: int = 0, mask_id: int = 1, n_mask: int = 2
+) -> CaptureBatch:
     """A synthetic ``mask15``-style CaptureBatch from the pre-LN model (rows of varying length, padding zeroed)."""
     g = torch.Generator().manual_seed(seed)
     V = model.encoder.tok.weight.shape[0]
@@ -196,13 +197,23 @@ def prel_batch(model: TinyPreLNForMaskedLM, B: int = 6, T: int = 12, seed: int =
             x = blk.ffn_part(mid)
             acts[f"blocks.{l}.hook_resid_mid"], acts[f"blocks.{l}.hook_resid_post"] = mid, x
     acts = {k: v * keep[:, :, None] for k, v in acts.items()}
-    return CaptureBatch("mask15", torch.arange(B), ids, am, special, [[None] * T for _ in range(B)], labels,
-                        (labels != -100).nonzero(), acts)
+    return CaptureBatch(
+        "mask15",
+        torch.arange(B),
+        ids,
+        am,
+        special,
+        [[None] * T for _ in range(B)],
+        labels,
+        (labels != -100).nonzero(),
+        acts,
+    )
 
 
 def make_ctx(arch, n_layers: int, d_model: int, model=None, **fields) -> AnalysisContext:
-    return AnalysisContext(model=model, arch=arch, n_layers=n_layers, n_heads=2, d_model=d_model, probe_set=None,
-                           step=7, **fields)
+    return AnalysisContext(
+        model=model, arch=arch, n_layers=n_layers, n_heads=2, d_model=d_model, probe_set=None, step=7, **fields
+    )
 
 
 def lm_ctx(lm, **fields) -> AnalysisContext:
@@ -270,8 +281,10 @@ def test_logit_lens_accumulator_micro(micro, micro_mask15):
     assert (df["n_masked"] == n).all() and n > 15
     assert (df["kl"].iloc[:-1] > 0).all() and (df["gold_rank"] >= 1).all()
     # the final row's CE equals the model's own masked-LM loss on these batches
-    ce = sum(float(nn.functional.cross_entropy(b["mlm_head.hook_out"], b.labels[b.masked_mask], reduction="sum"))
-             for b in micro_mask15)
+    ce = sum(
+        float(nn.functional.cross_entropy(b["mlm_head.hook_out"], b.labels[b.masked_mask], reduction="sum"))
+        for b in micro_mask15
+    )
     assert last["ce"] == pytest.approx(ce / n, rel=1e-5)
 
 
@@ -328,13 +341,13 @@ def test_lens_metrics_hand_computed():
     p, q = final.softmax(-1), layer.softmax(-1)
     kl = (p * (p.log() - q.log())).sum(-1)
     assert float(s["kl"][0]) == pytest.approx(float(kl.sum()), rel=1e-6)
-    assert float(s["top1_agree"][0]) == 0.0                       # layer top-1: 1 and 5; final: 0 and 2
-    assert float(s["p_at_2"][0]) == 1.0                           # token 1 is in final top-2 of row 0 only
-    assert float(s["p_at_5"][0]) == 1.0                           # row 0 only: token 5 is row 1's last of 6
+    assert float(s["top1_agree"][0]) == 0.0  # layer top-1: 1 and 5; final: 0 and 2
+    assert float(s["p_at_2"][0]) == 1.0  # token 1 is in final top-2 of row 0 only
+    assert float(s["p_at_5"][0]) == 1.0  # row 0 only: token 5 is row 1's last of 6
     assert float(s["surprisal"][0]) == pytest.approx(float(-(p[0, 1].log() + p[1, 5].log())), rel=1e-6)
     assert float(s["ce"][0]) == pytest.approx(float(-(q[0, 2].log() + q[1, 2].log())), rel=1e-6)
     assert float(s["acc"][0]) == 0.0
-    assert float(s["gold_rank"][0]) == 2.0 + 2.0                  # row 0: below token 1; row 1: below token 5
+    assert float(s["gold_rank"][0]) == 2.0 + 2.0  # row 0: below token 1; row 1: below token 5
     assert float(s["entropy"][0]) == pytest.approx(float(-(q * q.log()).sum()), rel=1e-6)
 
 
@@ -359,8 +372,17 @@ def test_final_layer_nan_names_checkpoint(micro, micro_mask15):
     b = micro_mask15[0]
     acts = dict(b.acts)
     acts[f"blocks.{micro.n_layers - 1}.hook_resid_post"] = torch.full_like(acts["embed.hook_out"], float("nan"))
-    bad = CaptureBatch(b.variant, b.sentence_ids, b.input_ids, b.attention_mask, b.special_mask, b.word_ids,
-                       b.labels, b.head_positions, acts)
+    bad = CaptureBatch(
+        b.variant,
+        b.sentence_ids,
+        b.input_ids,
+        b.attention_mask,
+        b.special_mask,
+        b.word_ids,
+        b.labels,
+        b.head_positions,
+        acts,
+    )
     for analysis in (LogitLens(), TunedLens()):
         acc = analysis.accumulator(lm_ctx(micro, checkpoint="runs/x/step_000400"))
         with pytest.raises(NonFiniteActivationError, match=r"runs/x/step_000400.*final layer"):
@@ -387,7 +409,7 @@ def test_fit_tuned_lens_zero_init_is_logit_lens_and_improves():
     tr, steps, hist = fit_tuned_lens(hiddens, final, head, config=FitConfig(max_steps=150))
     logp = final.log_softmax(-1)
     logit_lens_kl = float((logp.exp() * (logp - head(hiddens[0]).log_softmax(-1))).sum(-1).mean())
-    assert hist[0][0] == pytest.approx(logit_lens_kl, rel=1e-5)          # step 0 = identity = logit lens
+    assert hist[0][0] == pytest.approx(logit_lens_kl, rel=1e-5)  # step 0 = identity = logit lens
     assert all(h[-1] < 0.2 * h[0] for h in hist) and all(0 < s <= 150 for s in steps)
     assert len(hist[0]) == steps[0] + 1
     assert isinstance(tr, AffineTranslators) and tr.weight.abs().max() > 0
@@ -422,8 +444,13 @@ def test_fit_does_not_touch_model_parameters(micro, micro_mask15):
     b = micro_mask15[0]
     mm = b.masked_mask
     hs = torch.stack([b["embed.hook_out"][mm]])
-    fit_tuned_lens(hs, decode_hidden(micro.arch, b["blocks.1.hook_resid_post"][mm]).detach(),
-                   lambda h: decode_hidden(micro.arch, h), config=FitConfig(max_steps=3), frozen=[head])
+    fit_tuned_lens(
+        hs,
+        decode_hidden(micro.arch, b["blocks.1.hook_resid_post"][mm]).detach(),
+        lambda h: decode_hidden(micro.arch, h),
+        config=FitConfig(max_steps=3),
+        frozen=[head],
+    )
     assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
     assert [p.requires_grad for p in head.parameters()] == flags
     assert all(p.grad is None for p in head.parameters())
@@ -442,7 +469,7 @@ def test_tuned_lens_accumulator_micro_warm_start_round_trip(micro, micro_mask15,
         assert per[per["lens"] == lens].iloc[-1]["kl"] == pytest.approx(0.0, abs=1e-6)
     state = acc.translator_state()
     path = save_translators(state, tmp_path / "tl.safetensors")
-    acc.save_artefacts(tmp_path)                        # what the runner stores beside the tables
+    acc.save_artefacts(tmp_path)  # what the runner stores beside the tables
     loaded = load_translators(path)
     torch.testing.assert_close(loaded["weight"], state["weight"])
     assert loaded["steps"] == state["steps"] and loaded["checkpoint"] == "step 7"
@@ -469,8 +496,12 @@ def test_runner_end_to_end_warm_start_chain(tmp_path):
     from test_runner import make_run
 
     run = make_run(tmp_path / "run", steps=(0, 1, 2))
-    analyses = [TunedLens(TunedLens.Params(max_steps=15, heldout_every=3)), LogitLens(), Redundancy(),
-                LayerDrop(LayerDrop.Params(max_sentences=4))]
+    analyses = [
+        TunedLens(TunedLens.Params(max_steps=15, heldout_every=3)),
+        LogitLens(),
+        Redundancy(),
+        LayerDrop(LayerDrop.Params(max_sentences=4)),
+    ]
     summary = Runner(run, RunnerConfig(batch_size=8, device="cpu"), probe_set=SENTS[:10], analyses=analyses).run()
     assert summary.failed == 0
     fit = load_results(run, "tuned_lens", table="fit").sort_values(["step", "translator"])
@@ -485,9 +516,20 @@ def test_logit_lens_shared_final_reference_equals_own_decode(micro, micro_mask15
     """The final distribution taken from the capture's head output (shared across analyses through the batch memo)
     gives the same table as decoding the last hidden state inside the lens."""
     _, shared = run_analysis(LogitLens(), lm_ctx(micro), micro_mask15)
-    own = [CaptureBatch(b.variant, b.sentence_ids, b.input_ids, b.attention_mask, b.special_mask, b.word_ids,
-                        b.labels, b.head_positions, {k: v for k, v in b.acts.items() if k != "mlm_head.hook_out"})
-           for b in micro_mask15]
+    own = [
+        CaptureBatch(
+            b.variant,
+            b.sentence_ids,
+            b.input_ids,
+            b.attention_mask,
+            b.special_mask,
+            b.word_ids,
+            b.labels,
+            b.head_positions,
+            {k: v for k, v in b.acts.items() if k != "mlm_head.hook_out"},
+        )
+        for b in micro_mask15
+    ]
     _, alone = run_analysis(LogitLens(), lm_ctx(micro), own)
     assert all("lens.final_ref:cpu" in b.derived for b in micro_mask15)
     for m in ("kl", "ce", "entropy", "surprisal", "gold_rank", "top1_agree"):
@@ -499,7 +541,7 @@ def test_lens_metric_sums_float64_accuracy():
     ~1e-4 nats per position here)."""
     g = torch.Generator().manual_seed(0)
     final = 3 * torch.randn(64, 30522, generator=g)
-    layer = final + 0.05 * torch.randn(64, 30522, generator=g)      # a nearly final layer: a small KL
+    layer = final + 0.05 * torch.randn(64, 30522, generator=g)  # a nearly final layer: a small KL
     gold = torch.randint(0, 30522, (64,), generator=g)
     s = lens_metric_sums(layer, final, gold)
     lp, lq = final.double().log_softmax(-1), layer.double().log_softmax(-1)

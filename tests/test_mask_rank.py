@@ -38,8 +38,9 @@ def _vectors(sid: np.ndarray, pos: np.ndarray, mask: np.ndarray, layer: int, ide
     return x
 
 
-def synthetic_batches(n_sent: int = 60, batch_size: int = 16, identical: bool = False, seed: int = 0,
-                      variants=("clean", "mask15")) -> list[CaptureBatch]:
+def synthetic_batches(
+    n_sent: int = 60, batch_size: int = 16, identical: bool = False, seed: int = 0, variants=("clean", "mask15")
+) -> list[CaptureBatch]:
     rng = np.random.default_rng(seed)
     lens = rng.integers(5, 15, size=n_sent)
     out = []
@@ -64,9 +65,19 @@ def synthetic_batches(n_sent: int = 60, batch_size: int = 16, identical: bool = 
             for l, name in enumerate(["embed.hook_out"] + [f"blocks.{k}.hook_resid_post" for k in range(LAYERS)]):
                 x = torch.tensor(_vectors(sid_grid, pos_grid, is_mask, l, identical), dtype=torch.float32)
                 acts[name] = x.view(len(sids), T, D) * am[:, :, None]
-            out.append(CaptureBatch(variant=variant, sentence_ids=torch.tensor(sids), input_ids=ids,
-                                    attention_mask=am, special_mask=special, word_ids=[[None]] * len(sids),
-                                    labels=lab, head_positions=torch.zeros(0, 2, dtype=torch.long), acts=acts))
+            out.append(
+                CaptureBatch(
+                    variant=variant,
+                    sentence_ids=torch.tensor(sids),
+                    input_ids=ids,
+                    attention_mask=am,
+                    special_mask=special,
+                    word_ids=[[None]] * len(sids),
+                    labels=lab,
+                    head_positions=torch.zeros(0, 2, dtype=torch.long),
+                    acts=acts,
+                )
+            )
     return out
 
 
@@ -85,8 +96,12 @@ def _run(batches, **params) -> dict[str, pd.DataFrame]:
 
 
 def _value(ranks, layer, token_set, normalisation="centred", metric="variance_rank"):
-    r = ranks[(ranks.layer == layer) & (ranks.token_set == token_set) & (ranks.normalisation == normalisation)
-              & (ranks.metric == metric)]
+    r = ranks[
+        (ranks.layer == layer)
+        & (ranks.token_set == token_set)
+        & (ranks.normalisation == normalisation)
+        & (ranks.metric == metric)
+    ]
     assert len(r) == 1
     return r["value"].item()
 
@@ -146,14 +161,16 @@ def test_streaming_equals_one_shot():
     keep = sig[lam > tol]
     p = keep / keep.sum()
     assert _value(ranks, layer, "clean_real") == k
-    assert _value(ranks, layer, "clean_real", metric="entropy_rank") == pytest.approx(np.exp(-(p * np.log(p)).sum()),
-                                                                                       abs=1e-6)
+    assert _value(ranks, layer, "clean_real", metric="entropy_rank") == pytest.approx(
+        np.exp(-(p * np.log(p)).sum()), abs=1e-6
+    )
     corr = np.corrcoef(h.T)
     ev = np.linalg.eigvalsh(corr)[::-1]
     ev[ev <= D * np.finfo(np.float64).eps * D] = 0
     q = np.sqrt(ev[ev > 0]) / np.sqrt(ev[ev > 0]).sum()
     assert _value(ranks, layer, "clean_real", "standardised", "entropy_rank") == pytest.approx(
-        np.exp(-(q * np.log(q)).sum()), abs=1e-6)
+        np.exp(-(q * np.log(q)).sum()), abs=1e-6
+    )
     # batching must not change anything
     again = _run(synthetic_batches(n_sent=40, batch_size=40), tau=0.9, min_tokens_per_dim=1.0)["ranks"]
     np.testing.assert_allclose(again["value"].to_numpy(), ranks["value"].to_numpy(), atol=1e-6)

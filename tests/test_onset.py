@@ -20,7 +20,7 @@ def sigmoid(center: float, scale: float, lo: float = 0.1, hi: float = 0.4) -> np
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigmoid_onset_is_recovered_with_interval(seed):
     rng = np.random.default_rng(seed)
-    center, scale = 2.5, 0.15                                  # steepest at step ~315
+    center, scale = 2.5, 0.15  # steepest at step ~315
     o = detect_onset(STEPS, sigmoid(center, scale) + rng.normal(0, 0.01, len(X)), n_boot=100)
     assert o.found and o.reason == ""
     assert abs(math.log10(o.steepest_step + 1) - center) < 0.1
@@ -28,7 +28,7 @@ def test_sigmoid_onset_is_recovered_with_interval(seed):
     assert abs(math.log10(o.onset_step + 1) - (center - 2 * scale)) < 0.2
     assert o.onset_step < o.steepest_step < o.end_step
     lo, hi = o.steepest_ci
-    assert lo <= 10 ** center <= hi * 1.15 and o.boot_found > 0.9
+    assert lo <= 10**center <= hi * 1.15 and o.boot_found > 0.9
     assert o.change == pytest.approx(0.3, abs=0.08)
 
 
@@ -59,7 +59,7 @@ def test_step_change_between_two_checkpoints():
 
 
 def test_rise_from_the_first_checkpoint_is_not_an_onset():
-    y = np.where(X < 2, 0.5 * X, 1.0)                          # rising from the start, then flat
+    y = np.where(X < 2, 0.5 * X, 1.0)  # rising from the start, then flat
     o = detect_onset(STEPS, y, n_boot=0)
     assert not o.found and "first checkpoint" in o.reason
 
@@ -72,7 +72,7 @@ def test_bad_and_tiny_inputs():
     with pytest.raises(OnsetInputError):
         detect_onset(STEPS, X, direction="sideways")
     nan = sigmoid(2.5, 0.15)
-    nan[::7] = np.nan                                           # missing values are dropped, not fatal
+    nan[::7] = np.nan  # missing values are dropped, not fatal
     assert detect_onset(STEPS, nan, n_boot=0).found
 
 

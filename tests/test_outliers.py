@@ -50,10 +50,19 @@ def synthetic_batches(n_sent: int = 80, batch_size: int = 16, seed: int = 0) -> 
             x[..., MAX_DIM] = 10.0
             x[..., MIN_DIM] = -10.0 - pos / 2
             acts[name] = x * am[:, :, None]
-        out.append(CaptureBatch(variant="clean", sentence_ids=torch.tensor(sids), input_ids=torch.zeros_like(am),
-                                attention_mask=am, special_mask=special, word_ids=[[None]] * len(sids),
-                                labels=torch.full_like(am, -100), head_positions=torch.zeros(0, 2, dtype=torch.long),
-                                acts=acts))
+        out.append(
+            CaptureBatch(
+                variant="clean",
+                sentence_ids=torch.tensor(sids),
+                input_ids=torch.zeros_like(am),
+                attention_mask=am,
+                special_mask=special,
+                word_ids=[[None]] * len(sids),
+                labels=torch.full_like(am, -100),
+                head_positions=torch.zeros(0, 2, dtype=torch.long),
+                acts=acts,
+            )
+        )
     return out
 
 
@@ -212,9 +221,11 @@ def test_three_sigma_and_pair_cosine_hand_values():
 def test_outlier_emergence():
     rows = []
     for step, f in ((0, 0.1), (100, 0.6), (200, 0.3), (300, 0.7), (400, 0.9)):
-        rows += [{"step": step, "layer": 0, "dim": 4, "kind": "argmin", "freq": 0.99},  # input layer: ignored
-                 {"step": step, "layer": 1, "dim": 4, "kind": "argmin", "freq": f},
-                 {"step": step, "layer": 2, "dim": 9, "kind": "argmax", "freq": 0.8 if step >= 300 else 0.0}]
+        rows += [
+            {"step": step, "layer": 0, "dim": 4, "kind": "argmin", "freq": 0.99},  # input layer: ignored
+            {"step": step, "layer": 1, "dim": 4, "kind": "argmin", "freq": f},
+            {"step": step, "layer": 2, "dim": 9, "kind": "argmax", "freq": 0.8 if step >= 300 else 0.0},
+        ]
     out = outlier_emergence(pd.DataFrame(rows), threshold=0.5).set_index(["dim", "kind"])
     assert out.loc[(4, "argmin"), "emergence_step"] == 100
     assert out.loc[(4, "argmin"), "stable_from"] == 300
@@ -240,8 +251,9 @@ def test_real_capture_minilm(minilm_dir):
     from mlmscope.probes.model import load_model
 
     lm = load_model(minilm_dir)
-    ctx = AnalysisContext(model=lm.model, arch=lm.arch, n_layers=lm.n_layers, n_heads=lm.n_heads,
-                          d_model=lm.d_model, probe_set=None)
+    ctx = AnalysisContext(
+        model=lm.model, arch=lm.arch, n_layers=lm.n_layers, n_heads=lm.n_heads, d_model=lm.d_model, probe_set=None
+    )
     words = [s.rstrip(".").split() for s in FIXTURE_TEXT[:15]]
     analyses = [Outliers(), MaskRank()]
     accs = [a.accumulator(ctx) for a in analyses]

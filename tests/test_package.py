@@ -65,8 +65,13 @@ def test_every_module_lives_under_the_one_namespace():
 
 def _absolute_old(name: str) -> Iterator[tuple[str, int]]:
     for node in ast.walk(ast.parse(MODULES[name].read_text())):
-        names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else
-                 [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        names = (
+            [node.module or ""]
+            if isinstance(node, ast.ImportFrom) and not node.level
+            else [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else []
+        )
         for n in names:
             if n.split(".")[0] in LAYERS:
                 yield n, node.lineno
@@ -75,9 +80,13 @@ def _absolute_old(name: str) -> Iterator[tuple[str, int]]:
 @pytest.mark.parametrize("layer", LAYERS)
 def test_layers_import_only_downwards(layer):
     allowed = set(LAYERS[: LAYERS.index(layer) + 1])
-    bad = [f"{MODULES[m].relative_to(REPO)}:{line} imports {t}"
-           for m in MODULES if m.split(".")[1:2] == [layer]
-           for t, line in _imports(m, top_level_only=False) if t != TOP and t.split(".")[1] not in allowed]
+    bad = [
+        f"{MODULES[m].relative_to(REPO)}:{line} imports {t}"
+        for m in MODULES
+        if m.split(".")[1:2] == [layer]
+        for t, line in _imports(m, top_level_only=False)
+        if t != TOP and t.split(".")[1] not in allowed
+    ]
     assert not bad, f"{layer}/ may import only {sorted(allowed)}:\n" + "\n".join(bad)
 
 
@@ -98,7 +107,7 @@ def test_no_import_cycle():
     for m in sorted(MODULES):
         if m not in state:
             cycle = visit(m, [])
-            assert cycle is None, "import cycle: " + " -> ".join(cycle[cycle.index(cycle[-1]):])
+            assert cycle is None, "import cycle: " + " -> ".join(cycle[cycle.index(cycle[-1]) :])
 
 
 def test_the_checker_sees_relative_imports():

@@ -90,8 +90,9 @@ def test_transformer_lens_bridge_parity(lm, batched):
         sid = enc.sentence_ids[i]
         _, cache = bridge.run_with_cache(torch.tensor([enc.input_ids[i]]))
         for name in names:
-            assert_close_scaled(_by_sentence(batched, name)[sid], cache[_tl_name(name)][0],
-                                msg=lambda m, name=name: f"{name}: {m}")
+            assert_close_scaled(
+                _by_sentence(batched, name)[sid], cache[_tl_name(name)][0], msg=lambda m, name=name: f"{name}: {m}"
+            )
 
 
 def test_padding_invariance_every_name(micro):
@@ -139,8 +140,9 @@ def test_sublayer_identities(lm, batched):
             expect = ln(b[p + "ln2.hook_in"]) * b.attention_mask[..., None]
             assert_close_scaled(b[p + "hook_resid_post"], expect)
             if l + 1 < lm.n_layers:
-                torch.testing.assert_close(b[p + "hook_resid_post"], b[f"blocks.{l + 1}.hook_resid_pre"], atol=0,
-                                           rtol=0)
+                torch.testing.assert_close(
+                    b[p + "hook_resid_post"], b[f"blocks.{l + 1}.hook_resid_pre"], atol=0, rtol=0
+                )
 
 
 def test_only_requested_names_saved(micro):
@@ -174,14 +176,17 @@ def test_masking_deterministic_and_counts(micro):
         assert sum(x != -100 for x in a[1]) == max(1, round(0.15 * n))
         _ids1, lab1 = apply_mask(enc.input_ids[i], special, "mask1", sid, 4)
         assert sum(x != -100 for x in lab1) == 1 and not any(s and l != -100 for s, l in zip(special, lab1))
-    assert any(mask_positions("mask15", 30, s, 0).tolist() != mask_positions("mask15", 30, s, 1).tolist()
-               for s in range(5))
+    assert any(
+        mask_positions("mask15", 30, s, 0).tolist() != mask_positions("mask15", 30, s, 1).tolist() for s in range(5)
+    )
     b1 = list(capture(micro, SENTS, variants=("mask1",), names=["embed.hook_out"], batch_size=3))
-    b2 = list(capture(micro, SENTS, variants=("mask1",), names=["embed.hook_out"], batch_size=8,
-                      sort_by_length=False))
+    b2 = list(capture(micro, SENTS, variants=("mask1",), names=["embed.hook_out"], batch_size=8, sort_by_length=False))
 
     def masked(batches):
-        return {s: b.input_ids[r][: int(b.attention_mask[r].sum())].tolist()
-                for b in batches for r, s in enumerate(b.sentence_ids.tolist())}
+        return {
+            s: b.input_ids[r][: int(b.attention_mask[r].sum())].tolist()
+            for b in batches
+            for r, s in enumerate(b.sentence_ids.tolist())
+        }
 
     assert masked(b1) == masked(b2)

@@ -36,8 +36,15 @@ def test_roberta(tmp_path, micro_model_dir):
     from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 
     tok = AutoTokenizer.from_pretrained(micro_model_dir)
-    cfg = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=40, pad_token_id=tok.pad_token_id)
+    cfg = RobertaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     RobertaForMaskedLM(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
@@ -56,8 +63,7 @@ def test_roberta(tmp_path, micro_model_dir):
 def test_non_bert_folder_names_what_was_found(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(
-        tmp_path)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match=r"GPT2LMHeadModel.*model_type='gpt2'"):
         load_model(tmp_path)
 

@@ -29,7 +29,7 @@ from mlmscope.probes.probeset import (
 )
 
 #: 15 distinct sentences, grouped 3 per document; plus a 3-word one (too short) and repeats (duplicates).
-DOCS = [" ".join(FIXTURE_TEXT[i: i + 3]) for i in range(0, 15, 3)] + ["Too short here.", FIXTURE_TEXT[0]]
+DOCS = [" ".join(FIXTURE_TEXT[i : i + 3]) for i in range(0, 15, 3)] + ["Too short here.", FIXTURE_TEXT[0]]
 
 GOOD = """# sent_id = a
 # half = 1
@@ -81,7 +81,12 @@ def test_hash_stable_across_builds_and_round_trip(built, nlp, tmp_path):
     back = load_probe_set(tmp_path / "ps")
     assert back.content_hash == built.content_hash and back.meta["source"] == "fixture"
     assert (back.sentences, back.heads, back.relations, back.upos, back.halves) == (
-        built.sentences, built.heads, built.relations, built.upos, built.halves)
+        built.sentences,
+        built.heads,
+        built.relations,
+        built.upos,
+        built.halves,
+    )
 
 
 def test_edited_file_detected(built, tmp_path):
@@ -124,12 +129,15 @@ def test_user_conllu(tmp_path):
     assert sorted(read_conllu(f).halves) == [0, 1]
 
 
-@pytest.mark.parametrize("edit, line, msg", [
-    (lambda s: s.replace("2\tdog\t_\tNOUN\t_\t_\t3\tnsubj\t_\t_", "2\tdog\tNOUN\t3"), 4, "expected 10"),
-    (lambda s: s.replace("\t3\tnsubj", "\tx\tnsubj"), 4, "HEAD must be a number"),
-    (lambda s: s.replace("\t3\tnsubj", "\t7\tnsubj"), 4, "points past"),
-    (lambda s: s.replace("3\tbarks", "4\tbarks"), 5, "ID '4' where word 3"),
-])
+@pytest.mark.parametrize(
+    "edit, line, msg",
+    [
+        (lambda s: s.replace("2\tdog\t_\tNOUN\t_\t_\t3\tnsubj\t_\t_", "2\tdog\tNOUN\t3"), 4, "expected 10"),
+        (lambda s: s.replace("\t3\tnsubj", "\tx\tnsubj"), 4, "HEAD must be a number"),
+        (lambda s: s.replace("\t3\tnsubj", "\t7\tnsubj"), 4, "points past"),
+        (lambda s: s.replace("3\tbarks", "4\tbarks"), 5, "ID '4' where word 3"),
+    ],
+)
 def test_malformed_conllu_line_numbers(tmp_path, edit, line, msg):
     f = tmp_path / "bad.conllu"
     f.write_text(edit(GOOD))
@@ -163,17 +171,18 @@ def test_piece_to_word_matrix(micro_model_dir):
     b = next(capture(lm, ps, names=["embed.hook_out"], sort_by_length=False))
     assert all(len(w) == b.input_ids.shape[1] for w in b.word_ids)
     P = piece_to_word_matrix(b.word_ids, 3, b.input_ids.shape[1])
-    assert P.sum(-1)[1].tolist() == [1, 1, 0]                     # "the", "cat" single pieces; no third word
-    assert P.sum(-1)[0, 0] > 1                                       # a split word
-    assert P.sum((1, 2)).tolist() == b.token_mask.sum(1).tolist()    # every non-special piece in exactly one word
+    assert P.sum(-1)[1].tolist() == [1, 1, 0]  # "the", "cat" single pieces; no third word
+    assert P.sum(-1)[0, 0] > 1  # a split word
+    assert P.sum((1, 2)).tolist() == b.token_mask.sum(1).tolist()  # every non-special piece in exactly one word
 
 
 def test_cli_import_conllu_and_errors(tmp_path, micro_model_dir):
     runner = CliRunner()
     f = tmp_path / "gold.conllu"
     f.write_text(GOOD)
-    r = runner.invoke(app, ["probes", "build", "--conllu", str(f), "--out", str(tmp_path / "ps"),
-                            "--model", str(micro_model_dir)])
+    r = runner.invoke(
+        app, ["probes", "build", "--conllu", str(f), "--out", str(tmp_path / "ps"), "--model", str(micro_model_dir)]
+    )
     assert r.exit_code == 0, r.output
     ps = load_probe_set(tmp_path / "ps")
     assert len(ps) == 2 and ps.tokenizer_hash == load_model(micro_model_dir).tokenizer_hash
@@ -185,12 +194,17 @@ def test_cli_import_conllu_and_errors(tmp_path, micro_model_dir):
 
 
 def test_cli_bench(micro_model_dir):
-    r = CliRunner().invoke(app, ["probes", "bench", str(micro_model_dir), "--n", "20", "--route", "both", "--batch-size", "8"])
+    r = CliRunner().invoke(
+        app, ["probes", "bench", str(micro_model_dir), "--n", "20", "--route", "both", "--batch-size", "8"]
+    )
     assert r.exit_code == 0, r.output
     assert r.output.count("sentences/s") == 2 and "peak RSS" in r.output
 
 
 def test_invisible_tokens_rejected_at_build(nlp):
-    ps = build_probe_set(["The cat sat on the \u2060\u2060 mat near the door. The dog slept by the warm fire."],
-                         BuildConfig(n=5), nlp=nlp)
+    ps = build_probe_set(
+        ["The cat sat on the \u2060\u2060 mat near the door. The dog slept by the warm fire."],
+        BuildConfig(n=5),
+        nlp=nlp,
+    )
     assert ps.meta["skipped"] == {"invisible_token": 1} and ps.sentences[0][:2] == ["The", "dog"]

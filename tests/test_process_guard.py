@@ -48,8 +48,12 @@ def test_guard_finds_and_kills_reparented_grandchild(tmp_path):
 def test_guard_finds_child_seen_before_it_was_reparented(tmp_path):
     guard = ProcessGuard(tmp_path)
     # an environment without the tag: found only because a snapshot saw it while it was still our grandchild
-    parent = subprocess.Popen([sys.executable, "-c", _DOUBLE_FORK + "import time; time.sleep(30)\n"],
-                              stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"})
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _DOUBLE_FORK + "import time; time.sleep(30)\n"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     pid = int(parent.stdout.readline())
     deadline = time.monotonic() + 10
     while pid not in {c.pid for c in psutil.Process().children(recursive=True)} and time.monotonic() < deadline:
@@ -65,8 +69,9 @@ def test_guard_finds_child_seen_before_it_was_reparented(tmp_path):
 def test_guard_ignores_processes_that_ended_and_foreign_ones(tmp_path):
     guard = ProcessGuard(tmp_path)
     subprocess.run([sys.executable, "-c", "pass"], check=True)
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env={"PATH": "/usr/bin:/bin"},
-                             start_new_session=True)
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)"], env={"PATH": "/usr/bin:/bin"}, start_new_session=True
+    )
     try:
         # a direct child is ours whatever its environment; one that exits within the grace period is not a leak
         assert [p.pid for p in guard.survivors()] == [other.pid]

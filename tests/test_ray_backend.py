@@ -14,8 +14,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from mlmscope.analyses.store import ResultStore, load_results  # noqa: E402
-from test_runner import Chained, FakeMasked, FakeNorm, make_run, runner  # noqa: E402
+from mlmscope.analyses.store import ResultStore, load_results  # noqa: E402 - after the ray importorskip
+from test_runner import Chained, FakeMasked, FakeNorm, make_run, runner  # noqa: E402 - after the ray importorskip
 
 TESTS_DIR = Path(__file__).parent
 

@@ -27,20 +27,32 @@ def _direct_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 def _synthetic(states: dict[str, torch.Tensor], token_mask: torch.Tensor, variant: str = "clean") -> CaptureBatch:
     B, T = token_mask.shape
     am = torch.ones(B, T, dtype=torch.long)
-    return CaptureBatch(variant, torch.arange(B), torch.zeros(B, T, dtype=torch.long), am, ~token_mask,
-                        [[None] * T for _ in range(B)], torch.full((B, T), -100), torch.zeros(0, 2, dtype=torch.long),
-                        states)
+    return CaptureBatch(
+        variant,
+        torch.arange(B),
+        torch.zeros(B, T, dtype=torch.long),
+        am,
+        ~token_mask,
+        [[None] * T for _ in range(B)],
+        torch.full((B, T), -100),
+        torch.zeros(0, 2, dtype=torch.long),
+        states,
+    )
 
 
 def _rotated_states(seed: int = 0, B: int = 8, T: int = 10, d: int = 6):
     """Two layers: h_1 = h_0 Q (Q orthogonal), h_2 an unrelated nonlinear map; mids arbitrary."""
     g = torch.Generator().manual_seed(seed)
-    h0 = torch.randn(B, T, d, generator=g) + 3.0                           # a common offset, as LayerNorm β gives
+    h0 = torch.randn(B, T, d, generator=g) + 3.0  # a common offset, as LayerNorm β gives
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
     h2 = torch.tanh(h0 @ torch.randn(d, d, generator=g)) * torch.linspace(0.1, 5, d)
-    states = {"embed.hook_out": h0, "blocks.0.hook_resid_mid": torch.randn(B, T, d, generator=g),
-              "blocks.0.hook_resid_post": h0 @ q, "blocks.1.hook_resid_mid": torch.randn(B, T, d, generator=g),
-              "blocks.1.hook_resid_post": h2}
+    states = {
+        "embed.hook_out": h0,
+        "blocks.0.hook_resid_mid": torch.randn(B, T, d, generator=g),
+        "blocks.0.hook_resid_post": h0 @ q,
+        "blocks.1.hook_resid_mid": torch.randn(B, T, d, generator=g),
+        "blocks.1.hook_resid_post": h2,
+    }
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[:, 0] = False
     mask[:, -1] = False
@@ -58,8 +70,8 @@ def test_cka_self_one_and_rotation_invariant():
     cka = res["cka"].pivot(index="layer_i", columns="layer_j", values="cka").to_numpy()
     assert cka.diagonal() == pytest.approx([1.0, 1.0, 1.0], abs=1e-12)
     f32 = dict(dtype=torch.float32, scale=1.0)  # inputs rounded to float32; CKA lies in [0, 1]
-    assert cka[0, 1] == approx_scaled(1.0, **f32)     # CKA(X, XQ) = 1 (XQ rounded to float32)
-    assert cka[1, 2] == approx_scaled(cka[0, 2], **f32)   # rotating X leaves CKA(X, Y) unchanged
+    assert cka[0, 1] == approx_scaled(1.0, **f32)  # CKA(X, XQ) = 1 (XQ rounded to float32)
+    assert cka[1, 2] == approx_scaled(cka[0, 2], **f32)  # rotating X leaves CKA(X, Y) unchanged
     assert cka[0, 2] < 0.99
     x, y = states["embed.hook_out"][mask], states["blocks.1.hook_resid_post"][mask]
     assert cka[0, 2] == pytest.approx(_direct_cka(x, y), rel=1e-9)
@@ -73,8 +85,8 @@ def test_standardised_cka_differs_and_is_scale_invariant():
     scaled["blocks.1.hook_resid_post"] = states["blocks.1.hook_resid_post"] * torch.linspace(1, 50, 6)
     res2 = _redundancy([_synthetic(scaled, mask)])
     std, std2 = res["cka"]["cka_std"].to_numpy(), res2["cka"]["cka_std"].to_numpy()
-    assert std == approx_scaled(std2, dtype=torch.float32, scale=1.0)    # float32 inputs; per-dimension scaling removed
-    assert abs(res["cka"]["cka"].iloc[2] - res2["cka"]["cka"].iloc[2]) > 1e-3   # plain CKA is not invariant to it
+    assert std == approx_scaled(std2, dtype=torch.float32, scale=1.0)  # float32 inputs; per-dimension scaling removed
+    assert abs(res["cka"]["cka"].iloc[2] - res2["cka"]["cka"].iloc[2]) > 1e-3  # plain CKA is not invariant to it
 
 
 def test_streaming_equals_one_batch():
@@ -97,8 +109,7 @@ def test_cosines_hand_computed():
     ccos = (xc * yc).sum() / (xc.norm() * yc.norm())
     assert per.loc[(0, "block"), "cos_centred"] == pytest.approx(float(ccos), rel=1e-9)
     m1 = states["blocks.1.hook_resid_mid"][mask].double()
-    assert per.loc[(1, "attn"), "cos"] == pytest.approx(float(nn.functional.cosine_similarity(y, m1).mean()),
-                                                        rel=1e-9)
+    assert per.loc[(1, "attn"), "cos"] == pytest.approx(float(nn.functional.cosine_similarity(y, m1).mean()), rel=1e-9)
     assert per.loc[(0, "block"), "n_tokens"] == int(mask.sum())
 
 
@@ -132,8 +143,9 @@ def test_redundancy_real_capture(micro):
     # cross-check one cosine against plain HF hidden states
     b = batches[0]
     with torch.no_grad():
-        hs = micro.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                         output_hidden_states=True).hidden_states
+        hs = micro.model(
+            input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True
+        ).hidden_states
     assert_close_scaled(b["blocks.1.hook_resid_post"][b.token_mask], hs[2][b.token_mask])
 
 
@@ -192,7 +204,7 @@ def test_layer_drop_matches_manual_skip(micro):
     ce_block0 = ce_ffn1 = 0.0
     n = 0
     for b in batches:
-        ext = (1.0 - b.attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min   # additive mask
+        ext = (1.0 - b.attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min  # additive mask
         mm = b.masked_mask
         with torch.no_grad():
             e = enc.embeddings(input_ids=b.input_ids)
@@ -246,6 +258,6 @@ def test_layer_drop_same_in_one_or_many_stacked_passes(micro, monkeypatch):
 
     batches = list(capture(micro, SENTS, variants=("mask15",), names=[], batch_size=8))
     _, one = run_analysis(LayerDrop(), lm_ctx(micro), batches)
-    monkeypatch.setattr(red, "MAX_STACKED_ROWS", 8)          # one configuration per pass
+    monkeypatch.setattr(red, "MAX_STACKED_ROWS", 8)  # one configuration per pass
     _, many = run_analysis(LayerDrop(), lm_ctx(micro), batches)
     pd.testing.assert_frame_equal(one["per_unit"], many["per_unit"], rtol=1e-5)

@@ -19,9 +19,15 @@ from mlmscope.analyses.base import load_all
 from mlmscope.app.report import NA, ReportError, build_report, fmt, md_table, select_steps
 
 STEPS = [0, 1, 2, 4, 8, 10, 20]
-SECTIONS = ["### Training", "### Syntactic attention structure (SAS)", "### Attention: where heads look",
-            "### [MASK] rank deficiency",
-            "### Outlier dimensions", "### Layer redundancy and layer drop", "### Logit lens and tuned lens"]
+SECTIONS = [
+    "### Training",
+    "### Syntactic attention structure (SAS)",
+    "### Attention: where heads look",
+    "### [MASK] rank deficiency",
+    "### Outlier dimensions",
+    "### Layer redundancy and layer drop",
+    "### Logit lens and tuned lens",
+]
 ANALYSES = ["sas", "attention", "mask_rank", "outliers", "redundancy", "layer_drop", "logit_lens", "tuned_lens"]
 
 
@@ -45,11 +51,20 @@ def run(tmp_path_factory, small_corpus) -> Path:
     path = tmp_path_factory.mktemp("report") / "micro"
     train(path, make_config("micro", corpus=small_corpus, max_steps=20, linear_every=10), progress=False)
     lm = load_model(path / "step_000000")
-    ps = build_probe_set(PROBE_TEXT, BuildConfig(n=len(PROBE_TEXT), min_words=3), tokenizer=lm.tokenizer,
-                         max_length=lm.arch.max_length)
+    ps = build_probe_set(
+        PROBE_TEXT, BuildConfig(n=len(PROBE_TEXT), min_words=3), tokenizer=lm.tokenizer, max_length=lm.arch.max_length
+    )
     ps.save(path / DEFAULT_PROBES)
-    analyses = [SAS(), AttentionStats(), MaskRank(), Outliers(), Redundancy(), LayerDrop(), LogitLens(),
-                TunedLens(TunedLens.Params(compare_cold=True, max_steps=40))]
+    analyses = [
+        SAS(),
+        AttentionStats(),
+        MaskRank(),
+        Outliers(),
+        Redundancy(),
+        LayerDrop(),
+        LogitLens(),
+        TunedLens(TunedLens.Params(compare_cold=True, max_steps=40)),
+    ]
     summary = Runner(path, RunnerConfig(batch_size=8, device="cpu"), analyses=analyses).run()
     assert summary.failed == 0
     return path
@@ -80,7 +95,7 @@ def test_fmt_three_decimals_tiny_values_and_missing():
     assert fmt(6.91239) == "6.912"
     assert fmt(-0.0123) == "-0.012"
     assert fmt(0.0) == "0.000"
-    assert fmt(2.4e-05) == "2.40e-05"           # would be 0.000 at 3 decimals
+    assert fmt(2.4e-05) == "2.40e-05"  # would be 0.000 at 3 decimals
     assert fmt(np.float32(0.5)) == "0.500"
     assert fmt(float("nan")) == NA and fmt(None) == NA
     assert fmt(True) == "yes" and fmt(np.int64(7)) == "7" and fmt("syntactic") == "syntactic"
@@ -94,9 +109,9 @@ def test_md_table_escapes_pipes():
 def test_select_steps_log_spaced_first_and_last():
     # every step 0..9999 present: the grid log10(step + 1) = 0, 1, 2, 3, 4 hits 0, 9, 99, 999, 9999 exactly
     assert select_steps(range(10000), 5) == [0, 9, 99, 999, 9999]
-    assert select_steps([5, 3, 3, 1], 12) == [1, 3, 5]                  # fewer than max_rows: all, sorted, unique
+    assert select_steps([5, 3, 3, 1], 12) == [1, 3, 5]  # fewer than max_rows: all, sorted, unique
     # the demo schedule (dense powers of two, then every 300): exactly max_rows, first and last included
-    demo = [0] + [2 ** i for i in range(9)] + list(range(300, 12001, 300))
+    demo = [0] + [2**i for i in range(9)] + list(range(300, 12001, 300))
     sel = select_steps(demo, 12)
     assert len(sel) == 12 and sel[0] == 0 and sel[-1] == 12000 and sel == sorted(set(sel))
     # grid points that collide on the dense start are refilled: still max_rows distinct steps
@@ -113,15 +128,21 @@ def test_report_has_every_section_and_the_selected_steps(run):
     for s in SECTIONS:
         assert s in md
     assert "(no results" not in md
-    assert set(ANALYSES) == set(load_all())          # every registered analysis has a report section
+    assert set(ANALYSES) == set(load_all())  # every registered analysis has a report section
     expected = select_steps(STEPS, 5)
     assert expected[0] == 0 and expected[-1] == 20 and len(expected) == 5
     train = _table_after(md, "### Training")
     assert train["step"].astype(int).tolist() == expected
     sas = _table_after(md, "### Syntactic attention structure")
     assert sas["step"].astype(int).tolist() == expected
-    for marker in ("### [MASK] rank", "### Outlier dimensions", "### Layer redundancy", "Layer drop:",
-                   "### Logit lens", "Logit vs tuned lens"):
+    for marker in (
+        "### [MASK] rank",
+        "### Outlier dimensions",
+        "### Layer redundancy",
+        "Layer drop:",
+        "### Logit lens",
+        "Logit vs tuned lens",
+    ):
         assert marker in md
     assert _table_after(md, "### [MASK] rank")["step"].astype(int).tolist() == expected
     assert _table_after(md, "### Layer redundancy")["step"].astype(int).tolist() == expected
@@ -138,7 +159,7 @@ def test_report_numbers_match_the_stored_results(run):
     t = Trajectory(run)
     ck = t.checkpoints_frame().set_index("step")
     train = _table_after(md, "### Training").set_index("step")
-    assert train.index.astype(int).tolist() == STEPS                    # 7 checkpoints <= 12 rows: all of them
+    assert train.index.astype(int).tolist() == STEPS  # 7 checkpoints <= 12 rows: all of them
     for s in STEPS:
         assert train.loc[str(s), "val loss"] == f"{ck.loc[s, 'val_loss']:.3f}"
         assert train.loc[str(s), "tokens"] == f"{int(ck.loc[s, 'tokens_seen']):,}"
@@ -151,8 +172,13 @@ def test_report_numbers_match_the_stored_results(run):
         assert sas.loc[str(s), "SAS (held-out)"] == fmt(curve.loc[s, "sas_score"])
         assert sas.loc[str(s), "in-sample max"] == fmt(curve.loc[s, "sas_in_sample"])
         assert sas.loc[str(s), "val loss"] == fmt(curve.loc[s, "val_loss"])
-    for line in ("Structure onset on the held-out SAS", "Classification of the structure:", "Loss-drop onset",
-                 "Coincide", "Best head vs best offset baseline per relation at the last step (20)"):
+    for line in (
+        "Structure onset on the held-out SAS",
+        "Classification of the structure:",
+        "Loss-drop onset",
+        "Coincide",
+        "Best head vs best offset baseline per relation at the last step (20)",
+    ):
         assert line in md
 
     gap = rank_gap_over_steps(t.results("mask_rank", "ranks"))
@@ -174,7 +200,7 @@ def test_report_numbers_match_the_stored_results(run):
     k = kl[(kl["step"] == 20) & (kl["site"] == "embed")]["kl"].item()
     lens = _table_after(md, "### Logit lens").set_index("step")
     assert lens.loc["20", "embed"] == fmt(k)
-    assert "block 1" not in lens.columns                                # final layer: KL = 0 by definition
+    assert "block 1" not in lens.columns  # final layer: KL = 0 by definition
 
 
 def test_outliers_and_tuned_lens_sections(run):
@@ -230,7 +256,7 @@ def test_every_table_row_has_the_header_width(run):
 def test_run_without_results_reports_no_results_lines(run, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
-    shutil.copy(run / "manifest.json", bare / "manifest.json")          # checkpoints listed, nothing analysed
+    shutil.copy(run / "manifest.json", bare / "manifest.json")  # checkpoints listed, nothing analysed
     md = build_report(bare, max_rows=5)
     for s in SECTIONS:
         assert s in md
@@ -240,8 +266,9 @@ def test_run_without_results_reports_no_results_lines(run, tmp_path):
     assert "Loss-drop onset" in md
 
 
-def _synthetic_run(root: Path, steps: list[int], tables: dict[str, dict[int, dict[str, pd.DataFrame]]],
-                   params: dict[str, dict]) -> Path:
+def _synthetic_run(
+    root: Path, steps: list[int], tables: dict[str, dict[int, dict[str, pd.DataFrame]]], params: dict[str, dict]
+) -> Path:
     """A manifest with fake hashes and hand-made stored results (analysis -> step -> table -> frame)."""
     import hashlib
 
@@ -249,13 +276,17 @@ def _synthetic_run(root: Path, steps: list[int], tables: dict[str, dict[int, dic
     from mlmscope.checkpoints.manifest import CheckpointEntry, Manifest, step_dirname
 
     sha = {s: hashlib.sha256(f"ckpt-{s}".encode()).hexdigest() for s in steps}
-    Manifest(run={}, checkpoints=[CheckpointEntry(step=s, path=step_dirname(s), sha256=sha[s], val_loss=1.0)
-                                  for s in steps]).save(root)
+    Manifest(
+        run={}, checkpoints=[CheckpointEntry(step=s, path=step_dirname(s), sha256=sha[s], val_loss=1.0) for s in steps]
+    ).save(root)
     store = ResultStore(root)
     for analysis, per_step in tables.items():
         for s, frames in per_step.items():
-            store.save(ResultKey(analysis, "1", sha[s], "p" * 16, "q" * 64), frames,
-                       {"step": s, "params": params.get(analysis, {})})
+            store.save(
+                ResultKey(analysis, "1", sha[s], "p" * 16, "q" * 64),
+                frames,
+                {"step": s, "params": params.get(analysis, {})},
+            )
     return root
 
 
@@ -264,24 +295,44 @@ def test_outlier_emergence_threshold_and_wide_models(tmp_path):
     steps = [0, 10, 100, 1000]
 
     def freq(s: int) -> pd.DataFrame:
-        rows = [(0, 3, "argmax", 0.9)]                                  # input layer: never counts
-        rows += [(1, 7, "argmin", 0.6)] if s == 10 else []              # transient, below the stored 0.7
+        rows = [(0, 3, "argmax", 0.9)]  # input layer: never counts
+        rows += [(1, 7, "argmin", 0.6)] if s == 10 else []  # transient, below the stored 0.7
         rows += [(1, 3, "argmax", 0.8), (2, 3, "argmax", 0.75)] if s >= 100 else [(1, 3, "argmax", 0.1)]
         return pd.DataFrame(rows, columns=["layer", "dim", "kind", "freq"])
 
     def per_layer(s: int) -> pd.DataFrame:
-        return pd.DataFrame([{"block": b, "unit": u, "redundancy": 0.01 * b + s / 1e4} for b in range(6)
-                             for u in ("block", "attn", "ffn")])
+        return pd.DataFrame(
+            [
+                {"block": b, "unit": u, "redundancy": 0.01 * b + s / 1e4}
+                for b in range(6)
+                for u in ("block", "attn", "ffn")
+            ]
+        )
 
-    run = _synthetic_run(tmp_path, steps, {"outliers": {s: {"freq": freq(s)} for s in steps},
-                                           "redundancy": {s: {"per_layer": per_layer(s)} for s in steps}},
-                         {"outliers": {"freq_threshold": 0.7}})
+    run = _synthetic_run(
+        tmp_path,
+        steps,
+        {
+            "outliers": {s: {"freq": freq(s)} for s in steps},
+            "redundancy": {s: {"per_layer": per_layer(s)} for s in steps},
+        },
+        {"outliers": {"freq_threshold": 0.7}},
+    )
     sec = _sections(build_report(run))
     out = sec["### Outlier dimensions"]
     assert "freq ≥ 0.7 in a non-input layer" in out
     born = _table_after(out, "freq = share")
-    assert born.to_dict("records") == [{"dim": "3", "kind": "argmax", "emergence step": "100", "stable from": "100",
-                                        "first layers": "1 2", "peak freq": "0.800", "final freq": "0.800"}]
+    assert born.to_dict("records") == [
+        {
+            "dim": "3",
+            "kind": "argmax",
+            "emergence step": "100",
+            "stable from": "100",
+            "first layers": "1 2",
+            "peak freq": "0.800",
+            "final freq": "0.800",
+        }
+    ]
     red = sec["### Layer redundancy and layer drop"]
     table = _table_after(red, "1 − cos")
     assert list(table.columns) == ["step"] + [f"block {b}" for b in range(6)]
@@ -296,8 +347,9 @@ def test_empty_folder_and_skipped_analysis(tmp_path):
     md = build_report(tmp_path)
     assert "(no results for training: no checkpoints in this folder)" in md
     assert all(f"(no results for {a}" in md for a in ANALYSES)
-    ResultStore(tmp_path).save_skip(ResultKey("logit_lens", "1", "c" * 64, "p" * 16, "q" * 64),
-                                    "the model has no trained MLM head")
+    ResultStore(tmp_path).save_skip(
+        ResultKey("logit_lens", "1", "c" * 64, "p" * 16, "q" * 64), "the model has no trained MLM head"
+    )
     assert "(no results for logit_lens: skipped, the model has no trained MLM head)" in build_report(tmp_path)
 
 

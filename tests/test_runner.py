@@ -30,8 +30,11 @@ from mlmscope.analyses.trajectory import Trajectory
 from mlmscope.checkpoints.manifest import CheckpointEntry, Manifest, step_dirname, weights_sha256
 from mlmscope.probes.batch import CaptureBatch
 
-PROBES = [["the", "cat", "sat", "on", "the", "mat"], ["the", "dog", "slept", "near", "the", "fire"],
-          ["many", "people", "believe", "that", "music", "can", "improve", "memory"]]
+PROBES = [
+    ["the", "cat", "sat", "on", "the", "mat"],
+    ["the", "dog", "slept", "near", "the", "fire"],
+    ["many", "people", "believe", "that", "music", "can", "improve", "memory"],
+]
 TESTS_DIR = Path(__file__).parent
 REPO = TESTS_DIR.parent
 
@@ -46,7 +49,7 @@ def fake_capture(lm, probe_set, *, variants, names, batch_size):
     tok = lm.tokenizer
     for variant in variants:
         for start in range(0, len(probe_set), batch_size):
-            words = probe_set[start:start + batch_size]
+            words = probe_set[start : start + batch_size]
             enc = tok(words, is_split_into_words=True, padding=True, return_tensors="pt")
             ids = enc["input_ids"].clone()
             labels = torch.full_like(ids, -100)
@@ -58,11 +61,17 @@ def fake_capture(lm, probe_set, *, variants, names, batch_size):
             keep = enc["attention_mask"].unsqueeze(-1).float()
             acts = {f"blocks.{l}.hook_resid_post": out.hidden_states[l + 1] * keep for l in range(lm.n_layers)}
             special = torch.tensor([[t in tok.all_special_ids for t in row] for row in enc["input_ids"].tolist()])
-            yield CaptureBatch(variant=variant, sentence_ids=torch.arange(start, start + len(words)), input_ids=ids,
-                               attention_mask=enc["attention_mask"], special_mask=special,
-                               word_ids=[enc.word_ids(i) for i in range(len(words))], labels=labels,
-                               head_positions=torch.zeros(0, 2, dtype=torch.long),
-                               acts={n: acts[n] for n in names})
+            yield CaptureBatch(
+                variant=variant,
+                sentence_ids=torch.arange(start, start + len(words)),
+                input_ids=ids,
+                attention_mask=enc["attention_mask"],
+                special_mask=special,
+                word_ids=[enc.word_ids(i) for i in range(len(words))],
+                labels=labels,
+                head_positions=torch.zeros(0, 2, dtype=torch.long),
+                acts={n: acts[n] for n in names},
+            )
 
 
 class RecordingCapture:
@@ -98,8 +107,11 @@ class NormAcc(Accumulator):
         time.sleep(self.delay)
 
     def result(self) -> dict[str, pd.DataFrame]:
-        return {"per_layer": pd.DataFrame({"layer": self.layers, "norm": (self.sum / self.n).numpy(),
-                                          "mean0": (self.sum0 / self.n).numpy()})}
+        return {
+            "per_layer": pd.DataFrame(
+                {"layer": self.layers, "norm": (self.sum / self.n).numpy(), "mean0": (self.sum0 / self.n).numpy()}
+            )
+        }
 
 
 class FakeNorm(Analysis):
@@ -211,8 +223,9 @@ class SkipAlways(Analysis):
 
 
 # --- trajectory builders --------------------------------------------------------------------------------------------
-def make_run(root: Path, steps=(0, 1, 2, 4), manifest: bool = True, status: str = "finished",
-             model_cls: str = "BertForMaskedLM") -> Path:
+def make_run(
+    root: Path, steps=(0, 1, 2, 4), manifest: bool = True, status: str = "finished", model_cls: str = "BertForMaskedLM"
+) -> Path:
     """A run folder with random micro checkpoints (seed = step) and, optionally, a manifest with hashes."""
     from conftest import _save_micro
 
@@ -238,8 +251,9 @@ def add_checkpoint(run: Path, step: int) -> None:
 
 
 def runner(run, analyses, capture=None, **cfg) -> Runner:
-    return Runner(run, RunnerConfig(batch_size=2, **cfg), probe_set=PROBES, analyses=analyses,
-                  capture_fn=capture or fake_capture)
+    return Runner(
+        run, RunnerConfig(batch_size=2, **cfg), probe_set=PROBES, analyses=analyses, capture_fn=capture or fake_capture
+    )
 
 
 @pytest.fixture(scope="module")
@@ -320,8 +334,12 @@ def test_params_and_version_key_results(run):
 def test_failures_are_isolated_recorded_and_retried(run, tmp_path):
     good = (run / "step_000001" / "model.safetensors").read_bytes()
     (run / "step_000001" / "model.safetensors").write_bytes(good[: len(good) // 2])  # truncated: corrupt
-    sd = {k: v for k, v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-        run / "step_000002" / "model.safetensors").items()}
+    sd = {
+        k: v
+        for k, v in __import__("safetensors.torch", fromlist=["load_file"])
+        .load_file(run / "step_000002" / "model.safetensors")
+        .items()
+    }
     first = sorted(sd)[0]
     sd[first] = sd[first].clone().fill_(float("nan"))
     nan_dir = tmp_path / "nan"
@@ -392,8 +410,7 @@ def test_warm_start_chain_in_step_order(run, workers):
     df = load_results(run, "_t_chain")
     assert df[["step", "prev_step"]].values.tolist() == [[0, -1], [1, 0], [2, 1], [4, 2]]
     store = ResultStore(run)
-    assert all((store.root / "_t_chain" / m["dirname"] / "translator.txt").exists()
-               for m in store.entries("_t_chain"))
+    assert all((store.root / "_t_chain" / m["dirname"] / "translator.txt").exists() for m in store.entries("_t_chain"))
     assert all(m["warnings"] == ["UserWarning: small sample"] for m in store.entries("_t_chain"))
     if workers == 2:  # the parallel path gives the same numbers as the in-process one
         par = load_results(run, "_t_norm")
@@ -454,8 +471,10 @@ def test_kill_9_then_resume(tmp_path):
     store = ResultStore(run)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(list((store.root / "_t_norm").glob("*/meta.json"))
-                                                   if (store.root / "_t_norm").exists() else []) < 2:
+        while (
+            time.monotonic() < deadline
+            and len(list((store.root / "_t_norm").glob("*/meta.json")) if (store.root / "_t_norm").exists() else []) < 2
+        ):
             time.sleep(0.05)
             assert proc.poll() is None, "runner exited before it could be killed"
         time.sleep(0.3)  # land somewhere inside the next checkpoint
@@ -501,7 +520,8 @@ def test_cli_analyze_real_capture_failure_exit_code_and_retry(cli, run, tmp_path
     assert "_t_norm" in res.output and "step 4" in res.output and "Traceback" not in res.output
     df = load_results(run, "_t_norm")  # the real probes.capture path gives the hand-computed numbers
     assert df[df.step == 2].sort_values("layer")["mean0"].tolist() == pytest.approx(
-        hand_mean0(run / "step_000002"), rel=1e-4, abs=1e-5)
+        hand_mean0(run / "step_000002"), rel=1e-4, abs=1e-5
+    )
     assert cli("analyses", "failures", run).exit_code == 1
     (run / "step_000004" / "model.safetensors").write_bytes(good)
     res = cli("analyze", run, "-a", "_t_norm", "-a", "_t_masked", "--probes", probes, "--batch-size", 2)
@@ -527,11 +547,13 @@ def test_cli_param_is_typed_by_the_params_dataclass_and_checked(cli, run):
 
     (sas,) = Runner._make_analyses(["sas"], {"sas": {"min_count": "50", "exclude": "punct,det", "offsets": "-1,1"}})
     assert isinstance(sas, SAS) and sas.params == SAS.Params(min_count=50, exclude=("punct", "det"), offsets=(-1, 1))
-    for args, message in [(["-p", "sas.min_cnt=5"], "sas has no parameter 'min_cnt'; it has: min_count"),
-                          (["-p", "sas.min_count=many"], "--param sas.min_count=many: expected an integer"),
-                          (["-p", "nope.x=1"], "analysis 'nope' is not registered"),
-                          (["-a", "_t_norm", "-p", "sas.min_count=5"], "not among those requested (-a)"),
-                          (["-p", "min_count=5"], "--param expects NAME.FIELD=VALUE")]:
+    for args, message in [
+        (["-p", "sas.min_cnt=5"], "sas has no parameter 'min_cnt'; it has: min_count"),
+        (["-p", "sas.min_count=many"], "--param sas.min_count=many: expected an integer"),
+        (["-p", "nope.x=1"], "analysis 'nope' is not registered"),
+        (["-a", "_t_norm", "-p", "sas.min_count=5"], "not among those requested (-a)"),
+        (["-p", "min_count=5"], "--param expects NAME.FIELD=VALUE"),
+    ]:
         res = cli("analyze", run, *args)
         assert res.exit_code == 1 and message in " ".join(res.output.split()), (args, res.output)
     (norm,) = Runner._make_analyses(["_t_norm"], {"_t_norm": {"tag": "other"}})

@@ -41,8 +41,13 @@ class Sent:
 
 def ProbeSetStandIn(sents: list[Sent]) -> ProbeSet:
     """A real :class:`probes.probeset.ProbeSet` from hand-written sentences."""
-    return ProbeSet([s.words for s in sents], [s.heads for s in sents], [s.relations for s in sents],
-                    [["_"] * len(s.words) for s in sents], [s.half for s in sents])
+    return ProbeSet(
+        [s.words for s in sents],
+        [s.heads for s in sents],
+        [s.relations for s in sents],
+        [["_"] * len(s.words) for s in sents],
+        [s.half for s in sents],
+    )
 
 
 # [CLS] the cat ##s sleep sound ##ly [SEP]  ->  words the / cats / sleep / soundly
@@ -73,8 +78,7 @@ HEAD1 = [
 HAND_AW_HEAD0 = [[0.0, 0.6, 0.4, 0.0], [0.225, 0.175, 0.55, 0.05], [0.1, 0.2, 0.0, 0.4], [0.0, 0.0, 0.4, 0.6]]
 
 
-def make_batch(patterns: list[torch.Tensor], word_ids: list[list[int | None]], sentence_ids: list[int]
-               ) -> CaptureBatch:
+def make_batch(patterns: list[torch.Tensor], word_ids: list[list[int | None]], sentence_ids: list[int]) -> CaptureBatch:
     """A hand-built clean CaptureBatch with one (B, H, T, T) pattern per layer."""
     b, _, t, _ = patterns[0].shape
     attn = torch.zeros(b, t, dtype=torch.long)
@@ -82,10 +86,17 @@ def make_batch(patterns: list[torch.Tensor], word_ids: list[list[int | None]], s
     for i, ids in enumerate(word_ids):
         attn[i, : len(ids)] = 1
         special[i, : len(ids)] = torch.tensor([w is None for w in ids])
-    return CaptureBatch(variant="clean", sentence_ids=torch.tensor(sentence_ids), input_ids=torch.zeros(b, t,
-                        dtype=torch.long), attention_mask=attn, special_mask=special, word_ids=word_ids,
-                        labels=torch.full((b, t), -100), head_positions=torch.zeros(0, 2, dtype=torch.long),
-                        acts={f"blocks.{l}.attn.hook_pattern": p for l, p in enumerate(patterns)})
+    return CaptureBatch(
+        variant="clean",
+        sentence_ids=torch.tensor(sentence_ids),
+        input_ids=torch.zeros(b, t, dtype=torch.long),
+        attention_mask=attn,
+        special_mask=special,
+        word_ids=word_ids,
+        labels=torch.full((b, t), -100),
+        head_positions=torch.zeros(0, 2, dtype=torch.long),
+        acts={f"blocks.{l}.attn.hook_pattern": p for l, p in enumerate(patterns)},
+    )
 
 
 def run_sas(probe_set, batches, n_layers: int = 1, **params) -> dict[str, pd.DataFrame]:
@@ -97,8 +108,7 @@ def run_sas(probe_set, batches, n_layers: int = 1, **params) -> dict[str, pd.Dat
 
 def hand_frames(**params) -> dict[str, pd.DataFrame]:
     pattern = torch.tensor([HEAD0, HEAD1])[None]
-    return run_sas(ProbeSetStandIn([HAND_SENT]), [make_batch([pattern], [HAND_WORD_IDS], [0])],
-                   min_count=1, **params)
+    return run_sas(ProbeSetStandIn([HAND_SENT]), [make_batch([pattern], [HAND_WORD_IDS], [0])], min_count=1, **params)
 
 
 def uas_of(heads: pd.DataFrame, head: int, direction: str, relation: str, col: str = "uas") -> float:
@@ -113,7 +123,7 @@ def test_word_attention_merges_mean_from_sum_to():
     assert_close_scaled(a_w[0, 0], torch.tensor(HAND_AW_HEAD0))
     # per-piece argmax of "the" would pick sleep (0.4 > 0.3); summing the pieces of "cats" picks cats
     pred = predict_heads(a_w, torch.ones(1, 4, dtype=torch.bool))
-    assert pred["dep->head"][0, 0].tolist() == [1, 2, 3, 2]   # soundly: 0.6 on itself is never a prediction
+    assert pred["dep->head"][0, 0].tolist() == [1, 2, 3, 2]  # soundly: 0.6 on itself is never a prediction
     assert pred["head<-dep"][0, 0].tolist() == [1, 0, 1, 2]
 
 
@@ -196,7 +206,7 @@ def oracle_and_next_patterns(sents: list[Sent], wids: list[list[int | None]]) ->
                 pat[b, :, q, q] = 1.0
                 continue
             for h, target in enumerate([s.heads[w] - 1, w - 1]):
-                cols = [k for k, x in enumerate(ids) if x == target] or [0]   # root/first word -> [CLS]
+                cols = [k for k, x in enumerate(ids) if x == target] or [0]  # root/first word -> [CLS]
                 pat[b, h, q, cols] = 1.0 / len(cols)
     return pat, t_max
 
@@ -214,8 +224,8 @@ def test_oracle_head_wins_held_out_and_previous_word_head_is_positional():
     heads = frames["heads"]
     prev = heads[(heads["head"] == 1) & (heads["direction"] == "dep->head") & (heads["relation"] == "all")].iloc[0]
     off = frames["offsets"].set_index(["relation", "offset"])["uas"]
-    assert prev["uas"] == pytest.approx(off[("all", -1)])      # a previous-word head scores exactly the -1 baseline
-    assert prev["best_offset"] == -1                             # random trees attach to earlier words
+    assert prev["uas"] == pytest.approx(off[("all", -1)])  # a previous-word head scores exactly the -1 baseline
+    assert prev["best_offset"] == -1  # random trees attach to earlier words
     assert prev["uas_nonoffset"] == 0.0 and prev["offset_share"] == 1.0
 
 
@@ -225,14 +235,14 @@ def test_held_out_selection_picks_on_one_half_scores_on_other():
     n = np.array([[100, 100]], dtype=float)
     uas, pick0, pick1 = _held_out(hits, n)
     assert pick0[0] == 0 and pick1[0] == 1
-    assert uas[0] == pytest.approx((10 + 60) / 200)             # in-sample max would be (90 + 10) / 200 = 0.5 for c0
+    assert uas[0] == pytest.approx((10 + 60) / 200)  # in-sample max would be (90 + 10) / 200 = 0.5 for c0
 
 
 def test_probe_set_without_parses_is_a_clear_error():
     with pytest.raises(SASInputError, match="no dependency parses"):
         gold_table(sentences_of([["a", "b"], ["c", "d", "e"]]))
     with pytest.raises(SASInputError, match="no dependency parses.*sentence 0"):
-        gold_table(ProbeSetStandIn([Sent(["a", "b"], [0, 7], ["ROOT", "det"])]))    # head beyond the sentence
+        gold_table(ProbeSetStandIn([Sent(["a", "b"], [0, 7], ["ROOT", "det"])]))  # head beyond the sentence
     with pytest.raises(SASInputError, match="empty"):
         gold_table(ProbeSetStandIn([]))
 
@@ -240,8 +250,7 @@ def test_probe_set_without_parses_is_a_clear_error():
 def test_single_word_sentences_and_absent_relations_give_frames_not_tracebacks():
     sents = [Sent(["Hello"], [0], ["ROOT"]), Sent(["Yes"], [0], ["ROOT"], half=1)]
     pat = torch.softmax(torch.randn(2, 2, 3, 3), -1)
-    frames = run_sas(ProbeSetStandIn(sents), [make_batch([pat], [[None, 0, None]] * 2, [0, 1])],
-                     relations=("nsubj",))
+    frames = run_sas(ProbeSetStandIn(sents), [make_batch([pat], [[None, 0, None]] * 2, [0, 1])], relations=("nsubj",))
     summary = frames["summary"].iloc[0]
     assert summary["n_skipped"] == 2 and summary["n_sentences"] == 0 and np.isnan(summary["sas_score"])
     assert "fewer than 2 words" in summary["skip_reasons"]
@@ -252,8 +261,9 @@ def test_single_word_sentences_and_absent_relations_give_frames_not_tracebacks()
 def test_layers_with_different_head_counts_are_scored():
     pattern0 = torch.tensor([HEAD0, HEAD1])[None]
     pattern1 = torch.tensor([HEAD1, HEAD0, HEAD1])[None]
-    frames = run_sas(ProbeSetStandIn([HAND_SENT]), [make_batch([pattern0, pattern1], [HAND_WORD_IDS], [0])],
-                     n_layers=2, min_count=1)
+    frames = run_sas(
+        ProbeSetStandIn([HAND_SENT]), [make_batch([pattern0, pattern1], [HAND_WORD_IDS], [0])], n_layers=2, min_count=1
+    )
     all_rows = frames["heads"][frames["heads"]["relation"] == "all"]
     assert all_rows.groupby("layer")["head"].nunique().to_dict() == {0: 2, 1: 3}
     assert frames["summary"]["n_candidates"].iloc[0] == (2 + 3) * 2
@@ -261,8 +271,11 @@ def test_layers_with_different_head_counts_are_scored():
 
 def test_mismatched_word_ids_are_skipped_and_counted():
     # the capture says 3 words, the parse has 4: the sentence is skipped, not mis-scored
-    frames = run_sas(ProbeSetStandIn([HAND_SENT]), [make_batch([torch.tensor([HEAD0, HEAD1])[None]],
-                     [[None, 0, 1, 1, 2, 2, 2, None]], [0])], min_count=1)
+    frames = run_sas(
+        ProbeSetStandIn([HAND_SENT]),
+        [make_batch([torch.tensor([HEAD0, HEAD1])[None]], [[None, 0, 1, 1, 2, 2, 2, None]], [0])],
+        min_count=1,
+    )
     assert frames["summary"]["n_skipped"].iloc[0] == 1
 
 
@@ -291,9 +304,13 @@ def test_sas_frames_on_micro_model(micro_model_dir, parsed_fixture_probes):
     frames = sas_frames(micro_model_dir, parsed_fixture_probes, SAS.Params(min_count=20))
     summary = frames["summary"].iloc[0]
     assert summary["n_sentences"] + summary["n_skipped"] + summary["n_not_captured"] == len(parsed_fixture_probes)
-    assert summary["n_candidates"] == 2 * 2 * 2                      # micro: 2 layers x 2 heads x 2 directions
-    n_all = sum(1 for hs, rs in zip(parsed_fixture_probes.heads, parsed_fixture_probes.relations)
-                for h, r in zip(hs, rs) if h != 0 and r != "punct")
+    assert summary["n_candidates"] == 2 * 2 * 2  # micro: 2 layers x 2 heads x 2 directions
+    n_all = sum(
+        1
+        for hs, rs in zip(parsed_fixture_probes.heads, parsed_fixture_probes.relations)
+        for h, r in zip(hs, rs)
+        if h != 0 and r != "punct"
+    )
     assert summary["n_words"] == n_all
     heads = frames["heads"]
     assert heads[heads["relation"] == "all"].shape[0] == 8 and heads["uas"].between(0, 1).all()
@@ -306,19 +323,29 @@ def test_sas_curve_and_onsets_on_a_synthetic_trajectory():
     x = np.log10(steps + 1)
     rise = 1 / (1 + np.exp(-(x - 2.5) / 0.1))
     rng = np.random.default_rng(0)
-    curve = pd.DataFrame({
-        "step": steps, "sas_score": 0.15 + 0.25 * rise + rng.normal(0, 0.005, len(x)),
-        "offset_uas_held_out": 0.3, "offset_share": 0.9 - 0.6 * rise, "uas_nonoffset": 0.05 + 0.3 * rise,
-        "kind": np.where(rise > 0.5, "syntactic", "positional"),
-        "val_loss": 7 - 0.2 * x - 2 * rise + rng.normal(0, 0.01, len(x))})
+    curve = pd.DataFrame(
+        {
+            "step": steps,
+            "sas_score": 0.15 + 0.25 * rise + rng.normal(0, 0.005, len(x)),
+            "offset_uas_held_out": 0.3,
+            "offset_share": 0.9 - 0.6 * rise,
+            "uas_nonoffset": 0.05 + 0.3 * rise,
+            "kind": np.where(rise > 0.5, "syntactic", "positional"),
+            "val_loss": 7 - 0.2 * x - 2 * rise + rng.normal(0, 0.01, len(x)),
+        }
+    )
     row = sas_onsets(sas_curve(curve)).iloc[0]
     assert row["sas_found"] and row["loss_found"] and row["coincide"]
     assert row["structure_kind"] == "syntactic"
     assert abs(np.log10(row["sas_steepest_step"] + 1) - 2.5) < 0.15
-    assert 10 ** 2.3 < row["first_step_above_offset"] < 10 ** 2.7
+    assert 10**2.3 < row["first_step_above_offset"] < 10**2.7
     # a previous-token head growing: offset share up, non-offset UAS down, never beats the baseline
-    positional = curve.assign(offset_share=0.2 + 0.7 * rise, uas_nonoffset=0.2 - 0.15 * rise, kind="positional",
-                              sas_score=0.1 + 0.18 * rise + rng.normal(0, 0.005, len(x)))
+    positional = curve.assign(
+        offset_share=0.2 + 0.7 * rise,
+        uas_nonoffset=0.2 - 0.15 * rise,
+        kind="positional",
+        sas_score=0.1 + 0.18 * rise + rng.normal(0, 0.005, len(x)),
+    )
     assert sas_onsets(positional).iloc[0]["structure_kind"] == "positional"
     flat = curve.assign(sas_score=0.2 + rng.normal(0, 0.005, len(x)))
     row = sas_onsets(flat).iloc[0]
@@ -326,9 +353,18 @@ def test_sas_curve_and_onsets_on_a_synthetic_trajectory():
 
 
 def test_fixed_head_curve_follows_the_final_best_head():
-    heads = pd.DataFrame({"step": [0, 0, 10, 10], "layer": [0, 1, 0, 1], "head": [0, 0, 0, 0],
-                          "direction": "dep->head", "relation": "all", "uas": [0.3, 0.1, 0.2, 0.5],
-                          "offset_share": 0.5, "uas_nonoffset": 0.1})
+    heads = pd.DataFrame(
+        {
+            "step": [0, 0, 10, 10],
+            "layer": [0, 1, 0, 1],
+            "head": [0, 0, 0, 0],
+            "direction": "dep->head",
+            "relation": "all",
+            "uas": [0.3, 0.1, 0.2, 0.5],
+            "offset_share": 0.5,
+            "uas_nonoffset": 0.1,
+        }
+    )
     fixed = fixed_head_curve(heads)
     assert fixed["layer"].tolist() == [1, 1] and fixed["uas"].tolist() == [0.1, 0.5]
 
@@ -362,8 +398,9 @@ def test_runner_results_feed_the_trajectory_curve(tmp_path, parsed_fixture_probe
         _save_micro(d, seed=step)
         manifest.add(CheckpointEntry(step=step, path=d.name, sha256=weights_sha256(d), val_loss=loss))
     manifest.save(run)
-    summary = Runner(run, RunnerConfig(batch_size=8), probe_set=parsed_fixture_probes,
-                     analyses=[SAS(SAS.Params(min_count=20))]).run()
+    summary = Runner(
+        run, RunnerConfig(batch_size=8), probe_set=parsed_fixture_probes, analyses=[SAS(SAS.Params(min_count=20))]
+    ).run()
     assert summary.failed == 0
     curve = sas_curve(run)
     assert curve["step"].tolist() == [0, 1, 2] and curve["val_loss"].tolist() == [6.0, 5.5, 5.4]

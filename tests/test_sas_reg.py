@@ -42,7 +42,7 @@ def test_hand_computed_sum_and_mean():
     assert sas_attention_score(atts, dep) == pytest.approx(1.9)
     assert sas_attention_score(atts, dep, reduction="mean") == pytest.approx(1.9 / 4)
     assert sas_regularizer(atts, dep, -0.5) == pytest.approx(-0.95)
-    assert sas_regularizer(torch.stack(atts), dep, 0.001) == pytest.approx(0.0019)     # stacked (L, B, H, T, T)
+    assert sas_regularizer(torch.stack(atts), dep, 0.001) == pytest.approx(0.0019)  # stacked (L, B, H, T, T)
     assert sas_regularizer(atts, dep, 0.0) == 0.0
 
 
@@ -139,12 +139,18 @@ def test_pack_heads_matches_pack_layout_and_parses(tok, nlp, tmp_path):
     assert ((heads == -1) | ((heads >= 1) & (heads < seq_len - 1))).all()
     pieces = [tok.convert_ids_to_tokens(row) for row in data.tolist()]
     arcs = {(pieces[r][i], pieces[r][h]) for r in range(len(data)) for i, h in iter_arcs(heads[r])}
-    for dep, head in [("the", "cat"), ("cat", "sat"), ("on", "sat"), ("mat", "on"), ("##ild", "lear")]:   # every piece -> first piece of the head
+    for dep, head in [
+        ("the", "cat"),
+        ("cat", "sat"),
+        ("on", "sat"),
+        ("mat", "on"),
+        ("##ild", "lear"),
+    ]:  # every piece -> first piece of the head
         assert (dep, head) in arcs, (dep, head, sorted(arcs)[:20])
     # root -> [CLS] option: "sat" and "learn" are roots
     cls = training_heads(tok, texts, seq_len, cache_dir=tmp_path, root_to_cls=True, nlp=nlp)
     roots = {pieces[r][i] for r in range(len(data)) for i in range(seq_len) if cls[r, i] == 0}
-    assert {"sat", "lear", "##n"} <= roots                  # every piece of the root word
+    assert {"sat", "lear", "##n"} <= roots  # every piece of the root word
 
 
 def test_parse_cache_is_reused(tok, nlp, tmp_path):
@@ -165,7 +171,7 @@ def test_parse_cache_is_reused(tok, nlp, tmp_path):
 
 def test_step_heads_slices_like_micro_batches():
     n, seq_len = 40, 8
-    data = torch.arange(n)[:, None].expand(n, seq_len).contiguous() + 10   # row id in every token
+    data = torch.arange(n)[:, None].expand(n, seq_len).contiguous() + 10  # row id in every token
     heads = (torch.arange(n)[:, None].expand(n, seq_len) + 10).to(torch.int16)
     masker = Masker(mask_id=0, vocab_size=100, special_ids=(0, 1, 2), rate=0.0)
     for rank in (0, 1):

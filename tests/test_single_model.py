@@ -180,8 +180,7 @@ def test_installed_cli_exit_code_and_one_line(tmp_path):
     empty = tmp_path / "nothing"
     empty.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
-    proc = subprocess.run([str(MLMSCOPE), "analyze", str(empty)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run([str(MLMSCOPE), "analyze", str(empty)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr + proc.stdout
     assert _one_error_line(proc.stderr + proc.stdout).startswith("error: no checkpoints in")
@@ -189,8 +188,14 @@ def test_installed_cli_exit_code_and_one_line(tmp_path):
 
 # --- threads ---------------------------------------------------------------------------------------------------------
 def _env() -> WorkerEnv:
-    return WorkerEnv(run_dir=".", results_dir=None, probe_set=PROBES, probe_hash="x", capture_fn=default_capture,
-                     load_fn=default_load)
+    return WorkerEnv(
+        run_dir=".",
+        results_dir=None,
+        probe_set=PROBES,
+        probe_hash="x",
+        capture_fn=default_capture,
+        load_fn=default_load,
+    )
 
 
 def test_threads_are_split_between_workers_and_restored(tmp_path, cli, micro_model_dir, probes):
@@ -206,8 +211,7 @@ def test_threads_are_split_between_workers_and_restored(tmp_path, cli, micro_mod
     with pytest.raises(RunnerError, match="--threads"):
         Runner(run, RunnerConfig(threads=0))
     n = torch.get_num_threads()
-    res = cli("analyze", micro_model_dir, "-a", "_t_norm", "--probes", probes, "--out", tmp_path / "o",
-              "--threads", 1)
+    res = cli("analyze", micro_model_dir, "-a", "_t_norm", "--probes", probes, "--out", tmp_path / "o", "--threads", 1)
     assert res.exit_code == 0, res.output
     assert torch.get_num_threads() == n  # the in-process run puts torch's thread count back
     line = _one_error_line(cli("analyze", micro_model_dir, "--threads", 0).output)
@@ -238,8 +242,11 @@ def single_results(tmp_path_factory, micro_model_dir):
 
     out = prepare_single_model(Path(micro_model_dir), tmp_path_factory.mktemp("single") / "res")
     words = [s * 3 for s in PROBES]  # longer sentences: the rank and outlier statistics need some tokens
-    summary = Runner(out, RunnerConfig(analyses=["mask_rank", "redundancy", "logit_lens", "outliers"], batch_size=4,
-                                       threads=1), probe_set=sentences_of(words)).run()
+    summary = Runner(
+        out,
+        RunnerConfig(analyses=["mask_rank", "redundancy", "logit_lens", "outliers"], batch_size=4, threads=1),
+        probe_set=sentences_of(words),
+    ).run()
     assert summary.failed == 0, summary.failures
     return out
 

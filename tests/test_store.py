@@ -159,7 +159,9 @@ def test_failure_records(run):
     store.record_failure("step_000010", CHECKPOINT_SCOPE, "ValueError: corrupted", "Traceback ...", {"step": 10})
     store.record_failure("step_000010", "sas", "RuntimeError: boom")
     assert {(f["checkpoint"], f["analysis"]) for f in store.failures()} == {
-        ("step_000010", CHECKPOINT_SCOPE), ("step_000010", "sas")}
+        ("step_000010", CHECKPOINT_SCOPE),
+        ("step_000010", "sas"),
+    }
     store.clear_failure("step_000010", "sas")
     assert [f["error"] for f in store.failures()] == ["ValueError: corrupted"]
 

@@ -14,8 +14,9 @@ from mlmscope.checkpoints.manifest import Manifest
 from mlmscope.checkpoints.train import train
 
 
-@pytest.mark.parametrize("path", [p for p in sorted(tk.ASSETS.glob("*.json")) if p.name != tk.HASHES],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", [p for p in sorted(tk.ASSETS.glob("*.json")) if p.name != tk.HASHES], ids=lambda p: p.stem
+)
 def test_every_shipped_tokenizer_matches_its_recorded_hash(path):
     tok = tk.shipped_tokenizer(path.stem)
     assert tok is not None
@@ -40,7 +41,7 @@ def test_a_damaged_shipped_tokenizer_is_refused(tmp_path, monkeypatch):
     data = json.loads(src.read_text())
     vocab = data["model"]["vocab"]
     a, b = list(vocab)[10:12]
-    vocab[a], vocab[b] = vocab[b], vocab[a]          # two ids swapped: same size, different tokenizer
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two ids swapped: same size, different tokenizer
     (tmp_path / src.name).write_text(json.dumps(data))
     monkeypatch.setattr(tk, "ASSETS", tmp_path)
     with pytest.raises(tk.TokenizerError, match="damaged install"):
@@ -52,8 +53,9 @@ def test_a_run_reuses_a_tokenizer_by_the_hash_its_manifest_records(tmp_path, sma
     cfg = make_config("micro", corpus=small_corpus, max_steps=2, steps=[0, 2])
     first = train(tmp_path / "a", cfg, progress=False).run
     assert first["tokenizer_source"] == "trained"
-    other = make_config("micro", corpus=small_corpus, max_steps=2, steps=[0, 2],
-                        tokenizer=first["tokenizer_sha256"][:10])
+    other = make_config(
+        "micro", corpus=small_corpus, max_steps=2, steps=[0, 2], tokenizer=first["tokenizer_sha256"][:10]
+    )
     second = train(tmp_path / "b", other, progress=False).run
     assert second["tokenizer_sha256"] == first["tokenizer_sha256"]
     assert second["tokenizer_source"].startswith("given")

@@ -22,6 +22,8 @@ from tolerance import assert_close_scaled
 
 REPO = Path(__file__).resolve().parents[1]
 _THREADS_AT_START = torch.get_num_threads()
+
+
 @pytest.fixture(scope="module")
 def micro(small_corpus):
     """make_config("micro", ...) on the small test corpus."""
@@ -38,7 +40,7 @@ def micro_run(tmp_path_factory, micro):
 def _damage(path: Path) -> None:
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + 64] = bytes(64)
+    data[mid : mid + 64] = bytes(64)
     path.write_bytes(bytes(data))
 
 
@@ -51,7 +53,7 @@ def test_schedule_log_then_linear():
     assert steps[:10] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert steps[10:13] == [cfg.linear_every, 2 * cfg.linear_every, 3 * cfg.linear_every]
     assert steps[-1] == cfg.max_steps and len(steps) == 10 + 40
-    demo = checkpoint_steps(make_config("demo").train)      # the shipped demo: 0, 1, …, 128, then every 250 to 8k
+    demo = checkpoint_steps(make_config("demo").train)  # the shipped demo: 0, 1, …, 128, then every 250 to 8k
     assert demo[:10] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 250] and demo[-1] == 8000 and len(demo) == 9 + 32
 
 
@@ -217,25 +219,35 @@ def test_resume_refuses_corrupted_weights(tmp_path, micro):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlmscope.app.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "mlmscope.app.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
-@pytest.mark.parametrize("setup, args, message", [
-    ("missing", ["--corpus", "{tmp}/nope.txt"], "does not exist"),
-    ("empty", ["--corpus", "{tmp}/empty.txt"], "is empty"),
-    ("small", ["--corpus", "{tmp}/small.txt", "--vocab-size", "40", "--seq-len", "16"], "fewer than one batch"),
-    ("small", ["--corpus", "{tmp}/small.txt"], "supports only"),
-    ("none", ["--steps", "0,5,3"], "strictly increasing"),
-    ("none", ["--set", "precision=fp8"], "precision=fp8: expected one of auto, fp32, bf16"),
-])
+@pytest.mark.parametrize(
+    "setup, args, message",
+    [
+        ("missing", ["--corpus", "{tmp}/nope.txt"], "does not exist"),
+        ("empty", ["--corpus", "{tmp}/empty.txt"], "is empty"),
+        ("small", ["--corpus", "{tmp}/small.txt", "--vocab-size", "40", "--seq-len", "16"], "fewer than one batch"),
+        ("small", ["--corpus", "{tmp}/small.txt"], "supports only"),
+        ("none", ["--steps", "0,5,3"], "strictly increasing"),
+        ("none", ["--set", "precision=fp8"], "precision=fp8: expected one of auto, fp32, bf16"),
+    ],
+)
 def test_bad_training_input(tmp_path, small_corpus, setup, args, message):
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "small.txt").write_text("\n\n".join(f"the cat number {i} sat on a mat ." for i in range(12)))
     if setup == "none":
         args = ["--corpus", small_corpus, *args]
-    r = _cli("train", str(tmp_path / "run"), "--preset", "micro", "--no-progress",
-             *[a.format(tmp=tmp_path) for a in args])
+    r = _cli(
+        "train", str(tmp_path / "run"), "--preset", "micro", "--no-progress", *[a.format(tmp=tmp_path) for a in args]
+    )
     assert r.returncode == 1, r.stderr
     assert message in r.stderr.replace("\n", " ") and "Traceback" not in r.stderr
 
@@ -322,8 +334,13 @@ def test_sas_regulariser_is_wired_into_training(tmp_path, micro, monkeypatch):
         return term
 
     monkeypatch.setattr(reg, "sas_regularizer", spy)
-    monkeypatch.setattr(reg, "training_heads", lambda tok, texts, seq_len, root_to_cls=False: torch.randint(
-        -1, seq_len, (len(tr.pack(tok, texts, seq_len)), seq_len)))
+    monkeypatch.setattr(
+        reg,
+        "training_heads",
+        lambda tok, texts, seq_len, root_to_cls=False: torch.randint(
+            -1, seq_len, (len(tr.pack(tok, texts, seq_len)), seq_len)
+        ),
+    )
     cfg = micro(max_steps=6, linear_every=3, sas_lam=0.5, sas_release_step=4)
     m = train(tmp_path / "reg", cfg, progress=False)
     assert [lam for lam, _ in seen] == [0.5] * 4  # released at step 4: no term afterwards
@@ -336,10 +353,32 @@ def test_ddp_two_cpu_processes(tmp_path, small_corpus):
     """`mlmscope train` under torchrun with 2 gloo processes: rank 0 writes the trajectory, the loss falls."""
     run = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "mlmscope.app.cli", "train", str(run),
-                        "--preset", "micro", "--corpus", small_corpus, "--max-steps", "30", "--linear-every", "10",
-                        "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "mlmscope.app.cli",
+            "train",
+            str(run),
+            "--preset",
+            "micro",
+            "--corpus",
+            small_corpus,
+            "--max-steps",
+            "30",
+            "--linear-every",
+            "10",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     m = Manifest.load(run)
     assert m.run["world_size"] == 2 and m.run["status"] == "finished"
@@ -353,16 +392,24 @@ def test_ddp_two_cpu_processes(tmp_path, small_corpus):
 
 def test_cli_import_is_light():
     """`mlmscope --help` must not pay for torch/pandas/transformers (4.7 s before; the commands import them)."""
-    code = ("import sys, mlmscope.app.cli; "
-            "print(sorted(m for m in ('torch', 'pandas', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, mlmscope.app.cli; "
+        "print(sorted(m for m in ('torch', 'pandas', 'transformers') if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
     assert "analyze" in _cli("--help").stdout
 
 
-@pytest.mark.parametrize("args", [["analyze", "/nonexistent/run"], ["analyses", "failures", "/nonexistent/run"],
-                                  ["probes", "build", "--conllu", "/nonexistent.conllu"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["analyze", "/nonexistent/run"],
+        ["analyses", "failures", "/nonexistent/run"],
+        ["probes", "build", "--conllu", "/nonexistent.conllu"],
+    ],
+)
 def test_cli_errors_exit_nonzero(args):
     """Commands that end in typer.Exit(1) must exit 1 through the console entry point (click returns the code)."""
     r = _cli(*args)

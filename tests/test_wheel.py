@@ -44,8 +44,11 @@ TIMEOUT = 300  # s per subprocess; each takes seconds
 
 def _not_source(folder: str, names: list[str]) -> set[str]:
     top = Path(folder).resolve() == REPO
-    return {n for n in names if n == "__pycache__" or n.endswith(".pyc")
-            or (top and (n in NOT_SOURCE_TOP or n.endswith(".egg-info")))}
+    return {
+        n
+        for n in names
+        if n == "__pycache__" or n.endswith(".pyc") or (top and (n in NOT_SOURCE_TOP or n.endswith(".egg-info")))
+    }
 
 
 def _repo_files(pattern: str, roots=(TOP, *FOLDERS)) -> dict[str, Path]:
@@ -61,18 +64,22 @@ def _repo_files(pattern: str, roots=(TOP, *FOLDERS)) -> dict[str, Path]:
 
 def _env() -> dict[str, str]:
     """The test's environment (the process guard's session tag included), offline and with no path overrides."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP",
-                                                            "PYTHONUSERBASE", "VIRTUAL_ENV", "MLMSCOPE_RUNS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "VIRTUAL_ENV", "MLMSCOPE_RUNS")
+    }
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONNOUSERSITE="1")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 
 def _run(cmd: list, cwd: Path, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, (f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout\n"
-                                  f"{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout\n"
+        f"{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -91,8 +98,23 @@ def wheel(tmp_path_factory, scratch) -> Path:
     base = tmp_path_factory.mktemp("wheel_build")
     src = base / "src"
     shutil.copytree(REPO, src, ignore=_not_source)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-          "--disable-pip-version-check", "-q", "-w", base / "dist", src], cwd=scratch)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            base / "dist",
+            src,
+        ],
+        cwd=scratch,
+    )
     wheels = list((base / "dist").glob("*.whl"))
     assert len(wheels) == 1 and wheels[0].name.startswith(f"{TOP}-"), wheels
     return wheels[0]
@@ -104,12 +126,27 @@ def clean_venv(tmp_path_factory, wheel, scratch) -> dict[str, Path]:
     venv = tmp_path_factory.mktemp("wheel_venv") / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=scratch)
     python = venv / "bin" / "python"
-    purelib = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        cwd=scratch).stdout.strip())
+    purelib = Path(
+        _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=scratch).stdout.strip()
+    )
     # The development venv's pip installs into the new interpreter (`--python`): no ensurepip, no network. The
     # wheel goes in before the .pth exists, so pip does not see the editable mlmscope of the development venv.
-    _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
-          "--disable-pip-version-check", "-q", wheel], cwd=scratch)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-q",
+            wheel,
+        ],
+        cwd=scratch,
+    )
     dev_sites = list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
     assert str(purelib) not in dev_sites, dev_sites
     (purelib / "_mlmscope_dev_deps.pth").write_text("".join(f"{d}\n" for d in dev_sites))
@@ -151,8 +188,12 @@ def test_wheel_holds_every_module_and_data_file(wheel):
     missing = sorted(set(modules) - names)
     assert not missing, f"Python files of the repository missing from {wheel.name}: {missing}"
 
-    data = {f"{TOP}/{f.relative_to(REPO).as_posix()}": f for root in DATA for f in sorted((REPO / root).rglob("*"))
-            if f.is_file() and "__pycache__" not in f.parts}
+    data = {
+        f"{TOP}/{f.relative_to(REPO).as_posix()}": f
+        for root in DATA
+        for f in sorted((REPO / root).rglob("*"))
+        if f.is_file() and "__pycache__" not in f.parts
+    }
     assert any(w.endswith(".json") for w in data) and f"{TOP}/checkpoints/assets/tokenizers/hashes.json" in data
     missing = sorted(set(data) - names)
     assert not missing, f"package data missing from {wheel.name} (pyproject.toml package-data): {missing}"

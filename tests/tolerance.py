@@ -90,8 +90,9 @@ def _log(actual, expected, atol: float, rtol: float) -> None:
         f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "?"), "used": used}) + "\n")
 
 
-def assert_close_scaled(actual, expected, *, dtype=None, ulps: float = DEFAULT_ULPS, scale: float | None = None,
-                        msg=None) -> None:
+def assert_close_scaled(
+    actual, expected, *, dtype=None, ulps: float = DEFAULT_ULPS, scale: float | None = None, msg=None
+) -> None:
     """Assert ``|actual - expected| <= ulps * eps(dtype) * scale`` elementwise, ``scale = max |expected|``.
 
     Torch tensors go through ``torch.testing.assert_close`` (shapes and dtypes must match as there); anything else
@@ -102,8 +103,9 @@ def assert_close_scaled(actual, expected, *, dtype=None, ulps: float = DEFAULT_U
     if isinstance(actual, torch.Tensor) and isinstance(expected, torch.Tensor):
         torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=msg)
     else:
-        np.testing.assert_allclose(_as_float64(actual), _as_float64(expected), atol=atol, rtol=rtol,
-                                   err_msg="" if msg is None else str(msg))
+        np.testing.assert_allclose(
+            _as_float64(actual), _as_float64(expected), atol=atol, rtol=rtol, err_msg="" if msg is None else str(msg)
+        )
 
 
 def approx_scaled(expected, *, dtype=None, ulps: float = DEFAULT_ULPS, scale: float | None = None):

@@ -20,8 +20,7 @@ from . import data
 from .data import Source
 
 #: Plotly's default qualitative palette (one colour per trace, bands in the same colour).
-PALETTE = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF",
-           "#FECB52")
+PALETTE = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF", "#FECB52")
 STEP_MARK = {"line_dash": "dot", "line_color": "#d62728", "line_width": 1.5}
 
 
@@ -100,12 +99,16 @@ class View:
             reasons = "; ".join(f"{r} ({n}×)" for r, n in info["skipped"].items())
             st.info(f"`{analysis}` was skipped on every checkpoint of `{self.focus}`: {reasons}")
         elif info and info["ok"]:
-            st.info(f"The stored `{analysis}` results of `{self.focus}` have no `{table}` table"
-                    f"{' (' + what + ')' if what else ''}; re-run `mlmscope analyze {self.focus} -a {analysis} "
-                    "--force` with the current version.")
+            st.info(
+                f"The stored `{analysis}` results of `{self.focus}` have no `{table}` table"
+                f"{' (' + what + ')' if what else ''}; re-run `mlmscope analyze {self.focus} -a {analysis} "
+                "--force` with the current version."
+            )
         else:
-            st.info(f"No `{analysis}` results for `{self.focus}` yet{' (' + what + ')' if what else ''}. "
-                    f"Compute them with `mlmscope analyze {self.focus} -a {analysis}`.")
+            st.info(
+                f"No `{analysis}` results for `{self.focus}` yet{' (' + what + ')' if what else ''}. "
+                f"Compute them with `mlmscope analyze {self.focus} -a {analysis}`."
+            )
         self.failure_note(analysis)
         return None
 
@@ -114,10 +117,11 @@ class View:
         fails = self.failures(analysis)
         if not len(fails):
             return
-        lines = [f"- step {_step_text(r.step)} (`{r.checkpoint}`, {r.analysis}): {r.error}"
-                 for r in fails.itertuples()]
-        st.warning(f"{len(fails)} checkpoint(s) of `{self.focus}` failed for this analysis and are missing from "
-                   "the views below (re-run `mlmscope analyze` to retry only those):\n" + "\n".join(lines[:10]))
+        lines = [f"- step {_step_text(r.step)} (`{r.checkpoint}`, {r.analysis}): {r.error}" for r in fails.itertuples()]
+        st.warning(
+            f"{len(fails)} checkpoint(s) of `{self.focus}` failed for this analysis and are missing from "
+            "the views below (re-run `mlmscope analyze` to retry only those):\n" + "\n".join(lines[:10])
+        )
 
     def step_note(self, used: int | None, analysis: str) -> None:
         """Say so when the global step has no result of ``analysis`` and a nearby step is shown instead."""
@@ -135,16 +139,42 @@ class View:
 
     def step_axis(self) -> dict[str, Any]:
         """Layout entries of a figure over steps: the x axis (log or linear) and the global step marker."""
-        out: dict[str, Any] = {"xaxis": {"type": "log" if self.log_x else "linear",
-                                         "title": {"text": "step + 1" if self.log_x else "step"}}}
+        out: dict[str, Any] = {
+            "xaxis": {
+                "type": "log" if self.log_x else "linear",
+                "title": {"text": "step + 1" if self.log_x else "step"},
+            }
+        }
         if self.step is not None:
             x = self.x(self.step)
-            out["shapes"] = [{"type": "line", "x0": x, "x1": x, "y0": 0, "y1": 1, "xref": "x", "yref": "paper",
-                              "line": {"dash": STEP_MARK["line_dash"], "color": STEP_MARK["line_color"],
-                                       "width": STEP_MARK["line_width"]}}]
-            out["annotations"] = [{"x": x, "y": 1, "xref": "x", "yref": "paper", "text": f"step {self.step}",
-                                   "showarrow": False, "yanchor": "bottom",
-                                   "font": {"size": 10, "color": STEP_MARK["line_color"]}}]
+            out["shapes"] = [
+                {
+                    "type": "line",
+                    "x0": x,
+                    "x1": x,
+                    "y0": 0,
+                    "y1": 1,
+                    "xref": "x",
+                    "yref": "paper",
+                    "line": {
+                        "dash": STEP_MARK["line_dash"],
+                        "color": STEP_MARK["line_color"],
+                        "width": STEP_MARK["line_width"],
+                    },
+                }
+            ]
+            out["annotations"] = [
+                {
+                    "x": x,
+                    "y": 1,
+                    "xref": "x",
+                    "yref": "paper",
+                    "text": f"step {self.step}",
+                    "showarrow": False,
+                    "yanchor": "bottom",
+                    "font": {"size": 10, "color": STEP_MARK["line_color"]},
+                }
+            ]
         return out
 
     def style_steps(self, fig: go.Figure, title: str | None = None, mark: bool = True) -> go.Figure:
@@ -160,8 +190,9 @@ class View:
         """What a step-independent curve depends on: the selected sources and their runs' fingerprints."""
         return tuple((s.label, s.runs, tuple(self.fp(r) for r in s.runs)) for s in self.sources)
 
-    def curve(self, analysis: str | None, table: str, value: str, keys: Sequence[str] = (),
-              **filters: Any) -> pd.DataFrame:
+    def curve(
+        self, analysis: str | None, table: str, value: str, keys: Sequence[str] = (), **filters: Any
+    ) -> pd.DataFrame:
         """:func:`band` of ``value`` over the selected sources, cached (it does not depend on the step).
 
         Args:
@@ -176,8 +207,14 @@ class View:
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
-def _cached_curve(key: tuple[Any, ...], analysis: str | None, table: str, value: str, keys: tuple[str, ...],
-                  filters: tuple[tuple[str, tuple[Any, ...]], ...]) -> pd.DataFrame:
+def _cached_curve(
+    key: tuple[Any, ...],
+    analysis: str | None,
+    table: str,
+    value: str,
+    keys: tuple[str, ...],
+    filters: tuple[tuple[str, tuple[Any, ...]], ...],
+) -> pd.DataFrame:
     frames = []
     for label, runs, fps in key:
         for run, fp in zip(runs, fps):
@@ -193,11 +230,26 @@ def _cached_curve(key: tuple[Any, ...], analysis: str | None, table: str, value:
 
 def mark_x(fig: go.Figure, x: Any, label: str) -> None:
     """A dotted vertical line across the plot at ``x`` with a label on top (cheaper than ``add_vline``)."""
-    fig.add_shape(type="line", x0=x, x1=x, y0=0, y1=1, xref="x", yref="paper",
-                  line={"dash": STEP_MARK["line_dash"], "color": STEP_MARK["line_color"],
-                        "width": STEP_MARK["line_width"]})
-    fig.add_annotation(x=x, y=1, xref="x", yref="paper", text=label, showarrow=False, yanchor="bottom",
-                       font={"size": 10, "color": STEP_MARK["line_color"]})
+    fig.add_shape(
+        type="line",
+        x0=x,
+        x1=x,
+        y0=0,
+        y1=1,
+        xref="x",
+        yref="paper",
+        line={"dash": STEP_MARK["line_dash"], "color": STEP_MARK["line_color"], "width": STEP_MARK["line_width"]},
+    )
+    fig.add_annotation(
+        x=x,
+        y=1,
+        xref="x",
+        yref="paper",
+        text=label,
+        showarrow=False,
+        yanchor="bottom",
+        font={"size": 10, "color": STEP_MARK["line_color"]},
+    )
 
 
 # --- aggregation and figures ------------------------------------------------------------------------------------
@@ -219,12 +271,19 @@ def band(df: pd.DataFrame, value: str, keys: Sequence[str] = ()) -> pd.DataFrame
 
 
 def rgba(hex_color: str, alpha: float) -> str:
-    r, g, b = (int(hex_color[i: i + 2], 16) for i in (1, 3, 5))
+    r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def line_figure(curve: pd.DataFrame, view: View, y_title: str, series: Sequence[str] = ("source",),
-                title: str = "", y: str = "mean", dash_by: str | None = None) -> go.Figure:
+def line_figure(
+    curve: pd.DataFrame,
+    view: View,
+    y_title: str,
+    series: Sequence[str] = ("source",),
+    title: str = "",
+    y: str = "mean",
+    dash_by: str | None = None,
+) -> go.Figure:
     """Lines over steps, one per combination of ``series`` columns, with a ±1 sd band where ``lo``/``hi`` exist.
 
     Args:
@@ -253,39 +312,97 @@ def line_figure(curve: pd.DataFrame, view: View, y_title: str, series: Sequence[
         d = d.sort_values("step")
         x = np.asarray(view.x(d["step"]), dtype=float)
         if "lo" in d and d["lo"].notna().any():
-            traces.append({"type": "scatter", "x": np.concatenate([x, x[::-1]]),
-                           "y": np.concatenate([d["hi"].to_numpy(float), d["lo"].to_numpy(float)[::-1]]),
-                           "fill": "toself", "fillcolor": rgba(color, 0.18), "line": {"width": 0},
-                           "hoverinfo": "skip", "showlegend": False, "legendgroup": name})
+            traces.append(
+                {
+                    "type": "scatter",
+                    "x": np.concatenate([x, x[::-1]]),
+                    "y": np.concatenate([d["hi"].to_numpy(float), d["lo"].to_numpy(float)[::-1]]),
+                    "fill": "toself",
+                    "fillcolor": rgba(color, 0.18),
+                    "line": {"width": 0},
+                    "hoverinfo": "skip",
+                    "showlegend": False,
+                    "legendgroup": name,
+                }
+            )
         dash = dash_of.get(key[list(series).index(dash_by)]) if dash_by else None
-        traces.append({"type": "scatter", "x": x, "y": d[y].to_numpy(float), "name": name, "mode": mode,
-                       "legendgroup": name, "line": {"color": color, "dash": dash}, "marker": {"size": size}})
-    layout = {"title": {"text": title}, "yaxis": {"title": {"text": y_title}}, "margin": {"t": 40, "b": 40},
-              "height": 360, "legend": {"font": {"size": 10}}, **view.step_axis()}
+        traces.append(
+            {
+                "type": "scatter",
+                "x": x,
+                "y": d[y].to_numpy(float),
+                "name": name,
+                "mode": mode,
+                "legendgroup": name,
+                "line": {"color": color, "dash": dash},
+                "marker": {"size": size},
+            }
+        )
+    layout = {
+        "title": {"text": title},
+        "yaxis": {"title": {"text": y_title}},
+        "margin": {"t": 40, "b": 40},
+        "height": 360,
+        "legend": {"font": {"size": 10}},
+        **view.step_axis(),
+    }
     return go.Figure(data=traces, layout=layout)
 
 
 def by_layer_figure(df: pd.DataFrame, x: str, y: str, by: str, title: str, y_title: str) -> go.Figure:
     """One line per value of ``by`` over ``x`` (a layer axis) at the selected step."""
-    traces = [{"type": "scatter", "x": d[x].to_numpy(float), "y": d[y].to_numpy(float), "name": str(name),
-               "mode": "lines+markers", "line": {"color": PALETTE[i % len(PALETTE)]}}
-              for i, (name, d) in enumerate(df.sort_values(x).groupby(by, sort=False))]
-    layout = {"title": {"text": title}, "xaxis": {"title": {"text": x}}, "yaxis": {"title": {"text": y_title}},
-              "height": 340, "margin": {"t": 40}}
+    traces = [
+        {
+            "type": "scatter",
+            "x": d[x].to_numpy(float),
+            "y": d[y].to_numpy(float),
+            "name": str(name),
+            "mode": "lines+markers",
+            "line": {"color": PALETTE[i % len(PALETTE)]},
+        }
+        for i, (name, d) in enumerate(df.sort_values(x).groupby(by, sort=False))
+    ]
+    layout = {
+        "title": {"text": title},
+        "xaxis": {"title": {"text": x}},
+        "yaxis": {"title": {"text": y_title}},
+        "height": 340,
+        "margin": {"t": 40},
+    }
     return go.Figure(data=traces, layout=layout)
 
 
-def heatmap_figure(df: pd.DataFrame, x: str, y: str, value: str, title: str = "", colorscale: str = "Viridis",
-                   zmin: float | None = None, zmax: float | None = None, x_title: str | None = None,
-                   y_title: str | None = None) -> go.Figure:
+def heatmap_figure(
+    df: pd.DataFrame,
+    x: str,
+    y: str,
+    value: str,
+    title: str = "",
+    colorscale: str = "Viridis",
+    zmin: float | None = None,
+    zmax: float | None = None,
+    x_title: str | None = None,
+    y_title: str | None = None,
+) -> go.Figure:
     """A heatmap of ``value`` over the ``x`` × ``y`` grid of a tidy frame."""
     grid = df.pivot_table(index=y, columns=x, values=value, aggfunc="mean")
-    trace = {"type": "heatmap", "z": grid.to_numpy(float), "x": [str(c) for c in grid.columns],
-             "y": [str(i) for i in grid.index], "colorscale": colorscale, "zmin": zmin, "zmax": zmax,
-             "colorbar": {"title": {"text": value}}}
-    layout = {"title": {"text": title}, "height": 360, "margin": {"t": 40, "b": 40},
-              "xaxis": {"title": {"text": x_title or x}, "type": "category"},
-              "yaxis": {"title": {"text": y_title or y}, "type": "category"}}
+    trace = {
+        "type": "heatmap",
+        "z": grid.to_numpy(float),
+        "x": [str(c) for c in grid.columns],
+        "y": [str(i) for i in grid.index],
+        "colorscale": colorscale,
+        "zmin": zmin,
+        "zmax": zmax,
+        "colorbar": {"title": {"text": value}},
+    }
+    layout = {
+        "title": {"text": title},
+        "height": 360,
+        "margin": {"t": 40, "b": 40},
+        "xaxis": {"title": {"text": x_title or x}, "type": "category"},
+        "yaxis": {"title": {"text": y_title or y}, "type": "category"},
+    }
     return go.Figure(data=[trace], layout=layout)
 
 
@@ -303,8 +420,14 @@ def show(fig: go.Figure, frame: pd.DataFrame, key: str, caption: str = "") -> No
 
 def csv_button(frame: pd.DataFrame, key: str, label: str = "Download data (CSV)") -> None:
     """A download button for ``frame`` (the CSV is only built when clicked)."""
-    st.download_button(label, data=lambda: frame.to_csv(index=False), file_name=f"{_slug(key)}.csv",
-                       mime="text/csv", key=f"csv_{key}", on_click="ignore")
+    st.download_button(
+        label,
+        data=lambda: frame.to_csv(index=False),
+        file_name=f"{_slug(key)}.csv",
+        mime="text/csv",
+        key=f"csv_{key}",
+        on_click="ignore",
+    )
 
 
 def table(frame: pd.DataFrame, key: str, caption: str = "", **kwargs: Any) -> None:

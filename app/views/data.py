@@ -60,8 +60,14 @@ def is_run(path: Path) -> bool:
 
 
 def _seeds(path: Path) -> list[Path]:
-    return sorted((d for d in path.iterdir() if d.is_dir() and d.name.startswith(SEED_PREFIX) and is_run(d)),
-                  key=lambda d: (len(d.name), d.name)) if path.is_dir() else []
+    return (
+        sorted(
+            (d for d in path.iterdir() if d.is_dir() and d.name.startswith(SEED_PREFIX) and is_run(d)),
+            key=lambda d: (len(d.name), d.name),
+        )
+        if path.is_dir()
+        else []
+    )
 
 
 def _sources_of(path: Path, depth: int) -> list[Source]:
@@ -124,8 +130,17 @@ def fingerprint(run: str) -> tuple[int, ...]:
 @st.cache_data(show_spinner=False, max_entries=256)
 def checkpoints(run: str, fp: tuple[int, ...]) -> pd.DataFrame:
     """The run's finished checkpoints (manifest entries, or step folders without a manifest)."""
-    cols = ["step", "path", "tokens_seen", "wall_clock_s", "train_loss", "val_loss", "val_acc", "sha256",
-            "duplicate_of"]
+    cols = [
+        "step",
+        "path",
+        "tokens_seen",
+        "wall_clock_s",
+        "train_loss",
+        "val_loss",
+        "val_acc",
+        "sha256",
+        "duplicate_of",
+    ]
     try:
         rows = [vars(c) for c in list_checkpoints(run)]
     except (OSError, ValueError):
@@ -211,8 +226,15 @@ def probe_sentences(run: str) -> pd.DataFrame:
     if not (folder / "probeset.json").exists():
         return pd.DataFrame(columns=["index", "text", "words", "heads", "relations"])
     ps = load_probe_set(folder)
-    return pd.DataFrame({"index": range(len(ps)), "text": [" ".join(w) for w in ps.sentences],
-                         "words": ps.sentences, "heads": ps.heads, "relations": ps.relations})
+    return pd.DataFrame(
+        {
+            "index": range(len(ps)),
+            "text": [" ".join(w) for w in ps.sentences],
+            "words": ps.sentences,
+            "heads": ps.heads,
+            "relations": ps.relations,
+        }
+    )
 
 
 # --- uncached helpers -----------------------------------------------------------------------------------------------

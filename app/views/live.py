@@ -22,8 +22,9 @@ def render(view: View) -> None:
     if path is None or view.step is None:
         st.info(f"`{view.focus}` has no finished checkpoint to run yet.")
         return
-    text = st.text_input("Sentence (words separated by spaces; [MASK] where the model should fill in)",
-                         DEFAULT_TEXT, key="live_text")
+    text = st.text_input(
+        "Sentence (words separated by spaces; [MASK] where the model should fill in)", DEFAULT_TEXT, key="live_text"
+    )
     k = st.number_input("k", 1, 20, 5, key="live_k")
     try:
         lm = model.load_checkpoint(path, model.weights_mtime(path))
@@ -39,10 +40,17 @@ def render(view: View) -> None:
         st.warning(str(e))
         return
     final = top[(top["lens"] == "logit") & (top["depth"] == top["depth"].max()) & (top["rank"] == 1)]
-    common.metric_row([("checkpoint step", view.step, "The focus run's checkpoint at the selected step.")] +
-                      [(f"[MASK] {int(r.mask) + 1}: top-1", f"{r.token} ({r.prob:.3f})",
-                        "The model's own prediction (last layer through the MLM head).")
-                       for r in final.itertuples()][:3])
+    common.metric_row(
+        [("checkpoint step", view.step, "The focus run's checkpoint at the selected step.")]
+        + [
+            (
+                f"[MASK] {int(r.mask) + 1}: top-1",
+                f"{r.token} ({r.prob:.3f})",
+                "The model's own prediction (last layer through the MLM head).",
+            )
+            for r in final.itertuples()
+        ][:3]
+    )
     show_topk(top, "live_topk", "Per layer, logit lens and (if stored for this step) tuned lens")
     _attention(view, lm, words)
 
@@ -61,5 +69,9 @@ def _attention(view: View, lm: object, words: list[str]) -> None:
     head = int(c2.number_input("head", 0, maps.shape[1] - 1, 0, key="live_head"))
     fig, frame = attention_figure(maps[layer, head], words, [0] * len(words), ["_"] * len(words))
     fig.update_layout(title=f"Word-level attention, layer {layer} head {head}, step {view.step}")
-    common.show(fig, frame.drop(columns="gold_arc"), "live_attention",
-                "Rows attend to columns (word-level merge as in the SAS analysis); no gold parse for typed text.")
+    common.show(
+        fig,
+        frame.drop(columns="gold_arc"),
+        "live_attention",
+        "Rows attend to columns (word-level merge as in the SAS analysis); no gold parse for typed text.",
+    )

@@ -58,8 +58,10 @@ def _one(lm: Any, words: Sequence[str], names: list[str]) -> Any:
     try:
         return next(capture(lm, [list(words)], variants=("clean",), names=names, batch_size=1, head_at="none"))
     except StopIteration:
-        raise LiveInputError(f"the sentence does not fit the model ({len(words)} words; at most "
-                             f"{lm.arch.max_length} pieces including [CLS]/[SEP]) or a word has no piece") from None
+        raise LiveInputError(
+            f"the sentence does not fit the model ({len(words)} words; at most "
+            f"{lm.arch.max_length} pieces including [CLS]/[SEP]) or a word has no piece"
+        ) from None
 
 
 def attention_maps(lm: Any, words: Sequence[str]) -> np.ndarray:
@@ -99,8 +101,9 @@ def lens_topk(lm: Any, words: Sequence[str], k: int = 5, translators: Any = None
     batch = _one(lm, words, [s.name for s in sites])
     pos = (batch.input_ids[0] == tok.mask_token_id).nonzero().flatten()
     if not len(pos):
-        raise LiveInputError(f"no {tok.mask_token} in the sentence: put {tok.mask_token} where the model should "
-                             "fill in a word")
+        raise LiveInputError(
+            f"no {tok.mask_token} in the sentence: put {tok.mask_token} where the model should fill in a word"
+        )
     frames = []
     with torch.no_grad():
         for lens, chosen in [("logit", sites), ("tuned", _tuned_sites(sites) if translators is not None else [])]:
@@ -121,10 +124,17 @@ def _topk_frame(logits: torch.Tensor, tok: Any, k: int, lens: str, site: Any) ->
     probs = torch.softmax(logits.float(), -1)
     p, ids = probs.topk(k, -1)
     n = p.shape[0]
-    return pd.DataFrame({"mask": np.repeat(np.arange(n), k), "lens": lens, "site": site.name, "depth": site.depth,
-                         "rank": np.tile(np.arange(1, k + 1), n),
-                         "token": tok.convert_ids_to_tokens(ids.flatten().tolist()),
-                         "prob": p.flatten().cpu().numpy()})
+    return pd.DataFrame(
+        {
+            "mask": np.repeat(np.arange(n), k),
+            "lens": lens,
+            "site": site.name,
+            "depth": site.depth,
+            "rank": np.tile(np.arange(1, k + 1), n),
+            "token": tok.convert_ids_to_tokens(ids.flatten().tolist()),
+            "prob": p.flatten().cpu().numpy(),
+        }
+    )
 
 
 def tuned_translators(result_dir: str | None) -> Any:

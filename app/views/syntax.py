@@ -57,14 +57,28 @@ def render(view: View) -> None:
     rows, used = view.at_step(summary)
     view.step_note(used, ANALYSIS)
     r = rows.iloc[0]
-    common.metric_row([
-        ("SAS score (held-out)", float(r["sas_score"]), "UAS of the best head chosen on one probe half and scored "
-                                                        "on the other (relation `all`: no root, no punct)."),
-        ("best head (in-sample)", f"L{int(r['layer'])} H{int(r['head'])} {r['direction']}", None),
-        ("best offset baseline", float(r["offset_uas_held_out"]), f"held-out UAS of offset {int(r['best_offset']):+d}"),
-        ("kind", str(r["kind"]), "syntactic: beats the offset baseline by > 2 s.e.; positional: >= 50 % of its "
-                                 "predictions at the best offset."),
-    ])
+    common.metric_row(
+        [
+            (
+                "SAS score (held-out)",
+                float(r["sas_score"]),
+                "UAS of the best head chosen on one probe half and scored "
+                "on the other (relation `all`: no root, no punct).",
+            ),
+            ("best head (in-sample)", f"L{int(r['layer'])} H{int(r['head'])} {r['direction']}", None),
+            (
+                "best offset baseline",
+                float(r["offset_uas_held_out"]),
+                f"held-out UAS of offset {int(r['best_offset']):+d}",
+            ),
+            (
+                "kind",
+                str(r["kind"]),
+                "syntactic: beats the offset baseline by > 2 s.e.; positional: >= 50 % of its "
+                "predictions at the best offset.",
+            ),
+        ]
+    )
     _curve(view)
     left, right = st.columns(2)
     with left:
@@ -82,33 +96,59 @@ def _curve(view: View) -> None:
         color = common.PALETTE[i % len(common.PALETTE)]
         traces += _band_traces(view, d, color, f"SAS · {src}")
         lo = loss[loss["source"] == src]
-        traces.append({"type": "scatter", "x": view.x(lo["step"]).to_numpy(float), "y": lo["mean"].to_numpy(float),
-                       "name": f"val loss · {src}", "mode": "lines", "yaxis": "y2",
-                       "line": {"color": color, "dash": "dot", "width": 1}})
+        traces.append(
+            {
+                "type": "scatter",
+                "x": view.x(lo["step"]).to_numpy(float),
+                "y": lo["mean"].to_numpy(float),
+                "name": f"val loss · {src}",
+                "mode": "lines",
+                "yaxis": "y2",
+                "line": {"color": color, "dash": "dot", "width": 1},
+            }
+        )
     focus = _focus_curve(view.table(ANALYSIS, "summary"), view.checkpoints())
     for col, name in [("sas_in_sample", "best head, in-sample"), ("offset_uas_held_out", "best offset (held-out)")]:
-        traces.append({"type": "scatter", "x": view.x(focus["step"]).to_numpy(float),
-                       "y": focus[col].to_numpy(float), "name": f"{name} · {view.focus}", "mode": "lines",
-                       "line": {"dash": "dash", "width": 1}})
+        traces.append(
+            {
+                "type": "scatter",
+                "x": view.x(focus["step"]).to_numpy(float),
+                "y": focus[col].to_numpy(float),
+                "name": f"{name} · {view.focus}",
+                "mode": "lines",
+                "line": {"dash": "dash", "width": 1},
+            }
+        )
     layout = view.step_axis()
-    layout.update({"title": {"text": "Syntactic attention structure over training"}, "height": 400,
-                   "margin": {"t": 40}, "yaxis": {"title": {"text": "UAS (all: no root, no punct)"}},
-                   "yaxis2": {"title": {"text": "validation loss (nats)"}, "overlaying": "y", "side": "right",
-                              "showgrid": False},
-                   "legend": {"x": 1.08, "font": {"size": 10}}})
+    layout.update(
+        {
+            "title": {"text": "Syntactic attention structure over training"},
+            "height": 400,
+            "margin": {"t": 40},
+            "yaxis": {"title": {"text": "UAS (all: no root, no punct)"}},
+            "yaxis2": {
+                "title": {"text": "validation loss (nats)"},
+                "overlaying": "y",
+                "side": "right",
+                "showgrid": False,
+            },
+            "legend": {"x": 1.08, "font": {"size": 10}},
+        }
+    )
     onsets, why = _onsets(view.focus, view.fp(view.focus))
     if onsets is not None:
         layout.setdefault("shapes", []).extend(_onset_shapes(view, onsets.iloc[0]))
     fig = go.Figure(data=traces, layout=layout)
-    caption = ("SAS score = held-out UAS of the best attention head against the probe set's dependency parses "
-               "(analyses/sas.py, Clark et al. 2019; Chen et al. 2024), dashed: in-sample best head and the best "
-               "fixed-offset baseline of the focus run; dotted: validation loss (right axis). Shaded: structure "
-               "onset (blue) and loss drop (grey) detected on the focus run (3-segment fit on log step, from the "
-               "first checkpoint whose val loss is at or below the unigram entropy).")
+    caption = (
+        "SAS score = held-out UAS of the best attention head against the probe set's dependency parses "
+        "(analyses/sas.py, Clark et al. 2019; Chen et al. 2024), dashed: in-sample best head and the best "
+        "fixed-offset baseline of the focus run; dotted: validation loss (right axis). Shaded: structure "
+        "onset (blue) and loss drop (grey) detected on the focus run (3-segment fit on log step, from the "
+        "first checkpoint whose val loss is at or below the unigram entropy)."
+    )
     if onsets is not None:
         o = onsets.iloc[0]
-        caption += (f" Structure kind: {o.get('structure_kind')}; coincide with the loss drop: "
-                    f"{o.get('coincide')}.")
+        caption += f" Structure kind: {o.get('structure_kind')}; coincide with the loss drop: {o.get('coincide')}."
     else:
         caption += f" ({why}.)"
     common.show(fig, pd.concat([sas.assign(curve="sas_score"), loss.assign(curve="val_loss")]), "syntax_sas", caption)
@@ -122,12 +162,29 @@ def _band_traces(view: View, d: pd.DataFrame, color: str, name: str) -> list[dic
     x = view.x(d["step"]).to_numpy(float)
     out = []
     if d["lo"].notna().any():
-        out.append({"type": "scatter", "x": np.concatenate([x, x[::-1]]),
-                    "y": np.concatenate([d["hi"].to_numpy(float), d["lo"].to_numpy(float)[::-1]]), "fill": "toself",
-                    "fillcolor": common.rgba(color, 0.18), "line": {"width": 0}, "hoverinfo": "skip",
-                    "showlegend": False})
-    out.append({"type": "scatter", "x": x, "y": d["mean"].to_numpy(float), "name": name, "mode": "lines+markers",
-                "line": {"color": color}, "marker": {"size": 4}})
+        out.append(
+            {
+                "type": "scatter",
+                "x": np.concatenate([x, x[::-1]]),
+                "y": np.concatenate([d["hi"].to_numpy(float), d["lo"].to_numpy(float)[::-1]]),
+                "fill": "toself",
+                "fillcolor": common.rgba(color, 0.18),
+                "line": {"width": 0},
+                "hoverinfo": "skip",
+                "showlegend": False,
+            }
+        )
+    out.append(
+        {
+            "type": "scatter",
+            "x": x,
+            "y": d["mean"].to_numpy(float),
+            "name": name,
+            "mode": "lines+markers",
+            "line": {"color": color},
+            "marker": {"size": 4},
+        }
+    )
     return out
 
 
@@ -136,9 +193,20 @@ def _onset_shapes(view: View, o: pd.Series) -> list[dict[str, Any]]:
     out = []
     for prefix, color in [("sas_", "rgba(31,119,180,0.15)"), ("loss_", "rgba(128,128,128,0.15)")]:
         if o.get(f"{prefix}found"):
-            out.append({"type": "rect", "xref": "x", "yref": "paper", "y0": 0, "y1": 1, "fillcolor": color,
-                        "line": {"width": 0}, "layer": "below", "x0": float(view.x(o[f"{prefix}onset_step"])),
-                        "x1": float(view.x(o[f"{prefix}end_step"]))})
+            out.append(
+                {
+                    "type": "rect",
+                    "xref": "x",
+                    "yref": "paper",
+                    "y0": 0,
+                    "y1": 1,
+                    "fillcolor": color,
+                    "line": {"width": 0},
+                    "layer": "below",
+                    "x0": float(view.x(o[f"{prefix}onset_step"])),
+                    "x1": float(view.x(o[f"{prefix}end_step"])),
+                }
+            )
     return out
 
 
@@ -153,11 +221,16 @@ def _heatmap(view: View, used: int | None) -> None:
     relation = c1.selectbox("relation", relations, key="syntax_relation")
     direction = c2.radio("direction", sorted(at["direction"].unique()), key="syntax_direction", horizontal=True)
     sel = at[(at["relation"] == relation) & (at["direction"] == direction)]
-    fig = common.heatmap_figure(sel, "head", "layer", "uas", f"UAS per head at step {used} ({relation}, {direction})",
-                                zmin=0, zmax=1)
-    common.show(fig, sel, "syntax_heads",
-                "Unlabelled attachment score of each head's argmax attention (word level) against the gold head, "
-                "in-sample, at the selected step (sas `heads` table; layers/heads 0-based).")
+    fig = common.heatmap_figure(
+        sel, "head", "layer", "uas", f"UAS per head at step {used} ({relation}, {direction})", zmin=0, zmax=1
+    )
+    common.show(
+        fig,
+        sel,
+        "syntax_heads",
+        "Unlabelled attachment score of each head's argmax attention (word level) against the gold head, "
+        "in-sample, at the selected step (sas `heads` table; layers/heads 0-based).",
+    )
 
 
 def _best_table(view: View, used: int | None) -> None:
@@ -166,22 +239,43 @@ def _best_table(view: View, used: int | None) -> None:
     if not len(at):
         st.info("No per-relation table at this step.")
         return
-    cols = ["relation", "n", "layer", "head", "direction", "uas_in_sample", "uas_held_out", "best_offset",
-            "offset_uas_held_out", "delta_held_out", "offset_share", "uas_nonoffset", "kind"]
+    cols = [
+        "relation",
+        "n",
+        "layer",
+        "head",
+        "direction",
+        "uas_in_sample",
+        "uas_held_out",
+        "best_offset",
+        "offset_uas_held_out",
+        "delta_held_out",
+        "offset_share",
+        "uas_nonoffset",
+        "kind",
+    ]
     st.markdown(f"**Best head per relation at step {used}**")
-    common.table(at[[c for c in cols if c in at]], "syntax_best",
-                 "Per relation: the in-sample best head, its held-out UAS, and the best fixed-offset baseline "
-                 "(head = word i + k) held out. kind (default thresholds): syntactic if the held-out UAS beats that "
-                 "baseline by more than 2 standard errors, else positional if at least half of the head's "
-                 "predictions fall at the best offset, else neither (sas `best` table).")
+    common.table(
+        at[[c for c in cols if c in at]],
+        "syntax_best",
+        "Per relation: the in-sample best head, its held-out UAS, and the best fixed-offset baseline "
+        "(head = word i + k) held out. kind (default thresholds): syntactic if the held-out UAS beats that "
+        "baseline by more than 2 standard errors, else positional if at least half of the head's "
+        "predictions fall at the best offset, else neither (sas `best` table).",
+    )
 
 
 def _attention_viewer(view: View, used: int | None) -> None:
     st.subheader("Attention viewer (live)")
-    if not st.toggle("Run the checkpoint on a probe sentence", key="syntax_live",
-                     help="Loads the focus run's checkpoint at the selected step (once; cached)."):
-        st.caption("Off: the page reads stored results only. Turn it on to see one sentence's attention with its "
-                   "gold dependency arcs.")
+    if not st.toggle(
+        "Run the checkpoint on a probe sentence",
+        key="syntax_live",
+        help="Loads the focus run's checkpoint at the selected step (once; cached).",
+    ):
+        st.caption(
+            "Off: the page reads stored results only. Turn it on to see one sentence's attention with its "
+            "gold dependency arcs."
+        )
         return
     probes = data.probe_sentences(view.focus)
     path = data.checkpoint_dir(view.focus, view.step, view.fp(view.focus)) if view.step is not None else None
@@ -192,8 +286,12 @@ def _attention_viewer(view: View, used: int | None) -> None:
         st.info(f"`{view.focus}` has no checkpoint at step {view.step}.")
         return
     c1, c2, c3 = st.columns([3, 1, 1])
-    idx = c1.selectbox("probe sentence", probes["index"].tolist()[:500], key="syntax_sentence",
-                       format_func=lambda i: f"{i}: {probes['text'].iloc[i][:90]}")
+    idx = c1.selectbox(
+        "probe sentence",
+        probes["index"].tolist()[:500],
+        key="syntax_sentence",
+        format_func=lambda i: f"{i}: {probes['text'].iloc[i][:90]}",
+    )
     assert idx is not None  # None only for an empty option list
     try:
         lm = model.load_checkpoint(path, model.weights_mtime(path))
@@ -207,26 +305,44 @@ def _attention_viewer(view: View, used: int | None) -> None:
     heads, rels = list(probes["heads"].iloc[idx]), list(probes["relations"].iloc[idx])
     fig, frame = attention_figure(maps[layer, head], words, heads, rels)
     fig.update_layout(title=f"Word-level attention, layer {layer} head {head}, step {view.step}")
-    common.show(fig, frame, "syntax_attention",
-                "Rows attend to columns (Clark et al.'s word-level merge: mean over the from-word's pieces, sum over "
-                "the to-word's pieces). Circles: gold arcs dependent → head (dep->head); a syntactic head puts its "
-                "row maximum on the circle.")
+    common.show(
+        fig,
+        frame,
+        "syntax_attention",
+        "Rows attend to columns (Clark et al.'s word-level merge: mean over the from-word's pieces, sum over "
+        "the to-word's pieces). Circles: gold arcs dependent → head (dep->head); a syntactic head puts its "
+        "row maximum on the circle.",
+    )
 
 
-def attention_figure(att: np.ndarray, words: list[str], heads: list[int], rels: list[str]
-                      ) -> tuple[go.Figure, pd.DataFrame]:
+def attention_figure(
+    att: np.ndarray, words: list[str], heads: list[int], rels: list[str]
+) -> tuple[go.Figure, pd.DataFrame]:
     labels = [f"{i}:{w}" for i, w in enumerate(words)]
     fig = go.Figure(go.Heatmap(z=att, x=labels, y=labels, colorscale="Blues", zmin=0, colorbar={"title": "attn"}))
     arcs = [(i, h - 1, rels[i]) for i, h in enumerate(heads) if h > 0]
-    fig.add_trace(go.Scatter(x=[labels[h] for _, h, _ in arcs], y=[labels[i] for i, _, _ in arcs], mode="markers",
-                             marker={"symbol": "circle-open", "size": 12, "color": "#d62728", "line": {"width": 2}},
-                             text=[r for *_, r in arcs], name="gold arc (dep → head)"))
+    fig.add_trace(
+        go.Scatter(
+            x=[labels[h] for _, h, _ in arcs],
+            y=[labels[i] for i, _, _ in arcs],
+            mode="markers",
+            marker={"symbol": "circle-open", "size": 12, "color": "#d62728", "line": {"width": 2}},
+            text=[r for *_, r in arcs],
+            name="gold arc (dep → head)",
+        )
+    )
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category")
     fig.update_layout(height=max(360, 18 * len(words)), margin={"t": 40})
     n = len(words)
-    frame = pd.DataFrame({"from_word": np.repeat(words, n), "to_word": np.tile(words, n),
-                          "from_index": np.repeat(np.arange(n), n), "to_index": np.tile(np.arange(n), n),
-                          "attention": att.flatten(),
-                          "gold_arc": [heads[i] - 1 == j for i in range(n) for j in range(n)]})
+    frame = pd.DataFrame(
+        {
+            "from_word": np.repeat(words, n),
+            "to_word": np.tile(words, n),
+            "from_index": np.repeat(np.arange(n), n),
+            "to_index": np.tile(np.arange(n), n),
+            "attention": att.flatten(),
+            "gold_arc": [heads[i] - 1 == j for i in range(n) for j in range(n)],
+        }
+    )
     return fig, frame
