@@ -24,6 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..checkpoints.errors import MlmscopeError
 from ..checkpoints.manifest import (
@@ -64,16 +65,22 @@ class Target:
     """What to analyse and where the results go.
 
     Attributes:
-        kind: ``"run"`` (has a manifest), ``"suite"`` (a folder of checkpoint folders) or ``"model"``.
-        path: The folder the user gave.
-        run_dir: The folder the runner treats as the run (the results folder for a single model).
+        kind: ``"run"`` (has a manifest), ``"suite"`` (a folder of checkpoint folders), ``"model"``, or ``"hub"``
+            (published checkpoints named by hub id and revision or a suite file: :mod:`mlmscope.analyses.sources`).
+        path: The folder the user gave (for ``"hub"``: the source as typed).
+        run_dir: The folder the runner treats as the run (the results folder for a single model; for ``"hub"`` the
+            results folder, which holds one ``seed_<s>`` run per seed when the source has seeds).
         n_checkpoints: Checkpoints found (0 only for a run being followed while it trains).
+        runs: The run folders to analyse, one per seed (``"hub"`` only; else empty: ``run_dir`` is the run).
+        source: ``"hub"`` only: the resolved source (:class:`mlmscope.analyses.sources.Prepared`).
     """
 
     kind: str
     path: Path
     run_dir: Path
     n_checkpoints: int
+    runs: tuple[Path, ...] = ()
+    source: Any = None
 
 
 def is_model_dir(path: Path) -> bool:
@@ -204,11 +211,17 @@ def find_single_results(model_dir: Path) -> Path | None:
 
 
 def results_folder(path: str | os.PathLike) -> Path:
-    """Where the results of PATH are read from: PATH itself, or for a model folder its default results folder.
+    """Where the results of PATH are read from: PATH itself, for a model folder its default results folder, for a
+    published source (``hf:ORG/NAME``, a suite file) its default results folder (``runs/hub/...``,
+    ``runs/suites/...``; nothing is resolved or downloaded).
 
     Raises:
-        TargetError: a model folder that was not analysed yet.
+        TargetError: a model folder or source that was not analysed yet.
     """
+    from .sources import is_source_spec, results_folder_of
+
+    if is_source_spec(path):
+        return results_folder_of(str(path))
     p = Path(path)
     if p.is_dir() and not (p / MANIFEST).exists() and is_model_dir(p):
         found = find_single_results(p)
@@ -221,17 +234,42 @@ def results_folder(path: str | os.PathLike) -> Path:
     return p
 
 
-def resolve_target(path: str | os.PathLike, out: Path | None = None, follow: bool = False) -> Target:
+def resolve_target(
+    path: str | os.PathLike,
+    out: Path | None = None,
+    follow: bool = False,
+    *,
+    revisions: str | None = None,
+    steps: str | None = None,
+    skip_missing: bool = False,
+) -> Target:
     """Decide what PATH is, create the results folder of a single model, and check there is something to analyse.
 
     Args:
-        path: Run folder, folder of checkpoint folders, or one model folder.
-        out: Results folder for a single model (default ``runs/models/<name>-<hash8>``); refused for a run.
+        path: Run folder, folder of checkpoint folders, one model folder, or a published source (``hf:ORG/NAME``,
+            ``hf:ORG/A,ORG/B``, a suite .json/.yaml file: see :mod:`mlmscope.analyses.sources`, resolved from the
+            Hugging Face cache into ``runs/hub/...`` or ``runs/suites/...``).
+        out: Results folder for a single model (default ``runs/models/<name>-<hash8>``) or a published source;
+            refused for a run.
         follow: ``--follow``: a run with a manifest but no checkpoint yet is fine (training just started).
+        revisions: ``--revisions`` of an ``hf:ORG/NAME`` source (names or patterns).
+        steps: ``--steps``: a published source's other checkpoints are not looked for.
+        skip_missing: A published source's checkpoints missing from the cache are left out, not refused.
 
     Raises:
-        TargetError: PATH missing, holding no model or checkpoint, or ``out`` given for a run.
+        TargetError: PATH missing, holding no model or checkpoint, ``out`` given for a run, or a source that cannot
+            be resolved (:class:`mlmscope.analyses.sources.SourceError`, naming what is missing and how to fetch it).
     """
+    from .sources import is_source_spec, prepare_source, to_target
+
+    if is_source_spec(path):
+        if follow:
+            raise TargetError("--follow is for a run being trained; a published source does not grow")
+        from .runner import parse_steps
+
+        return to_target(prepare_source(str(path), revisions, out, steps=parse_steps(steps), skip_missing=skip_missing))
+    if revisions is not None:
+        raise TargetError(f"--revisions is for a hub source (hf:ORG/NAME); {str(path)!r} is a folder")
     p = Path(path)
     if not p.exists():
         raise TargetError(f"run folder {str(p)!r} does not exist")

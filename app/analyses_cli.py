@@ -1,10 +1,11 @@
 """``mlmscope analyze PATH`` and ``mlmscope analyses list|failures|bench`` (mounted by app/cli.py).
 
 ``analyze_command`` is the typer-annotated function behind ``mlmscope analyze``; ``app`` holds the ``analyses``
-sub-commands. PATH is a run, a folder of checkpoint folders, or one model folder (analysed as a trajectory of one
-into a results folder outside it: see :mod:`mlmscope.analyses.target`). User errors (bad or empty folder, unknown
-analysis, bad --steps, unreachable Ray cluster, bad probe set) print one line and exit 1; a run where any checkpoint
-failed also exits 1 after the summary.
+sub-commands. PATH is a run, a folder of checkpoint folders, one model folder (analysed as a trajectory of one
+into a results folder outside it: see :mod:`mlmscope.analyses.target`), or published checkpoints named by hub id and
+revision or a suite file (resolved from the Hugging Face cache: see :mod:`mlmscope.analyses.sources`). User errors
+(bad or empty folder, unknown analysis, bad --steps, unreachable Ray cluster, bad probe set) print one line and exit
+1; a run where any checkpoint failed also exits 1 after the summary.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def _names(values: list[str] | None) -> list[str] | None:
 def analyze_command(
     run: Path = typer.Argument(
         ...,
-        help="Run folder, any folder of step_*/checkpoint-* checkpoint folders, or one "
-        "model folder (HF BERT/RoBERTa MLM, head-less BertModel, a run's step_*).",
+        help="Run folder, any folder of step_*/checkpoint-* checkpoint folders, one "
+        "model folder (HF BERT/RoBERTa MLM, head-less BertModel, a run's step_*), or published checkpoints: "
+        "hf:ORG/NAME (with --revisions), hf:ORG/A,ORG/B (one repo per step), or a suite .json/.yaml file.",
     ),
     analyses: list[str] | None = typer.Option(
         None, "--analyses", "-a", help="Analyses to run (comma-separated or repeated; default all)."
@@ -67,7 +69,9 @@ def analyze_command(
         None, help="torch threads in all (split between --workers; default: one per core)."
     ),
     out: Path | None = typer.Option(
-        None, help="Results folder for a single model folder (default: runs/models/<name>-<hash8>); not for a run."
+        None,
+        help="Results folder for a single model folder (default: runs/models/<name>-<hash8>) or for published "
+        "checkpoints (default: runs/hub/<org>--<name>, runs/suites/<suite name>); not for a run.",
     ),
     backend: Literal["local", "ray"] = typer.Option(
         "local", help="Where checkpoints are analysed: local processes or one Ray task each."
@@ -92,6 +96,20 @@ def analyze_command(
     batch_size: int = typer.Option(32, help="Probe sentences per forward pass."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:1 ..."),
     verify_hash: bool = typer.Option(True, help="Re-hash weights against the manifest before analysing."),
+    revisions: str | None = typer.Option(
+        None,
+        help="hf:ORG/NAME only: revisions to analyse, comma-separated names or patterns "
+        "(e.g. 'step_0,step_20000' or 'step_*'); each step is read from the revision name.",
+    ),
+    skip_missing: bool = typer.Option(
+        False,
+        help="Published checkpoints missing from the Hugging Face cache are left out (listed) instead of refused.",
+    ),
+    evict: bool = typer.Option(
+        False,
+        help="Published checkpoints: delete each from the Hugging Face cache once analysed (needs the hub: "
+        "they are downloaded one at a time).",
+    ),
 ) -> None:
     """Run every requested analysis over every checkpoint of RUN (or on one model): cached, resumable, in parallel."""
     from ..analyses.runner import Runner, RunnerConfig
@@ -116,7 +134,16 @@ def analyze_command(
         threads=threads,
     )
     probe_set = _check_options(cfg, probes)
-    target = resolve_target(run, out, follow)
+    if evict:
+        from ..analyses.sources import check_evict, is_source_spec
+
+        if not is_source_spec(run):
+            raise UserError("--evict is for published checkpoints (hf:ORG/NAME or a suite file)")
+        check_evict()
+    target = resolve_target(run, out, follow, revisions=revisions, steps=steps, skip_missing=skip_missing)
+    if target.kind == "hub":
+        _analyze_source(target, cfg, probe_set, evict)
+        return
     if target.kind == "model":
         console.print(
             f"single model {str(target.path)!r}: a trajectory of one checkpoint; results in "
@@ -131,6 +158,46 @@ def analyze_command(
             f"[red]{summary.failed} (checkpoint, analysis) pairs failed[/]; errors are recorded in "
             f"{ResultStore(target.run_dir, cfg.results_dir).root / '_failures'}; re-run to retry only those"
         )
+        raise typer.Exit(1)
+
+
+def _analyze_source(target: Any, cfg: RunnerConfig, probe_set: ProbeSet | None, evict: bool) -> None:
+    """``mlmscope analyze hf:...`` / ``SUITE.json``: every seed's run folder in turn, then one summary each."""
+    from ..analyses.sources import analyse_source, hub_offline
+    from ..analyses.store import ResultStore
+
+    prep = target.source
+    seeds = f" ({len(target.runs)} seeds)" if len(target.runs) > 1 else ""
+    mode = "offline (HF_HUB_OFFLINE)" if hub_offline() else "missing ones downloaded one at a time"
+    console.print(
+        f"published trajectory {str(target.path)!r}: {target.n_checkpoints} checkpoints{seeds} from the Hugging "
+        f"Face cache {str(prep.cache_dir)!r}, {mode}; results in {str(target.run_dir)!r} (then: mlmscope report "
+        f"{target.run_dir}, mlmscope app {target.run_dir})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for ck, why in prep.skipped:
+        console.print(f"[yellow]skipped[/yellow] {ck.label} (step {ck.step}): {why}", highlight=False, soft_wrap=True)
+    done = analyse_source(
+        target,
+        cfg,
+        probe_set,
+        reporter=lambda: RichReporter(console),
+        evict_after=evict,
+        say=lambda text: console.print(text, highlight=False, soft_wrap=True),
+    )
+    failed = 0
+    for run_dir, summary in done:
+        if len(done) > 1:
+            Console().print(f"[bold]{run_dir}[/]")
+        print_summary(summary, Console())
+        if summary.failed:
+            failed += summary.failed
+            console.print(
+                f"[red]{summary.failed} (checkpoint, analysis) pairs failed[/]; errors are recorded in "
+                f"{ResultStore(run_dir, cfg.results_dir).root / '_failures'}; re-run to retry only those"
+            )
+    if failed:
         raise typer.Exit(1)
 
 

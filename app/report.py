@@ -22,12 +22,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 
 from ..analyses.onset import OnsetParams, detect_onset
+from ..analyses.sources import seed_runs
 from ..analyses.store import ResultStore, StoreError
 from ..analyses.trajectory import Trajectory
 from ..checkpoints.errors import MlmscopeError
@@ -222,7 +224,15 @@ def header_section(traj: Trajectory) -> str:
         desc.append(f"{int(run['n_params']):,} parameters")
     if ck:
         desc.append(f"{len(ck)} checkpoints (steps {ck[0].step}–{ck[-1].step})")
-    if run.get("status"):
+    if run.get("kind") == "hub":  # published checkpoints (mlmscope.analyses.sources)
+        shape = run.get("shape") or {}
+        if shape.get("n_layers"):
+            desc.append(f"`{run.get('architecture', '?')}`, {shape['n_layers']} layers × {shape.get('d_model')} d")
+        desc.append(
+            f"published checkpoints from `{run.get('source')}`"
+            + (f", seed {run['seed']}" if run.get("seed") is not None else "")
+        )
+    elif run.get("status"):
         desc.append(f"training status: {run['status']}")
     lines.append("; ".join(desc) + "." if desc else "(no manifest: a plain folder of checkpoints)")
     lines.append(
@@ -663,14 +673,202 @@ def _warm_start(traj: Trajectory, max_rows: int) -> str:
     )
 
 
+# --- seeds ------------------------------------------------------------------------------------------------------
+
+#: Bootstrap resamples of the seeds for the interval of the mean (fixed generator seed: the report is reproducible).
+SEED_BOOTSTRAP = 2000
+#: Coverage of the bootstrap interval.
+SEED_CI = 0.95
+
+
+def seed_bootstrap_ci(
+    values: Sequence[float], n_boot: int = SEED_BOOTSTRAP, ci: float = SEED_CI, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over seeds (seeds resampled with replacement); NaNs for < 2 seeds.
+
+    With few seeds the interval is coarse (3 seeds give only 10 distinct resample means) and tends to be too narrow.
+    """
+    v = np.asarray([x for x in values if not _missing_value(x)], dtype=float)
+    if len(v) < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    a = (1.0 - ci) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def _per_step(df: pd.DataFrame | None, value: str) -> pd.DataFrame | None:
+    if df is None or df.empty or value not in df:
+        return None
+    return cast(pd.DataFrame, df.groupby("step", as_index=False)[value].mean()).rename(columns={value: "value"})
+
+
+def _metric_val_loss(t: Trajectory) -> pd.DataFrame | None:
+    ck = t.checkpoints_frame()
+    return _per_step(ck.dropna(subset=["val_loss"]) if "val_loss" in ck else None, "val_loss")
+
+
+def _metric_sas(t: Trajectory) -> pd.DataFrame | None:
+    from ..analyses.sas import sas_curve
+
+    return _per_step(sas_curve(t.run_dir), "sas_score")
+
+
+def _metric_attention(t: Trajectory) -> pd.DataFrame | None:
+    heads = _results(t, "attention", "heads")
+    if heads is None:
+        return None
+    return _per_step(heads.assign(entropy_norm=heads["entropy"] / heads["entropy_uniform"]), "entropy_norm")
+
+
+def _metric_rank_gap(t: Trajectory) -> pd.DataFrame | None:
+    from ..analyses.mask_rank import rank_gap_over_steps
+
+    ranks = _results(t, "mask_rank", "ranks")
+    gap = rank_gap_over_steps(ranks) if ranks is not None else None
+    return _per_step(gap[gap["layer"] == gap["layer"].max()] if gap is not None and len(gap) else None, "gap")
+
+
+def _metric_anisotropy(t: Trajectory) -> pd.DataFrame | None:
+    a = _results(t, "outliers", "anisotropy")
+    if a is None:
+        return None
+    a = a[a["condition"] == "raw"]
+    return _per_step(a[a["layer"] == a["layer"].max()], "value")
+
+
+def _metric_redundancy(t: Trajectory) -> pd.DataFrame | None:
+    r = _results(t, "redundancy", "per_layer")
+    return _per_step(r[r["unit"] == "block"] if r is not None else None, "redundancy")
+
+
+def _metric_layer_drop(t: Trajectory) -> pd.DataFrame | None:
+    d = _results(t, "layer_drop", "per_unit")
+    if d is None:
+        return None
+    d = d[d["unit"] == "block"]
+    return cast(pd.DataFrame, d.groupby("step", as_index=False)["delta_loss"].max()).rename(
+        columns={"delta_loss": "value"}
+    )
+
+
+def _metric_logit_lens(t: Trajectory) -> pd.DataFrame | None:
+    d = _results(t, "logit_lens", "per_layer")
+    return _per_step(d[d["depth"] == d["depth"].min()] if d is not None else None, "kl")
+
+
+#: Headline metric per analysis (label, what it is, reader): one number per checkpoint and seed.
+SEED_METRICS: tuple[tuple[str, str, Callable[[Trajectory], pd.DataFrame | None]], ...] = (
+    ("validation loss", "validation MLM loss from the manifest (nats)", _metric_val_loss),
+    ("SAS (held-out)", "held-out UAS of the best head (sas)", _metric_sas),
+    ("attention entropy / uniform", "mean over all heads (attention)", _metric_attention),
+    ("[MASK] rank gap, last layer", "0.9-rank with − without [MASK] in the last layer (mask_rank)", _metric_rank_gap),
+    ("anisotropy, last layer", "mean cosine of random token pairs, raw (outliers)", _metric_anisotropy),
+    ("1 − cos(in, out), mean over blocks", "redundancy of whole blocks (redundancy)", _metric_redundancy),
+    ("largest layer-drop Δloss", "the block whose removal costs most, nats (layer_drop)", _metric_layer_drop),
+    ("logit-lens KL(final ‖ embeddings)", "nats at [MASK] positions (logit_lens)", _metric_logit_lens),
+)
+
+
+def seed_table(per_seed: Mapping[str, pd.DataFrame], steps: Sequence[int] | None = None) -> pd.DataFrame:
+    """step, n_seeds, mean, sd, ci_lo, ci_hi of one metric over seeds (``per_seed``: seed -> frame step, value)."""
+    frames = [f.assign(seed=name) for name, f in per_seed.items() if f is not None and len(f)]
+    if not frames:
+        return pd.DataFrame(columns=["step", "n_seeds", "mean", "sd", "ci_lo", "ci_hi"])
+    df = pd.concat(frames, ignore_index=True)
+    if steps is not None:
+        df = df[df["step"].isin(steps)]
+    rows = []
+    for step, g in df.groupby("step", sort=True):
+        v = g["value"].dropna().to_numpy(dtype=float)
+        lo, hi = seed_bootstrap_ci(v)
+        rows.append(
+            {
+                "step": _int(step),
+                "n_seeds": len(v),
+                "mean": float(v.mean()) if len(v) else math.nan,
+                "sd": float(v.std(ddof=1)) if len(v) > 1 else math.nan,
+                "ci_lo": lo,
+                "ci_hi": hi,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def seeds_section(runs: Sequence[str | os.PathLike], max_rows: int) -> str:
+    """Mean ± sd over seeds and a bootstrap interval of the mean, per step, for each analysis's headline number."""
+    trajs = {Path(r).name: Trajectory(r) for r in runs}
+    out = [
+        "### Seeds: mean ± sd over seeds",
+        f"One headline number per analysis, per checkpoint and seed; mean ± sd (n − 1) over the seeds that have it, "
+        f"and a {SEED_CI:.0%} percentile bootstrap interval of the mean ({SEED_BOOTSTRAP} resamples of the seeds; "
+        "coarse with few seeds). Steps: log-spaced over the steps of all seeds.",
+    ]
+    shown = 0
+    for label, what, read in SEED_METRICS:
+        per_seed: dict[str, pd.DataFrame] = {}
+        for name, t in trajs.items():
+            try:
+                f = read(t)
+            except (MlmscopeError, KeyError, ValueError, TypeError):
+                f = None
+            if f is not None and len(f):
+                per_seed[name] = f
+        if not per_seed:
+            continue
+        all_steps = sorted({_int(s) for f in per_seed.values() for s in f["step"]})
+        table = seed_table(per_seed, select_steps(all_steps, max_rows))
+        rows = [
+            [
+                str(_int(r["step"])),
+                str(_int(r["n_seeds"])),
+                f"{fmt(r['mean'])} ± {fmt(r['sd'])}",
+                f"{fmt(r['ci_lo'])} – {fmt(r['ci_hi'])}" if not _missing_value(r["ci_lo"]) else NA,
+            ]
+            for _, r in table.iterrows()
+        ]
+        out += [
+            "",
+            f"**{label}** ({what}):",
+            "",
+            md_table(["step", "seeds", "mean ± sd", f"{SEED_CI:.0%} CI of the mean"], rows),
+        ]
+        shown += 1
+    if not shown:
+        out.append(
+            f"(no results in any seed; run `mlmscope analyze` on each, e.g. `mlmscope analyze {next(iter(runs))}`)"
+        )
+    return "\n".join(out)
+
+
+def seed_group_report(root: str | os.PathLike, runs: Sequence[Path], max_rows: int) -> str:
+    """The report of a folder of seed runs (``mlmscope train --seeds``, a suite file with seeds): the seed section,
+    then where each seed's own report is."""
+    names = ", ".join(r.name for r in runs)
+    sources = {str(_manifest_run(Trajectory(r)).get("source") or "") for r in runs} - {""}
+    head = [
+        f"## Seed group report: `{root}`",
+        "",
+        f"{len(runs)} seeds ({names})"
+        + (f"; published checkpoints from `{sources.pop()}`" if len(sources) == 1 else "")
+        + ".",
+        f"Generated by `mlmscope report {root}`; each seed's own tables: `mlmscope report {runs[0]}` (and the others).",
+    ]
+    return "\n".join(head) + "\n\n" + seeds_section(runs, max_rows) + "\n"
+
+
 # --- the report ---------------------------------------------------------------------------------------------------
 
 
 def build_report(run: str | os.PathLike, max_rows: int = 12, onset: OnsetParams | None = None) -> str:
     """The whole Markdown report of a run folder.
 
+    A folder of ``seed_*`` runs (``mlmscope train --seeds``, a suite file with seeds) gives the seed report instead:
+    mean ± sd over seeds and a bootstrap interval of the mean per step (:func:`seeds_section`).
+
     Args:
-        run: Run folder (or any folder of checkpoint folders) analysed with ``mlmscope analyze``.
+        run: Run folder (or any folder of checkpoint folders, or a folder of seed runs) analysed with
+            ``mlmscope analyze``.
         max_rows: At most this many checkpoints per table (log-spaced; first and last included).
         onset: Onset-detector settings (default :class:`mlmscope.analyses.onset.OnsetParams`).
 
@@ -683,6 +881,9 @@ def build_report(run: str | os.PathLike, max_rows: int = 12, onset: OnsetParams 
         traj = Trajectory(run)
     except FileNotFoundError as e:
         raise ReportError(str(e)) from None
+    seeds = seed_runs(traj.run_dir)
+    if seeds:
+        return seed_group_report(traj.run_dir, seeds, max_rows)
     p = onset or OnsetParams()
     single_model = is_single_model(traj)  # reads the manifest first: a damaged one is a ReportError naming it
     single = len(traj.checkpoints) == 1

@@ -106,14 +106,18 @@ def serve(runs: list[Path], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) 
     """Start the dashboard on ``runs`` and block until it stops (Ctrl-C).
 
     Args:
-        runs: Run folders (a seed-group folder or a folder of runs works too).
+        runs: Run folders (a seed-group folder or a folder of runs works too; an analysed published source such as
+            ``hf:ORG/NAME`` or a suite file stands for its results folder).
         host: Address to bind; 127.0.0.1 (this machine only) by default. ``0.0.0.0`` exposes it on the network.
         port: TCP port.
 
     Raises:
         DashboardError: a run folder does not exist, or the port cannot be bound.
+        mlmscope.analyses.target.TargetError: a published source that has no results folder yet.
     """
-    runs = [Path(r) for r in runs] or [DEFAULT_RUN]
+    from ..analyses.target import results_folder
+
+    runs = [results_folder(r) for r in runs] or [DEFAULT_RUN]  # hf:ORG/NAME or a suite file: its results folder
     missing = [str(r) for r in runs if not r.is_dir()]
     if missing:
         hint = " (train it with `mlmscope demo`)" if str(DEFAULT_RUN) in missing else ""
@@ -148,7 +152,9 @@ def serve(runs: list[Path], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) 
 
 def app_command(
     runs: list[Path] | None = typer.Argument(
-        None, help="Run folders (default runs/demo); a folder of seed_* runs is shown as one group (mean ± band)."
+        None,
+        help="Run folders (default runs/demo); a folder of seed_* runs is shown as one group (mean ± band); "
+        "published checkpoints analysed before (hf:ORG/NAME, a suite file) show their results folder.",
     ),
     host: str = typer.Option(DEFAULT_HOST, help="Address to bind (127.0.0.1 = this machine only)."),
     port: int = typer.Option(DEFAULT_PORT, help="TCP port."),

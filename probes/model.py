@@ -38,6 +38,9 @@ class ModelLoadError(ProbeError):
 #: ``config.architectures[0]`` -> (family, has_mlm_head, transformers class name).
 SUPPORTED_ARCHITECTURES: dict[str, tuple[str, bool, str]] = {
     "BertForMaskedLM": ("bert", True, "BertForMaskedLM"),
+    # MLM + next-sentence heads (MultiBERTs, original BERT checkpoints): loaded as BertForMaskedLM, the NSP head and
+    # pooler left out
+    "BertForPreTraining": ("bert", True, "BertForMaskedLM"),
     "RobertaForMaskedLM": ("roberta", True, "RobertaForMaskedLM"),
     "BertModel": ("bert", False, "BertModel"),
     "RobertaModel": ("roberta", False, "RobertaModel"),

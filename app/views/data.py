@@ -18,7 +18,10 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from ...analyses.sources import is_source_spec
 from ...analyses.store import CHECKPOINT_SCOPE, FAILURES, RESULTS, ResultStore, StoreError
+from ...analyses.target import results_folder
+from ...checkpoints.errors import MlmscopeError
 from ...checkpoints.manifest import MANIFEST, TRAIN_LOG, list_checkpoints
 
 #: Sub-folders of a run holding the seeds of one group (``mlmscope train RUN --seeds 0,1,2``).
@@ -88,12 +91,19 @@ def discover_sources(paths: list[str]) -> tuple[list[Source], list[str]]:
     """Picker entries for the folders given on the command line, and one message per folder that does not exist.
 
     A run folder gives one entry; a folder of ``seed_*`` runs gives a group entry plus one per seed; a folder of runs
-    (e.g. ``runs/``) gives the entries of each run in it. An existing folder with nothing in it yet is kept as an
-    (empty) run, so its pages can say so.
+    (e.g. ``runs/``) gives the entries of each run in it. A published source analysed before (``hf:ORG/NAME``, a
+    suite file; :mod:`mlmscope.analyses.sources`) stands for its results folder (a suite of seeds is a group). An
+    existing folder with nothing in it yet is kept as an (empty) run, so its pages can say so.
     """
     sources: list[Source] = []
     problems: list[str] = []
     for raw in paths:
+        if is_source_spec(raw):  # hf:ORG/NAME or a suite file analysed before: its results folder
+            try:
+                raw = str(results_folder(raw))
+            except MlmscopeError as e:
+                problems.append(str(e))
+                continue
         path = Path(raw)
         if not path.is_dir():
             problems.append(f"run folder {raw!r} does not exist")
