@@ -766,7 +766,11 @@ def _missing_error(
         shown = " ; ".join(commands[:SHOW_COMMANDS]) + (" ; ..." if len(commands) > SHOW_COMMANDS else "")
         msg += (
             f". Fetch them where the hub is reachable: {shown}"
-            + (f" (all {len(commands)} in {script})" if written else "")
+            + (
+                (f" (all {len(commands)} in {script})" if len(commands) > 1 else f" (also in {script})")
+                if written
+                else ""
+            )
             + ", then copy that machine's cache folders models--ORG--NAME into this cache (or point HF_HUB_CACHE at"
             " them), or run with the hub reachable (HF_HUB_OFFLINE unset) to download one at a time; --skip-missing "
             "analyses the others"
@@ -820,8 +824,12 @@ def prepare_source(
             prep.pending.add(loc.checkpoint)
         else:
             missing.append((loc.checkpoint, loc.problem))
-    if missing and not skip_missing:
-        raise _missing_error(suite, missing, root, cache, len(chosen))
+    if missing:
+        error = _missing_error(suite, missing, root, cache, len(chosen))  # writes fetch_missing.sh
+        if not skip_missing:
+            raise error
+    else:
+        (root / FETCH_SCRIPT).unlink(missing_ok=True)  # from an earlier call: nothing is missing now
     prep.skipped = missing
     gone = {c for c, _ in missing}
     if suite.from_file and root.exists():

@@ -893,7 +893,10 @@ def build_report(run: str | os.PathLike, max_rows: int = 12, onset: OnsetParams 
         else [
             header_section(traj)
             + ("\n\nSingle checkpoint: every table has one row; onsets need a trajectory." if single else ""),
-            training_section(traj, max_rows, p),
+            training_section(traj, max_rows, p)
+            if _manifest_run(traj).get("kind") != "hub"
+            else "### Training\n(published checkpoints: no training log, token counts or validation loss recorded; "
+            "steps come from the revision or repo names)",
         ]
     )
     parts = [
