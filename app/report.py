@@ -882,8 +882,10 @@ def build_report(run: str | os.PathLike, max_rows: int = 12, onset: OnsetParams 
     except FileNotFoundError as e:
         raise ReportError(str(e)) from None
     seeds = seed_runs(traj.run_dir)
-    if seeds:
+    if len(seeds) > 1:
         return seed_group_report(traj.run_dir, seeds, max_rows)
+    if seeds:  # a suite with one seed: that seed's report
+        traj = Trajectory(seeds[0])
     p = onset or OnsetParams()
     single_model = is_single_model(traj)  # reads the manifest first: a damaged one is a ReportError naming it
     single = len(traj.checkpoints) == 1

@@ -115,9 +115,11 @@ def serve(runs: list[Path], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) 
         DashboardError: a run folder does not exist, or the port cannot be bound.
         mlmscope.analyses.target.TargetError: a published source that has no results folder yet.
     """
+    from ..analyses.sources import is_source_spec
     from ..analyses.target import results_folder
 
-    runs = [results_folder(r) for r in runs] or [DEFAULT_RUN]  # hf:ORG/NAME or a suite file: its results folder
+    # hf:ORG/NAME or a suite file: its results folder
+    runs = [results_folder(r) if is_source_spec(r) else Path(r) for r in runs] or [DEFAULT_RUN]
     missing = [str(r) for r in runs if not r.is_dir()]
     if missing:
         hint = " (train it with `mlmscope demo`)" if str(DEFAULT_RUN) in missing else ""

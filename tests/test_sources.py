@@ -193,6 +193,7 @@ def test_hub_revisions_give_the_local_folders_results(cli, cache, micro, probes,
     assert "published trajectory" in res.output and "runs/hub/test-org--micro" in res.output
     assert _listing(cache) == before  # nothing written into the cache
     run = Path("runs/hub/test-org--micro")
+    assert load_results(run, "attention", "heads").groupby("step").size().to_dict() == {0: 4, 10: 4, 20: 4}
     for name in ("attention", "_t_norm"):
         pd.testing.assert_frame_equal(load_results(run, name), load_results(local, name))
     m = Manifest.load(run)
@@ -336,6 +337,7 @@ def test_malformed_yaml_suite_and_cli_one_line(cli, cache, tmp_path):
         S.load_suite(bad)
     assert "does not exist" in _one_error_line(cli("analyze", tmp_path / "nope.json").output)
     assert "--revisions is for hf:ORG/NAME" in _one_error_line(cli("analyze", bad, "--revisions", "x").output)
+    assert "has no results folder yet" in _one_error_line(cli("app", "hf:test-org/never-analysed").output)
     assert "--evict deletes each checkpoint" in _one_error_line(
         cli("analyze", "hf:test-org/micro", "--revisions", "step_0", "--evict").output
     )
@@ -371,6 +373,8 @@ def test_suite_of_three_seeds_report_has_seed_bands(cli, analysed_suite):
     suite, root = analysed_suite
     assert sorted(p.name for p in root.iterdir()) == ["seed_0", "seed_1", "seed_2", S.SUITE_RECORD]
     assert [c.step for c in Manifest.load(root / "seed_2").checkpoints] == [0, 10, 20]
+    for s in (0, 1, 2):  # 2 layers x 2 heads at every step of every seed
+        assert load_results(root / f"seed_{s}", "attention", "heads").groupby("step").size().tolist() == [4, 4, 4]
     res = cli("report", suite)
     assert res.exit_code == 0, res.output
     text = res.output
