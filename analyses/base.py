@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pkgutil
+import sys
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -163,6 +165,45 @@ class Analysis(ABC):
         return {f.name: (hints[f.name], _field_default(f)) for f in dataclasses.fields(cls.Params) if f.init}
 
     @classmethod
+    def run(
+        cls,
+        model: Any,
+        probes: Any,
+        *,
+        params: Any | None = None,
+        batch_size: int = 32,
+        device: str | None = None,
+        masks: Sequence[Any] | None = None,
+        previous: str | os.PathLike | None = None,
+        save_to: str | os.PathLike | None = None,
+        **fields: Any,
+    ) -> dict[str, pd.DataFrame]:
+        """This analysis on one model, in one call: ``{table: DataFrame}`` (the runner's code path, no store).
+
+        ``SAS.run(model, probes, min_count=20)`` (or ``params=SAS.Params(...)``); the same function is bound as
+        ``run`` in the analysis's module and reachable as ``mlmscope.analyses.<name>.run`` for every registered name.
+        Arguments as :func:`mlmscope.analyses.api.analyze`; ``**fields`` are this analysis's ``Params`` fields.
+
+        Raises:
+            SkipAnalysis: the analysis cannot run on this model / probe set (the reason says why).
+            ParamError: a field this analysis does not have.
+        """
+        from .api import run
+
+        return run(
+            cls,
+            model,
+            probes,
+            params=params,
+            batch_size=batch_size,
+            device=device,
+            masks=masks,
+            previous=previous,
+            save_to=save_to,
+            **fields,
+        )
+
+    @classmethod
     def from_text(cls, values: Mapping[str, str]) -> Analysis:
         """An instance whose parameters are given as text (``--param NAME.FIELD=VALUE``), cast to the field types.
 
@@ -191,10 +232,18 @@ _A = TypeVar("_A", bound="type[Analysis]")
 
 
 def register(cls: _A) -> _A:
-    """Class decorator adding an analysis to the registry under ``cls.name``."""
+    """Class decorator adding an analysis to the registry under ``cls.name``.
+
+    When the defining module is named after the analysis (``analyses/sas.py`` for ``sas``) and has no ``run`` of its
+    own, the module also gets ``run = cls.run``: ``from mlmscope.analyses import sas; sas.run(model, probes)``.
+    Other names (``layer_drop``, ``logit_lens``) resolve to the class through ``mlmscope.analyses.<name>``.
+    """
     if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise ValueError(f"analysis name {cls.name!r} registered twice")
     REGISTRY[cls.name] = cls
+    module = sys.modules.get(cls.__module__)
+    if module is not None and cls.__module__.rpartition(".")[2] == cls.name and not hasattr(module, "run"):
+        module.run = cls.run  # pyright: ignore[reportAttributeAccessIssue]
     return cls
 
 

@@ -3,8 +3,10 @@
 Per checkpoint the runner loads the model once (``mlmscope.probes.model.load_model``), builds one
 :class:`~mlmscope.analyses.base.AnalysisContext`, unions the activation names and capture variants of every pending
 analysis, runs ``mlmscope.probes.capture.capture`` once over that union and feeds every accumulator from the same
-batches (never a forward pass per analysis). Results go to :mod:`mlmscope.analyses.store`, keyed by the checkpoint's
-content hash, so a re-run skips finished (checkpoint, analysis) pairs and retries only failures.
+batches (never a forward pass per analysis): :func:`analyse_checkpoint`, which ``mlmscope.analyses.analyze`` (one
+model in a notebook, no store) calls too. Captured tensors stay on the model's device. Results go to
+:mod:`mlmscope.analyses.store`, keyed by the checkpoint's content hash, so a re-run skips finished (checkpoint,
+analysis) pairs and retries only failures.
 
 Backends:
 
@@ -39,12 +41,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..checkpoints.errors import MlmscopeError
 from ..checkpoints.manifest import MANIFEST, WEIGHTS, CheckpointEntry, Manifest, list_checkpoints, weights_sha256
 from .base import Analysis, AnalysisContext, SkipAnalysis, get, load_all
 from .store import CHECKPOINT_SCOPE, ResultKey, ResultStore, stable_hash
+
+if TYPE_CHECKING:
+    from ..probes.masking import MaskPlan
 
 #: Order in which capture variants are run (the probes package's variant names).
 VARIANT_ORDER = ("clean", "mask15", "mask1")
@@ -234,10 +239,14 @@ def check_finite(model: Any) -> None:
 def default_capture(
     lm: Any, probe_set: Any, *, variants: Sequence[str], names: Sequence[str], batch_size: int
 ) -> Iterator[Any]:
-    """``mlmscope.probes.capture.capture`` (imported lazily so the store and CLI stay light)."""
+    """``mlmscope.probes.capture.capture`` (imported lazily so the store and CLI stay light).
+
+    Captured tensors stay on the device the model runs on (``to_cpu=False``): on a GPU the accumulators work on the
+    GPU and nothing is copied before the result frames are built; on a CPU this is the same as copying to the CPU.
+    """
     from ..probes.capture import capture
 
-    return capture(lm, probe_set, variants=tuple(variants), names=list(names), batch_size=batch_size)
+    return capture(lm, probe_set, variants=tuple(variants), names=list(names), batch_size=batch_size, to_cpu=False)
 
 
 def default_load(path: str, device: str = "cpu") -> Any:
@@ -250,19 +259,35 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-# --- the worker side --------------------------------------------------------------------------------------------------
-class _Active:
-    """One analysis being computed on the loaded checkpoint."""
+# --- one checkpoint: contexts, one shared capture, results (the runner and mlmscope.analyses.analyze) ---------------
+class Computed:
+    """One analysis computed on one loaded checkpoint by :func:`analyse_checkpoint` (nothing is stored).
 
-    def __init__(self, analysis: Analysis, key: ResultKey) -> None:
+    Attributes:
+        analysis: The analysis instance.
+        status: ``"ok"`` (``tables`` holds its frames), ``"skipped"`` (``error`` is the reason, final) or
+            ``"failed"`` (``error``/``trace``/``exception`` say why).
+        tables: Table name -> frame, when ok.
+        acc: Its accumulator (``save_artefacts`` writes what is not a table), when ok.
+        seconds: Compute time (accumulator construction, updates and ``result()``; the capture is not included).
+        warnings: Warnings it raised, once each.
+    """
+
+    def __init__(self, analysis: Analysis) -> None:
         self.analysis = analysis
-        self.key = key
+        self.status = "pending"
+        self.tables: dict[str, Any] | None = None
         self.acc: Any = None
         self.names: list[str] = []
         self.seconds = 0.0
-        self.error: str | None = None
+        self.error = ""
         self.trace = ""
+        self.exception: BaseException | None = None
         self.warnings: list[str] = []
+
+    @property
+    def live(self) -> bool:
+        return self.status == "pending"
 
     @contextmanager
     def tracked(self) -> Iterator[None]:
@@ -280,10 +305,138 @@ class _Active:
                         self.warnings.append(msg)
 
     def fail(self, e: BaseException) -> None:
+        self.status = "failed"
         self.error = _error_text(e)
         self.trace = tb.format_exc()
+        self.exception = e
+
+    def skip(self, reason: str) -> None:
+        self.status = "skipped"
+        self.error = reason
 
 
+def analyse_checkpoint(
+    lm: Any,
+    analyses: Sequence[Analysis],
+    probe_set: Any,
+    *,
+    capture_fn: Callable[..., Iterable[Any]] | None = None,
+    batch_size: int = 32,
+    device: str | None = None,
+    step: int | None = None,
+    checkpoint: str | None = None,
+    previous: Callable[[Analysis], Path | None] | None = None,
+    shared_capture: bool = True,
+    masks: MaskPlan | None = None,
+) -> tuple[list[Computed], float]:
+    """Compute analyses on one loaded checkpoint: one context, one capture over the union of their variants and
+    activation names, every accumulator fed from the same batches, then their frames. The runner stores what this
+    returns; ``mlmscope.analyses.analyze`` hands it to a notebook.
+
+    Args:
+        lm: A :class:`mlmscope.probes.model.LoadedModel` (or an object with the same members).
+        analyses: Analysis instances.
+        probe_set: ProbeSet or word lists (what the capture and the analyses get).
+        capture_fn: ``capture_fn(lm, probe_set, variants=, names=, batch_size=)``; default :func:`default_capture`.
+        batch_size: Probe sentences per forward pass.
+        device: ``ctx.device`` (default: the model's device).
+        step, checkpoint: How the context names the checkpoint.
+        previous: For a ``chained`` analysis, its previous result folder (``ctx.previous``), or None.
+        shared_capture: False = one capture per analysis (the naive mode the benchmark compares against).
+        masks: Explicit mask positions for the masked variants (:class:`mlmscope.probes.masking.MaskPlan`), in force
+            while accumulators are built, fed and read; None = the seeded rule.
+
+    Returns:
+        One :class:`Computed` per analysis (in order), and the seconds spent inside the capture.
+    """
+    ctx = AnalysisContext(
+        model=lm.model,
+        arch=lm.arch,
+        n_layers=lm.n_layers,
+        n_heads=lm.n_heads,
+        d_model=lm.d_model,
+        probe_set=probe_set,
+        step=step,
+        device=device if device is not None else str(lm.device),
+        checkpoint=checkpoint,
+    )
+    from ..probes.masking import explicit_masks
+
+    capture_fn = capture_fn or default_capture
+    with explicit_masks(masks):
+        computed = [_prepare(a, ctx, lm, previous) for a in analyses]
+        live = [c for c in computed if c.live]
+        groups = [live] if shared_capture else [[c] for c in live]
+        capture_s = sum(_feed(g, lm, probe_set, capture_fn, batch_size) for g in groups)
+        for c in live:
+            if c.live:  # not failed while fed
+                _result(c)
+    return computed, capture_s
+
+
+def _prepare(
+    a: Analysis, ctx: AnalysisContext, lm: Any, previous: Callable[[Analysis], Path | None] | None
+) -> Computed:
+    """The analysis's accumulator and activation names for this checkpoint (or its skip reason / failure)."""
+    c = Computed(a)
+    try:
+        with c.tracked():
+            if a.needs_mlm_head and not lm.has_mlm_head:
+                raise SkipAnalysis("the checkpoint has no MLM head (head-less BertModel/RobertaModel folder)")
+            a_ctx = replace(ctx, previous=previous(a) if previous is not None else None) if a.chained else ctx
+            c.acc = a.accumulator(a_ctx)
+            c.names = list(a.names(a_ctx))
+    except SkipAnalysis as e:
+        c.skip(str(e))
+    except Exception as e:
+        c.fail(e)
+    return c
+
+
+def _feed(
+    group: list[Computed], lm: Any, probe_set: Any, capture_fn: Callable[..., Iterable[Any]], batch_size: int
+) -> float:
+    """Run one capture over the union of the group's variants and names; feed every accumulator. Returns seconds
+    spent inside the capture iterator."""
+    live = [c for c in group if c.live]
+    if not live:
+        return 0.0
+    variants = [v for v in VARIANT_ORDER if any(v in c.analysis.variants for c in live)]
+    variants += sorted({v for c in live for v in c.analysis.variants} - set(variants))
+    names = sorted({n for c in live for n in c.names})
+    capture_s = 0.0
+    t0 = time.perf_counter()
+    try:
+        for batch in capture_fn(lm, probe_set, variants=variants, names=names, batch_size=batch_size):
+            capture_s += time.perf_counter() - t0
+            for c in live:
+                if c.live and batch.variant in c.analysis.variants:
+                    try:
+                        with c.tracked():
+                            c.acc.update(batch)
+                    except Exception as e:
+                        c.fail(e)
+            t0 = time.perf_counter()
+    except Exception as e:
+        for c in live:
+            if c.live:
+                c.fail(e)
+    return capture_s
+
+
+def _result(c: Computed) -> None:
+    """The accumulator's frames (a SkipAnalysis found only now, e.g. no masked position, is a final skip)."""
+    try:
+        with c.tracked():
+            c.tables = c.acc.result()
+        c.status = "ok"
+    except SkipAnalysis as e:
+        c.skip(str(e))
+    except Exception as e:
+        c.fail(e)
+
+
+# --- the worker side --------------------------------------------------------------------------------------------------
 def _previous_result(analysis: Analysis, job: Job, store: ResultStore, probe_hash: str) -> Path | None:
     """A chained analysis's finished result folder on the nearest earlier checkpoint of the job, or None."""
     for _, h in job.earlier:
@@ -294,96 +447,33 @@ def _previous_result(analysis: Analysis, job: Job, store: ResultStore, probe_has
     return None
 
 
-def _prepare(job: Job, lm: Any, env: WorkerEnv, store: ResultStore, device: str) -> tuple[list[_Active], list[Outcome]]:
-    """Build contexts and accumulators; return the analyses to feed and the outcomes already known (skips)."""
-    ctx = AnalysisContext(
-        model=lm.model,
-        arch=lm.arch,
-        n_layers=lm.n_layers,
-        n_heads=lm.n_heads,
-        d_model=lm.d_model,
-        probe_set=env.probe_set,
-        step=job.step,
-        device=device,
-        checkpoint=str(job.path),
-    )
-    actives, done = [], []
-    for a in job.analyses:
-        act = _Active(a, result_key(a, job.ckpt_hash, env.probe_hash))
-        try:
-            with act.tracked():
-                if a.needs_mlm_head and not lm.has_mlm_head:
-                    raise SkipAnalysis("the checkpoint has no MLM head (head-less BertModel/RobertaModel folder)")
-                a_ctx = replace(ctx, previous=_previous_result(a, job, store, env.probe_hash)) if a.chained else ctx
-                act.acc = a.accumulator(a_ctx)
-                act.names = list(a.names(a_ctx))
-        except SkipAnalysis as e:
-            rec = store.save_skip(act.key, str(e), _meta(job, a))
-            store.clear_failure(job.rel, a.name)
-            done.append(Outcome(job.step, job.rel, a.name, "skipped", act.seconds, str(e), rec))
-            continue
-        except Exception as e:
-            act.fail(e)
-        actives.append(act)
-    return actives, done
-
-
-def _feed(group: list[_Active], lm: Any, env: WorkerEnv) -> float:
-    """Run one capture over the union of the group's variants and names; feed every accumulator. Returns seconds
-    spent inside the capture iterator."""
-    live = [a for a in group if a.error is None]
-    if not live:
-        return 0.0
-    variants = [v for v in VARIANT_ORDER if any(v in a.analysis.variants for a in live)]
-    variants += sorted({v for a in live for v in a.analysis.variants} - set(variants))
-    names = sorted({n for a in live for n in a.names})
-    capture_s = 0.0
-    t0 = time.perf_counter()
-    try:
-        for batch in env.capture_fn(lm, env.probe_set, variants=variants, names=names, batch_size=env.batch_size):
-            capture_s += time.perf_counter() - t0
-            for a in live:
-                if a.error is None and batch.variant in a.analysis.variants:
-                    try:
-                        with a.tracked():
-                            a.acc.update(batch)
-                    except Exception as e:
-                        a.fail(e)
-            t0 = time.perf_counter()
-    except Exception as e:
-        for a in live:
-            if a.error is None:
-                a.fail(e)
-    return capture_s
-
-
 def _meta(job: Job, a: Analysis) -> dict[str, Any]:
     return {"step": job.step, "checkpoint": job.rel, "params": a.params_dict(), "description": a.description}
 
 
-def _finish(act: _Active, job: Job, store: ResultStore) -> Outcome:
-    a = act.analysis
-    if act.error is None:
+def _store(c: Computed, job: Job, store: ResultStore, probe_hash: str) -> Outcome:
+    """Write one computed analysis to the store (result, final skip, or failure) and say what happened."""
+    a = c.analysis
+    key = result_key(a, job.ckpt_hash, probe_hash)
+    if c.status == "ok":
         try:
-            with act.tracked():
-                tables = act.acc.result()
             rec = store.save(
-                act.key,
-                tables,
-                {**_meta(job, a), "seconds": act.seconds, "warnings": act.warnings},
-                write_extra=act.acc.save_artefacts,
+                key,
+                c.tables or {},
+                {**_meta(job, a), "seconds": c.seconds, "warnings": c.warnings},
+                write_extra=c.acc.save_artefacts,
             )
             store.clear_failure(job.rel, a.name)
             store.clear_failure(job.rel, CHECKPOINT_SCOPE)
-            return Outcome(job.step, job.rel, a.name, "ok", act.seconds, record=rec)
-        except SkipAnalysis as e:  # discovered only at the end (e.g. no masked positions): a final skip
-            rec = store.save_skip(act.key, str(e), _meta(job, a))
-            store.clear_failure(job.rel, a.name)
-            return Outcome(job.step, job.rel, a.name, "skipped", act.seconds, str(e), rec)
+            return Outcome(job.step, job.rel, a.name, "ok", c.seconds, record=rec)
         except Exception as e:
-            act.fail(e)
-    store.record_failure(job.rel, a.name, act.error or "", act.trace, {"step": job.step, "ckpt_hash": job.ckpt_hash})
-    return Outcome(job.step, job.rel, a.name, "failed", act.seconds, act.error or "")
+            c.fail(e)
+    if c.status == "skipped":
+        rec = store.save_skip(key, c.error, _meta(job, a))
+        store.clear_failure(job.rel, a.name)
+        return Outcome(job.step, job.rel, a.name, "skipped", c.seconds, c.error, rec)
+    store.record_failure(job.rel, a.name, c.error, c.trace, {"step": job.step, "ckpt_hash": job.ckpt_hash})
+    return Outcome(job.step, job.rel, a.name, "failed", c.seconds, c.error)
 
 
 def execute_job(job: Job, env: WorkerEnv) -> JobResult:
@@ -425,10 +515,19 @@ def execute_job(job: Job, env: WorkerEnv) -> JobResult:
             load_s=time.perf_counter() - t0,
         )
     load_s = time.perf_counter() - t0
-    actives, outcomes = _prepare(job, lm, env, store, device)
-    groups = [actives] if env.shared_capture else [[a] for a in actives]
-    capture_s = sum(_feed(g, lm, env) for g in groups)
-    outcomes += [_finish(a, job, store) for a in actives]
+    computed, capture_s = analyse_checkpoint(
+        lm,
+        job.analyses,
+        env.probe_set,
+        capture_fn=env.capture_fn,
+        batch_size=env.batch_size,
+        device=device,
+        step=job.step,
+        checkpoint=str(job.path),
+        previous=lambda a: _previous_result(a, job, store, env.probe_hash),
+        shared_capture=env.shared_capture,
+    )
+    outcomes = [_store(c, job, store, env.probe_hash) for c in computed]
     return JobResult(job.step, job.rel, outcomes, load_s=load_s, capture_s=capture_s)
 
 

@@ -43,7 +43,7 @@ import torch
 
 from .align import EncodedProbes, encode_words
 from .batch import CaptureBatch
-from .masking import apply_mask, check_variant
+from .masking import MaskPlan, active_plan, apply_mask, as_plan, check_variant, explicit_masks
 from .model import LoadedModel, ProbeError
 
 #: Documented activation-name templates, in forward execution order (``{l}`` = layer index).
@@ -283,6 +283,7 @@ def capture(
     seed: int = 0,
     sort_by_length: bool = True,
     to_cpu: bool = True,
+    masks: MaskPlan | Sequence[Any] | None = None,
 ) -> Iterator[CaptureBatch]:
     """Stream capture batches: one nnsight-traced forward pass per (variant, batch), saving only ``names``.
 
@@ -297,26 +298,36 @@ def capture(
             ``tokens`` position, or ``none``.
         seed: Masking seed.
         sort_by_length: Batch sentences of similar length together (less padding; results are padding-invariant).
-        to_cpu: Move captured tensors to CPU.
+        to_cpu: Move captured tensors to CPU; False keeps them on the model's device (the same thing on a CPU).
+        masks: Explicit mask positions for the masked variants instead of the seeded rule: one list per probe
+            sentence, 0-based among the sentence's non-special pieces (:class:`mlmscope.probes.masking.MaskPlan`).
+            None = the seeded rule, or the plan of an enclosing :func:`mlmscope.probes.masking.explicit_masks`.
 
     Yields:
         :class:`CaptureBatch` objects, variant by variant.
 
     Raises:
-        ProbeError: unknown variant/name/head_at, MLM head requested on a head-less model, or tokenizer mismatch.
+        ProbeError: unknown variant/name/head_at, MLM head requested on a head-less model, tokenizer mismatch, or
+            ``masks`` without one entry per sentence or with a position out of range (naming the sentence).
     """
     for v in variants:
         check_variant(v)
     if head_at not in HEAD_AT:
         raise ProbeError(f"head_at must be one of {HEAD_AT}, got {head_at!r}")
     names = _check_names(lm, names)
+    plan = as_plan(masks)
     enc = prepare(lm, probe_set)
+    in_force = plan if plan is not None else active_plan()
+    if in_force is not None and any(v != "clean" for v in variants):
+        in_force.check(enc)
     tracer = _Tracer(lm, names)
     tok = lm.tokenizer
     special_ids = set(tok.all_special_ids)
     for variant in variants:
         for idx in _batches(enc, batch_size, sort_by_length):
-            yield _capture_one(lm, tracer, enc, idx, variant, names, head_at, seed, special_ids, to_cpu)
+            with explicit_masks(plan):  # only around the batch's own masking: never held across a yield
+                batch = _capture_one(lm, tracer, enc, idx, variant, names, head_at, seed, special_ids, to_cpu)
+            yield batch
 
 
 def _capture_one(
