@@ -49,7 +49,6 @@ loss-drop onset, classification and coincidence; see ``mlmscope.analyses.onset``
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -658,7 +657,7 @@ class SAS(Analysis):
 def sas_frames(
     model: Any, probe_set: Any, params: SAS.Params | None = None, batch_size: int = 32, device: str = "cpu"
 ) -> dict[str, pd.DataFrame]:
-    """Run the SAS analysis on one model; the same accumulator the trajectory runner uses.
+    """Run the SAS analysis on one model: ``SAS.run`` (= ``mlmscope.analyses.sas.run``), the runner's code path.
 
     Args:
         model: A checkpoint folder (any ``probes.load_model`` folder, e.g. all-MiniLM-L6-v2) or a ``LoadedModel``.
@@ -671,33 +670,17 @@ def sas_frames(
         The ``heads``, ``offsets``, ``best`` and ``summary`` tables.
 
     Raises:
-        SASInputError: the probe set has no parses; ``probes`` errors for a bad folder or tokenizer mismatch.
+        SkipAnalysis: the probe set has no parses; ``probes`` errors for a bad folder or tokenizer mismatch.
     """
-    from ..probes.capture import capture
-    from ..probes.model import LoadedModel, load_model
-    from ..probes.probeset import load_probe_set
+    from ..probes.model import LoadedModel
 
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
-    ps = (
-        load_probe_set(os.fsdecode(probe_set))
-        if isinstance(probe_set, (str, bytes)) or hasattr(probe_set, "__fspath__")
-        else probe_set
+    return SAS.run(
+        model,
+        probe_set,
+        params=params,
+        batch_size=batch_size,
+        device=None if isinstance(model, LoadedModel) else device,
     )
-    analysis = SAS(params)
-    ctx = AnalysisContext(
-        model=lm.model,
-        arch=lm.arch,
-        n_layers=lm.n_layers,
-        n_heads=lm.n_heads,
-        d_model=lm.d_model,
-        probe_set=ps,
-        device=str(lm.device),
-    )
-    acc = analysis.accumulator(ctx)
-    with torch.no_grad():
-        for batch in capture(lm, ps, variants=analysis.variants, names=analysis.names(ctx), batch_size=batch_size):
-            acc.update(batch)
-    return acc.result()
 
 
 def sas_curve(source: Any, table: str = "summary") -> pd.DataFrame:
