@@ -463,3 +463,26 @@ def test_download_one_at_a_time_and_evict(cli, cache, micro, probes, monkeypatch
         "--skip-missing",
     )
     assert res.exit_code == 0 and "skipped test-org/fresh@step_10 (step 10): evicted" in res.output, res.output
+
+
+def test_yaml_suite_with_local_folders(cli, cache, micro, probes, tmp_path):
+    for step in (0, 10):
+        shutil.copytree(micro[(1, step)], tmp_path / "mine" / f"ckpt-{step}")
+    suite = tmp_path / "mixed.yaml"
+    suite.write_text(
+        "checkpoints:\n"
+        "  - {path: mine/ckpt-0}\n"  # relative to the suite file; step from the folder name
+        "  - {path: mine/ckpt-10, step: 10}\n"
+        "  - {repo: test-org/micro, revision: step_20}\n"
+    )
+    res = cli("analyze", suite, "-a", "_t_norm", "--probes", probes, "--threads", 1)
+    assert res.exit_code == 0, res.output
+    run = Path("runs/suites/mixed")  # no seeds: the suite folder is the run
+    m = Manifest.load(run)
+    assert [c.step for c in m.checkpoints] == [0, 10, 20]
+    assert os.readlink(run / "step_000010") == str((tmp_path / "mine" / "ckpt-10").resolve())
+    assert m.run["hub"]["step_000000"]["path"] == str((tmp_path / "mine" / "ckpt-0").resolve())
+    assert m.checkpoints[1].sha256 == weights_sha256(micro[(1, 10)])
+    assert sorted(load_results(run, "_t_norm")["step"].unique()) == [0, 10, 20]
+    report = cli("report", suite)
+    assert report.exit_code == 0 and "## Trajectory report: `runs/suites/mixed`" in report.output, report.output
