@@ -26,6 +26,7 @@ from .corpus_cli import app as corpus_app
 from .probes_cli import app as probes_app
 from .report_cli import report_command
 from .serve import app_command
+from .zoom_cli import zoom_command
 
 app = typer.Typer(
     help="mlmscope: train small MLMs with dense checkpoint trajectories and study how they learn.",
@@ -420,6 +421,7 @@ app.add_typer(analyses_app, name="analyses", help="List analyses, show failures,
 app.command("analyze")(analyze_command)
 app.command("app")(app_command)
 app.command("report")(report_command)
+app.command("zoom")(zoom_command)
 bench_app.command("app")(bench_command)
 
 

@@ -109,6 +109,9 @@ class TrainConfig:
         steps: Explicit checkpoint steps instead, comma-separated (e.g. 0,10,100).
         val_batches: Validation batches (fixed masks) scored at every checkpoint.
         log_every: Write the training loss to train_log.jsonl every N steps.
+        keyframes: Full resumable states (optimiser, scheduler, RNG, loss EMA) kept at this many checkpoint steps
+            spread over the run (keyframes/), so that mlmscope zoom replays a window from the nearest one; 0 = none
+            (a zoom then replays from step 0).
     """
 
     seq_len: int = 64
@@ -131,6 +134,7 @@ class TrainConfig:
     steps: list[int] | None = None
     val_batches: int = 16
     log_every: int = 1
+    keyframes: int = 8
 
 
 @dataclass
@@ -387,6 +391,7 @@ _RULES: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
     ),
     ("train", "val_batches", _int_at_least(1), "an integer >= 1"),
     ("train", "log_every", _int_at_least(1), "an integer >= 1"),
+    ("train", "keyframes", _int_at_least(0), "an integer >= 0"),
     ("data", "corpus", lambda v: isinstance(v, str) and v.strip() != "", "'wiki' or a path"),
     ("data", "text_field", lambda v: isinstance(v, str) and v != "", "a field name"),
     ("data", "val_fraction", _in_open_unit, "a number strictly between 0 and 1"),

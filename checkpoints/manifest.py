@@ -8,6 +8,7 @@ Layout of a run::
         step_000000/           # plain save_pretrained dir: model.safetensors, config.json, tokenizer files
         step_000001/ ...
         resume/                # rolling resumable state of the latest checkpoint (optimiser, RNG, data position)
+        keyframes/step_XXXXXX/ # the same full state kept at a few steps, for replays (``mlmscope zoom``)
 
 A checkpoint appears in the manifest only after its folder is completely written and hashed, so a reader never sees
 a half-written checkpoint. Any folder of checkpoint folders without a manifest (e.g. a downloaded suite) is also
@@ -53,6 +54,8 @@ class CheckpointEntry:
         val_acc: Validation top-1 accuracy at masked positions.
         sha256: Content hash of the weights (sha256 over name-sorted tensor names, dtypes, shapes and bytes).
         duplicate_of: Step of an earlier checkpoint with the identical hash, if any (a flagged failure mode).
+        segment: Id of the zoom segment that wrote it (``mlmscope zoom``: a replay proven identical to the original
+            run, described in the manifest's ``run.zoom_segments``); None for a checkpoint of the training run.
     """
 
     step: int
@@ -64,6 +67,7 @@ class CheckpointEntry:
     val_acc: float | None = None
     sha256: str = ""
     duplicate_of: int | None = None
+    segment: int | None = None
 
 
 @dataclass

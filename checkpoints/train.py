@@ -1,8 +1,10 @@
 """The lean MLM training loop: corpus → WordPiece → ``BertForMaskedLM`` → a dense trajectory of checkpoints.
 
 Read :func:`train` first: :func:`_setup` builds what a run needs (device, checked run folder, data, model,
-optimiser, scheduler, state) into a :class:`_Run`; the loop takes optimiser steps and calls :func:`_checkpoint` at
-every step of the schedule (the weights, plus a rolling resumable state); :func:`_finish` marks the run finished.
+optimiser, scheduler, state) into a :class:`_Run`; the loop takes optimiser steps (:func:`_step`) and calls
+:func:`_checkpoint` at every step of the schedule (the weights, a rolling resumable state, and at a few keyframe
+steps a kept copy of that state); :func:`_finish` marks the run finished. :func:`open_replay`, :func:`restore_state`,
+:func:`replay_step` and :func:`write_checkpoint` give ``mlmscope zoom`` (:mod:`.zoom`) the same code for a replay.
 
 Speed (README "Benchmarks"): packed sequences with no padding mask; sparse prediction (the MLM head only at masked
 positions); batches built by pure functions of the step (no data-loader workers); and levers chosen by what the
@@ -12,11 +14,14 @@ SDPA only on CUDA; bf16 autocast only where bf16 is native, else fp32; fused Ada
 Exact resume: each step's batch and masks are functions of (data_seed, step) (``mlmscope.checkpoints.data``); the
 optimiser, scheduler, RNG and loss-EMA states are saved with the latest checkpoint, so a run killed at any moment and
 resumed from it reproduces the uninterrupted per-step losses and final weights bit for bit (CPU, same machine).
+Keyframes (:func:`keyframe_steps`) keep that state at a few steps, so any stretch can be replayed later.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -54,6 +59,8 @@ from .tokenizer import (
 )
 
 RESUME_DIR = "resume"
+KEYFRAMES_DIR = "keyframes"
+STATE_FILE = "state.pt"
 TOKENIZER_DIR = "tokenizer"
 VAL_MASK_SEED = 1234  # fixed masking of the validation sequences: every checkpoint is scored on the same masks
 
@@ -88,6 +95,30 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     return max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
+
+
+def keyframe_steps(cfg: TrainConfig, schedule: list[int]) -> list[int]:
+    """Checkpoint steps whose full resumable state is kept (``keyframes/step_XXXXXX/``) for ``mlmscope zoom``.
+
+    For n = ``cfg.keyframes`` and T = ``max_steps``: the schedule step at or before k·T/(n + 1) for k = 1…n
+    (duplicates dropped), so a replay never starts more than about T/(n + 1) steps plus one checkpoint spacing
+    before its window. Step 0 is never one (its state is rebuilt from the seeds), nor T (nothing follows it).
+    """
+    out = set()
+    for k in range(1, cfg.keyframes + 1):
+        at = bisect.bisect_right(schedule, k * cfg.max_steps / (cfg.keyframes + 1)) - 1
+        if at >= 0 and 0 < schedule[at] < cfg.max_steps:
+            out.add(schedule[at])
+    return sorted(out)
+
+
+def config_sha256(config: dict) -> str:
+    """Hash of a run config as the manifest saves it (``run.config``; key order and tuple/list do not matter).
+
+    Recorded as ``run.config_sha256`` when a run starts; ``mlmscope zoom`` refuses a run whose saved config no
+    longer hashes to it (edited after training, so a replay would not be the run that was trained).
+    """
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 class SparseMLM(torch.nn.Module):
@@ -429,37 +460,73 @@ def _save_checkpoint(
     return name, digest
 
 
-def _save_resume(run_dir: Path, optimizer, scheduler, state: TrainState) -> None:
-    """Rolling resumable state for the latest checkpoint (replaced atomically, never one per step)."""
-    d = run_dir / RESUME_DIR
-    d.mkdir(exist_ok=True)
-    tmp = d / "state.pt.tmp"
+def save_state(path: Path, optimizer, scheduler, state: TrainState, **extra: object) -> None:
+    """Everything but the weights that continuing from ``state.step`` needs (optimiser, scheduler, RNG, train state;
+    the weights are the checkpoint of that step), written atomically to ``path``; ``extra`` is stored beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     torch.save(
         {
             "train_state": vars(state),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            **extra,
         },
         tmp,
     )
-    os.replace(tmp, d / "state.pt")
+    os.replace(tmp, path)
 
 
-def _load_resume(run_dir: Path, manifest: Manifest, model, optimizer, scheduler) -> TrainState:
-    blob = torch.load(run_dir / RESUME_DIR / "state.pt", weights_only=False)
+def _save_resume(run_dir: Path, optimizer, scheduler, state: TrainState) -> None:
+    """Rolling resumable state for the latest checkpoint (replaced atomically, never one per step)."""
+    save_state(run_dir / RESUME_DIR / STATE_FILE, optimizer, scheduler, state)
+
+
+def _save_keyframe(run: _Run) -> None:
+    """Keep a copy of the resumable state just written (``keyframes/step_XXXXXX/state.pt``, atomically) and record
+    the keyframes and their size in the manifest (``run.keyframes``; saved by the caller)."""
+    folder = run.run_dir / KEYFRAMES_DIR / step_dirname(run.state.step)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{STATE_FILE}.tmp"
+    shutil.copyfile(run.run_dir / RESUME_DIR / STATE_FILE, tmp)
+    os.replace(tmp, folder / STATE_FILE)
+    found = list_keyframes(run.run_dir)
+    run.manifest.run["keyframes"] = {"steps": sorted(found), "bytes": sum(f.stat().st_size for f in found.values())}
+
+
+def list_keyframes(run_dir: str | os.PathLike) -> dict[int, Path]:
+    """Step -> state file of every keyframe kept in a run folder (``keyframes/step_XXXXXX/state.pt``)."""
+    out = {}
+    for f in Path(run_dir).glob(f"{KEYFRAMES_DIR}/step_*/{STATE_FILE}"):
+        try:
+            out[int(f.parent.name.removeprefix("step_"))] = f
+        except ValueError:
+            continue
+    return dict(sorted(out.items()))
+
+
+def _restore(run_dir: Path, manifest: Manifest, blob: dict, model, optimizer, scheduler, verb: str) -> TrainState:
+    """Load a saved state (:func:`save_state`) and the weights of its step, checked against the manifest's hash.
+
+    Args:
+        verb: What the restore is for in messages (``resume``, ``replay``).
+
+    Raises:
+        TrainingError: the step is not listed, its weights are missing, damaged or of another shape.
+    """
     state = TrainState(**blob["train_state"])
     entry = next((c for c in manifest.checkpoints if c.step == state.step), None)
     if entry is None:
-        raise TrainingError(f"resumable state is for step {state.step}, which the manifest does not list")
+        raise TrainingError(f"the saved state is for step {state.step}, which the manifest does not list")
     ckpt = run_dir / entry.path
     try:
         digest = weights_sha256(ckpt)
     except (OSError, ValueError) as e:
-        raise TrainingError(f"cannot resume from step {state.step}: {e}") from None
+        raise TrainingError(f"cannot {verb} from step {state.step}: {e}") from None
     if digest != entry.sha256:
         raise TrainingError(
-            f"cannot resume: weights of step {state.step} ({ckpt}) do not match the manifest hash "
+            f"cannot {verb}: weights of step {state.step} ({ckpt}) do not match the manifest hash "
             f"(corrupted file); run `mlmscope verify {run_dir}`"
         )
     from safetensors.torch import load_file
@@ -471,7 +538,13 @@ def _load_resume(run_dir: Path, manifest: Manifest, model, optimizer, scheduler)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
-    # Drop anything written after the resumable checkpoint (a kill between checkpoint and manifest update).
+    return state
+
+
+def _load_resume(run_dir: Path, manifest: Manifest, model, optimizer, scheduler) -> TrainState:
+    blob = torch.load(run_dir / RESUME_DIR / STATE_FILE, weights_only=False)
+    state = _restore(run_dir, manifest, blob, model, optimizer, scheduler, "resume")
+    # Drop anything written after the resumable checkpoint (a kill between the manifest update and the state).
     manifest.checkpoints = [c for c in manifest.checkpoints if c.step <= state.step]
     log = run_dir / TRAIN_LOG
     if log.exists():
@@ -526,6 +599,7 @@ class _Run:
     t0: float  # time.perf_counter() at which the run's wall clock read 0
     last_good: int | None  # the latest checkpoint written completely
     val_loss: float | None  # at the latest checkpoint
+    keyframes: tuple[int, ...] = ()  # steps whose resumable state is kept (keyframe_steps)
 
     @property
     def tc(self) -> TrainConfig:
@@ -564,25 +638,7 @@ def train(
                 _checkpoint(run, out)
             if state.step >= tc.max_steps:
                 break
-            loss = _train_step(
-                run.objective,
-                run.optimizer,
-                run.scheduler,
-                run.data.batches,
-                state.step,
-                tc,
-                run.device,
-                run.heads,
-                run.cfg.sas_reg.lam_at(state.step),
-            )
-            loss = distributed.mean(loss, run.dist)
-            if distributed.any_flag(not math.isfinite(loss), run.dist):
-                raise TrainingError(
-                    f"loss became {loss} at step {state.step + 1}; training stopped, the last good "
-                    f"checkpoint is step {run.last_good} (lower --lr or use --precision fp32)"
-                )
-            state.advance(loss, run.data.batches.tokens_per_step())
-            out.step(run, loss)
+            out.step(run, _step(run))
     except BaseException as e:
         _record_stop(run, e)
         raise
@@ -612,19 +668,7 @@ def _setup(run_dir: Path, cfg: RunConfig, resume: bool, force: bool, device: str
     with _undone_on_failure(run_dir, None if resume or not dist.is_main else run_dir.exists()):
         run_dir.mkdir(parents=True, exist_ok=True)
         data = _load_data(run_dir, cfg, resume, dist)
-        # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which pyright misreads
-        model = _build_model(cfg, len(data.tok), device).to(device)  # pyright: ignore[reportArgumentType]
-        model.train()
-        heads = None
-        if cfg.sas_reg.active:
-            from .sas_reg import training_heads
-
-            heads = training_heads(data.tok, data.train_texts, tc.seq_len, root_to_cls=cfg.sas_reg.root_to_cls)
-        objective = distributed.wrap(SparseMLM(model, cfg.sas_reg), dist, device)
-        if tc.compile and device.startswith("cuda"):
-            objective = cast(torch.nn.Module, torch.compile(objective))  # a Module compiles to an OptimizedModule
-        optimizer = _optimizer(model, tc, fused=levers["optimizer"]["value"] == "fused")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
+        model, heads, objective, optimizer, scheduler = _build_training(cfg, levers, data, device, dist)
         if resume:
             assert manifest is not None  # loaded above
             state = _load_resume(run_dir, manifest, model, optimizer, scheduler)
@@ -651,7 +695,32 @@ def _setup(run_dir: Path, cfg: RunConfig, resume: bool, force: bool, device: str
         t0=time.perf_counter() - state.wall_clock_s,
         last_good=last.step if last else None,
         val_loss=last.val_loss if last else None,
+        keyframes=tuple(keyframe_steps(tc, schedule)),
     )
+
+
+def _build_training(cfg: RunConfig, levers: dict, data: _Data, device: str, dist: distributed.Dist) -> tuple:
+    """The freshly initialised model (seeded by ``init_seed``: the run at step 0) on ``device``, the dependency heads
+    of the SAS regulariser (None without it), the objective (DDP-wrapped / compiled as configured), the optimiser and
+    the learning-rate scheduler.
+
+    The torch RNG is left as the initialisation leaves it, which is its state at step 0 of the run.
+    """
+    tc = cfg.train
+    # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which pyright misreads
+    model = _build_model(cfg, len(data.tok), device).to(device)  # pyright: ignore[reportArgumentType]
+    model.train()
+    heads = None
+    if cfg.sas_reg.active:
+        from .sas_reg import training_heads
+
+        heads = training_heads(data.tok, data.train_texts, tc.seq_len, root_to_cls=cfg.sas_reg.root_to_cls)
+    objective = distributed.wrap(SparseMLM(model, cfg.sas_reg), dist, device)
+    if tc.compile and device.startswith("cuda"):
+        objective = cast(torch.nn.Module, torch.compile(objective))  # a Module compiles to an OptimizedModule
+    optimizer = _optimizer(model, tc, fused=levers["optimizer"]["value"] == "fused")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
+    return model, heads, objective, optimizer, scheduler
 
 
 def _init_device(device: str | None) -> tuple[str, distributed.Dist]:
@@ -727,6 +796,7 @@ def _new_manifest(
     return Manifest(
         run={
             "config": cfg.to_dict(),
+            "config_sha256": config_sha256(cfg.to_dict()),
             "levers": levers,
             "corpus": source_description(cfg.data),
             "corpus_fingerprint": data.fingerprint,
@@ -808,32 +878,70 @@ class _Output:
 
 
 def _checkpoint(run: _Run, out: _Output) -> None:
-    """Score the validation set, write the checkpoint and the resumable state and list them in the manifest (rank 0;
-    every rank waits for it)."""
+    """Write the checkpoint and list it in the manifest, then the resumable state (and at keyframe steps a kept copy
+    of it); rank 0 writes, every rank waits for it.
+
+    The state follows the manifest: a run killed between the two resumes from the previous state, and retrains (and
+    rewrites, identically) the checkpoint the manifest already lists.
+    """
     if run.dist.is_main:
-        state = run.state
-        state.wall_clock_s = time.perf_counter() - run.t0
-        run.val_loss, val_acc = evaluate(
-            run.model, run.data.val_inputs, run.data.val_labels, run.tc.batch_size, run.device
-        )
-        name, digest = _save_checkpoint(run.run_dir, run.model, run.data.tok, state, run.last_good)
-        _save_resume(run.run_dir, run.optimizer, run.scheduler, state)
-        entry = run.manifest.add(
-            CheckpointEntry(
-                step=state.step,
-                path=name,
-                tokens_seen=state.tokens_seen,
-                wall_clock_s=round(state.wall_clock_s, 3),
-                train_loss=state.loss_ema,
-                val_loss=run.val_loss,
-                val_acc=val_acc,
-                sha256=digest,
-            )
-        )
+        entry = run.manifest.add(write_checkpoint(run))
         run.manifest.save(run.run_dir)
-        run.last_good = state.step
+        _save_resume(run.run_dir, run.optimizer, run.scheduler, run.state)
+        if run.state.step in run.keyframes:
+            _save_keyframe(run)
+            run.manifest.save(run.run_dir)
+        run.last_good = run.state.step
         out.checkpoint(run, entry)
     distributed.barrier(run.dist)
+
+
+def write_checkpoint(run: _Run, segment: int | None = None) -> CheckpointEntry:
+    """Score the validation set and write ``step_XXXXXX/`` of the run's current state; return its manifest entry
+    (not yet added). ``segment``: the zoom segment writing it (:mod:`.zoom`), None while training."""
+    state = run.state
+    state.wall_clock_s = time.perf_counter() - run.t0
+    run.val_loss, val_acc = evaluate(run.model, run.data.val_inputs, run.data.val_labels, run.tc.batch_size, run.device)
+    name, digest = _save_checkpoint(run.run_dir, run.model, run.data.tok, state, run.last_good)
+    return CheckpointEntry(
+        step=state.step,
+        path=name,
+        tokens_seen=state.tokens_seen,
+        wall_clock_s=round(state.wall_clock_s, 3),
+        train_loss=state.loss_ema,
+        val_loss=run.val_loss,
+        val_acc=val_acc,
+        sha256=digest,
+        segment=segment,
+    )
+
+
+def _step(run: _Run) -> float:
+    """One optimiser step from ``run.state.step`` (the same code trains and replays); returns the step's loss.
+
+    Raises:
+        TrainingError: the loss is not finite (on any rank).
+    """
+    state = run.state
+    loss = _train_step(
+        run.objective,
+        run.optimizer,
+        run.scheduler,
+        run.data.batches,
+        state.step,
+        run.tc,
+        run.device,
+        run.heads,
+        run.cfg.sas_reg.lam_at(state.step),
+    )
+    loss = distributed.mean(loss, run.dist)
+    if distributed.any_flag(not math.isfinite(loss), run.dist):
+        raise TrainingError(
+            f"loss became {loss} at step {state.step + 1}; training stopped, the last good "
+            f"checkpoint is step {run.last_good} (lower --lr or use --precision fp32)"
+        )
+    state.advance(loss, run.data.batches.tokens_per_step())
+    return loss
 
 
 def _record_stop(run: _Run, e: BaseException) -> None:
@@ -854,6 +962,83 @@ def _finish(run: _Run) -> Manifest:
     distributed.barrier(run.dist)
     distributed.shutdown(run.dist)
     return Manifest.load(run.run_dir)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Replays (``mlmscope zoom``): the same set-up, state and step as training, for a finished stretch of a run
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def open_replay(run_dir: Path, manifest: Manifest, device: str, check: Callable[[_Data], None] | None = None) -> _Run:
+    """A trained run rebuilt from its folder as it was at step 0, to replay a stretch of it (single process).
+
+    Uses the saved config with the recorded levers (precision, attention, fused AdamW: :func:`resolve_levers`), the
+    run's own ``tokenizer/`` and its corpus; the model is freshly initialised from ``init_seed`` and the torch RNG
+    left as that leaves it, i.e. the run's state at step 0. Move it on with :func:`restore_state`.
+
+    Args:
+        run_dir: The run folder (holds ``tokenizer/``).
+        manifest: Its manifest; replayed checkpoints are added to it by the caller.
+        device: Where to replay (the recorded one, for identical arithmetic).
+        check: Called with the loaded corpus and tokenizer before the model is built (to refuse changed ones).
+
+    Raises:
+        TrainingError / CorpusError / DataError with a user-facing message.
+    """
+    hf_logging.disable_progress_bar()
+    dist = distributed.Dist()
+    cfg = RunConfig.from_dict(manifest.run["config"])
+    tc, levers = resolve_levers(cfg.train, device, manifest.run.get("levers"))
+    cfg = dataclasses.replace(cfg, train=tc)
+    data = _load_data(run_dir, cfg, True, dist)
+    if check is not None:
+        check(data)
+    model, heads, objective, optimizer, scheduler = _build_training(cfg, levers, data, device, dist)
+    schedule = checkpoint_steps(tc)
+    state = TrainState()
+    return _Run(
+        run_dir,
+        cfg,
+        device,
+        dist,
+        manifest,
+        schedule,
+        data,
+        model,
+        objective,
+        optimizer,
+        scheduler,
+        heads,
+        state,
+        t0=time.perf_counter(),
+        last_good=None,
+        val_loss=None,
+    )
+
+
+def restore_state(run: _Run, blob: dict) -> None:
+    """Move a replay (:func:`open_replay`) to a saved state (a keyframe's or a replay's own, :func:`save_state`):
+    the weights of its step (hash-checked against the manifest), optimiser, scheduler, RNG and train state. The
+    run's wall clock continues the saved one."""
+    run.state = _restore(run.run_dir, run.manifest, blob, run.model, run.optimizer, run.scheduler, "replay")
+    run.t0 = time.perf_counter() - run.state.wall_clock_s
+    run.last_good = run.state.step
+
+
+def replay_step(run: _Run) -> float:
+    """One optimiser step of a replay: exactly the training loop's step (:func:`_step`); returns its loss."""
+    return _step(run)
+
+
+def weights_digest(run: _Run, scratch: Path) -> str:
+    """The content hash (``weights_sha256``) that a checkpoint of the run's current weights would have: saved the
+    way :func:`_save_checkpoint` saves them into the folder ``scratch`` (emptied first, removed after)."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        run.model.save_pretrained(str(scratch))
+        return weights_sha256(scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _train_step(

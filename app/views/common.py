@@ -22,6 +22,8 @@ from .data import Source
 #: Plotly's default qualitative palette (one colour per trace, bands in the same colour).
 PALETTE = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF", "#FECB52")
 STEP_MARK = {"line_dash": "dot", "line_color": "#d62728", "line_width": 1.5}
+#: Zoom segments (``mlmscope zoom``: checkpoints replayed densely) as a strip along the bottom of curves over steps.
+ZOOM_MARK = {"color": "rgba(255,127,14,0.55)", "text": "#c45a00", "height": 0.035}
 
 
 @dataclass
@@ -132,22 +134,65 @@ class View:
         why = f"it failed: {failed['error'].iloc[0]}" if len(failed) else "not analysed (yet)"
         st.caption(f"Step {self.step} has no `{analysis}` result ({why}); showing step {used}.")
 
+    def zoom_segments(self) -> list[dict[str, Any]]:
+        """The focus run's zoom segments that wrote checkpoints (manifest ``run.zoom_segments``; ``mlmscope zoom``)."""
+        segments = data.run_meta(self.focus, self.fp(self.focus)).get("zoom_segments") or []
+        return [s for s in segments if s.get("steps")]
+
     # --- x axis ------------------------------------------------------------------------------------------------
     def x(self, steps: pd.Series | int) -> Any:
         """Plot coordinate of a step: the step, or step + 1 on a log axis."""
         return steps + 1 if self.log_x else steps
 
+    def zoom_marks(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Shapes and labels marking the focus run's zoom segments: an orange strip along the bottom of the plot
+        over each densely replayed window, labelled with its spacing."""
+        shapes, labels = [], []
+        for seg in self.zoom_segments():
+            x0, x1 = self.x(min(seg["steps"])), self.x(max(seg["steps"]))
+            shapes.append(
+                {
+                    "type": "rect",
+                    "xref": "x",
+                    "yref": "paper",
+                    "x0": x0,
+                    "x1": x1,
+                    "y0": 0,
+                    "y1": ZOOM_MARK["height"],
+                    "fillcolor": ZOOM_MARK["color"],
+                    "line": {"width": 0},
+                }
+            )
+            labels.append(
+                {
+                    "x": x1,
+                    "y": ZOOM_MARK["height"],
+                    "xref": "x",
+                    "yref": "paper",
+                    "text": f"zoom: every {seg['every']}",
+                    "showarrow": False,
+                    "xanchor": "left",
+                    "yanchor": "bottom",
+                    "font": {"size": 9, "color": ZOOM_MARK["text"]},
+                }
+            )
+        return shapes, labels
+
     def step_axis(self) -> dict[str, Any]:
-        """Layout entries of a figure over steps: the x axis (log or linear) and the global step marker."""
+        """Layout entries of a figure over steps: the x axis (log or linear), the zoom segments and the global step
+        marker."""
         out: dict[str, Any] = {
             "xaxis": {
                 "type": "log" if self.log_x else "linear",
                 "title": {"text": "step + 1" if self.log_x else "step"},
             }
         }
+        zoom_shapes, zoom_labels = self.zoom_marks()
+        if zoom_shapes:
+            out["shapes"], out["annotations"] = zoom_shapes, zoom_labels
         if self.step is not None:
             x = self.x(self.step)
-            out["shapes"] = [
+            out["shapes"] = out.get("shapes", []) + [
                 {
                     "type": "line",
                     "x0": x,
@@ -163,7 +208,7 @@ class View:
                     },
                 }
             ]
-            out["annotations"] = [
+            out["annotations"] = out.get("annotations", []) + [
                 {
                     "x": x,
                     "y": 1,
@@ -180,6 +225,11 @@ class View:
     def style_steps(self, fig: go.Figure, title: str | None = None, mark: bool = True) -> go.Figure:
         """Log/linear step axis and the global step marked (every curve over steps goes through here)."""
         fig.update_xaxes(type="log" if self.log_x else "linear", title=title or ("step + 1" if self.log_x else "step"))
+        shapes, labels = self.zoom_marks()
+        for shape in shapes:
+            fig.add_shape(shape)
+        for label in labels:
+            fig.add_annotation(label)
         if mark and self.step is not None:
             mark_x(fig, self.x(self.step), f"step {self.step}")
         return fig

@@ -91,6 +91,8 @@ def _checkpoint_table(view: View, ck: pd.DataFrame) -> None:
     tab = ck[["step", "path", "tokens_seen", "val_loss", "val_acc", "sha256", "duplicate_of"]].copy()
     tab["hash"] = tab.pop("sha256").fillna("").str[:12]
     tab["duplicate"] = tab["duplicate_of"].notna()
+    zoomed = {s: f"zoom {seg['id']} (every {seg['every']})" for seg in view.zoom_segments() for s in seg["steps"]}
+    tab["segment"] = [zoomed.get(int(s), "training") for s in tab["step"].tolist()]
     tab = tab.merge(ver[["step", "status", "detail"]].rename(columns={"status": "verification"}), on="step", how="left")
     fails = view.failures()
     if len(fails):
@@ -115,7 +117,8 @@ def _checkpoint_table(view: View, ck: pd.DataFrame) -> None:
         "overview_checkpoints",
         "Finished checkpoints of the focus run (manifest.json); hash = sha256 of the weights; "
         "verification re-hashes every weights file (mlmscope.checkpoints.verify); `selected` marks the global "
-        "step.",
+        "step; `segment`: written by training, or by a zoom (`mlmscope zoom`: replayed and verified hash-equal "
+        "at the run's own checkpoints).",
     )
 
 
