@@ -72,9 +72,12 @@ class AttentionAccumulator(Accumulator):
         self.uniform_sum = 0.0
 
     def update(self, batch: CaptureBatch) -> None:
-        real = batch.attention_mask.bool()
+        # sums stay where the patterns are
+        dev = batch[_pattern_name(0)].device if self.n_layers else batch.attention_mask.device
+        am, special = batch.attention_mask.to(dev), batch.special_mask.to(dev)
+        real = am.bool()
         for layer in range(self.n_layers):
-            s = head_sums(batch[_pattern_name(layer)], batch.attention_mask, batch.special_mask)
+            s = head_sums(batch[_pattern_name(layer)], am, special)
             prev = self.sums[layer]
             self.sums[layer] = s if prev is None else prev + s
         n_real = real.sum(1).double()

@@ -245,8 +245,15 @@ class LensSums:
 
     def add(self, sums: dict[str, torch.Tensor], n: int) -> None:
         for m in METRICS:
-            self.sums[m] += sums[m].cpu()
+            v = sums[m]
+            if self.sums[m].device != v.device:  # the sums live where the metrics are computed (moved once)
+                self.sums[m] = self.sums[m].to(v.device)
+            self.sums[m] += v
         self.n += n
+
+    def mean(self, metric: str) -> torch.Tensor:
+        """(S,) per-site mean of ``metric`` on the host."""
+        return (self.sums[metric] / max(self.n, 1)).cpu()
 
     def frame(self, sites: list[LensSite], **const: Any) -> pd.DataFrame:
         """Tidy frame: one row per site with the mean of every metric, ``n_masked`` and the constant columns."""
@@ -259,7 +266,7 @@ class LensSums:
             }
         )
         for m in METRICS:
-            rows[m] = (self.sums[m] / max(self.n, 1)).numpy()
+            rows[m] = self.mean(m).numpy()
         rows["n_masked"] = self.n
         for k, v in const.items():
             rows[k] = v
@@ -268,8 +275,9 @@ class LensSums:
 
 def masked_states(batch: CaptureBatch, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, N, D) hidden states of ``names`` at the masked positions of ``batch`` and their (N,) gold ids."""
-    mm = batch.masked_mask
-    return torch.stack([batch[n][mm] for n in names]), batch.labels[mm]
+    dev = batch[names[0]].device
+    mm = batch.masked_mask.to(dev)
+    return torch.stack([batch[n][mm] for n in names]), batch.labels.to(dev)[mm]
 
 
 def final_reference(batch: CaptureBatch, arch: Any, n_layers: int, device: str = "cpu") -> FinalRef:
@@ -282,13 +290,15 @@ def final_reference(batch: CaptureBatch, arch: Any, n_layers: int, device: str =
     """
 
     def make() -> FinalRef:
-        mm = batch.masked_mask
+        last = batch[f"blocks.{n_layers - 1}.hook_resid_post"]
+        mm = batch.masked_mask.to(last.device)
         head = batch.acts.get(MLM_HEAD)
-        if head is not None and not is_pre_ln(arch) and torch.equal(batch.head_positions, mm.nonzero()):
+        hp = batch.head_positions
+        if head is not None and not is_pre_ln(arch) and torch.equal(hp.to(mm.device), mm.nonzero()):
             logits = head.to(device)
         else:
             with torch.no_grad():
-                logits = decode_hidden(arch, batch[f"blocks.{n_layers - 1}.hook_resid_post"][mm].to(device))
+                logits = decode_hidden(arch, last[mm].to(device))
         return FinalRef.from_logits(logits)
 
     return batch.memo(f"lens.final_ref:{device}", make)

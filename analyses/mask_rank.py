@@ -82,17 +82,27 @@ def token_selection(batch: CaptureBatch, include_special: bool) -> torch.Tensor:
     return batch.attention_mask.bool() if include_special else batch.token_mask
 
 
-def planned_mask(batch: CaptureBatch, seed: int) -> torch.Tensor:
-    """(B, T) bool: positions the ``mask15`` variant masks for these sentences (see :mod:`mlmscope.probes.masking`)."""
+def planned_mask(batch: CaptureBatch, seed: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(B, T) bool: positions the ``mask15`` variant masks for these sentences (see :mod:`mlmscope.probes.masking`).
+
+    The positions are drawn on the host (per sentence, from two integers per row: its id and its number of content
+    pieces); the mask is built on ``device`` (default: the special mask's) by comparing each piece's rank among the
+    sentence's content pieces with them, so no (B, T) tensor is copied between devices.
+    """
     from ..probes.masking import mask_positions
 
-    out = torch.zeros_like(batch.special_mask)
-    content = ~batch.special_mask
-    for b, sid in enumerate(batch.sentence_ids.tolist()):
-        idx = content[b].nonzero().squeeze(1)
-        pos = mask_positions(MASKED, int(idx.numel()), int(sid), seed)
-        out[b, idx[torch.as_tensor(pos, dtype=torch.long)]] = True
-    return out
+    content = ~batch.special_mask.to(device if device is not None else batch.special_mask.device)
+    counts = content.sum(1).tolist()
+    picks = [mask_positions(MASKED, int(n), int(sid), seed) for n, sid in zip(counts, batch.sentence_ids.tolist())]
+    width = max((len(p) for p in picks), default=0)
+    if width == 0:
+        return torch.zeros_like(content)
+    table = torch.full((len(picks), width), -1, dtype=torch.long)
+    for b, p in enumerate(picks):
+        table[b, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+    rank = content.long().cumsum(1) - 1  # rank of each content piece among its sentence's content pieces
+    hit = (rank[:, :, None] == table.to(content.device)[:, None, :]).any(-1)
+    return hit & content
 
 
 def spectrum_ranks(acc: StreamingCovariance, tau: float) -> dict[tuple[str, str], float]:
@@ -146,16 +156,18 @@ class MaskRankAccumulator(Accumulator):
 
     def update(self, batch: CaptureBatch) -> None:
         """Route each token of each layer into its token set's accumulator."""
-        sel = token_selection(batch, self.p.include_special)
-        if batch.variant == CLEAN:
-            at_mask = planned_mask(batch, self.p.mask_seed) & sel
-            groups = {"clean_at_mask": at_mask, "clean_other": sel & ~at_mask}
-        elif batch.variant == MASKED:
-            is_mask = batch.masked_mask & batch.attention_mask.bool()
-            self.mask_mismatch += int((planned_mask(batch, self.p.mask_seed) != is_mask).any(1).sum())
-            groups = {"masked_mask": is_mask & sel, "masked_real": sel & ~is_mask}
-        else:
+        if batch.variant not in (CLEAN, MASKED):
             return
+        dev = batch[self.names[0]].device  # masks are moved to the activations, never the other way
+        sel = token_selection(batch, self.p.include_special).to(dev)
+        planned = planned_mask(batch, self.p.mask_seed, dev)
+        if batch.variant == CLEAN:
+            at_mask = planned & sel
+            groups = {"clean_at_mask": at_mask, "clean_other": sel & ~at_mask}
+        else:
+            is_mask = (batch.masked_mask & batch.attention_mask.bool()).to(dev)
+            self.mask_mismatch += int((planned != is_mask).any(1).sum())
+            groups = {"masked_mask": is_mask & sel, "masked_real": sel & ~is_mask}
         for l, name in enumerate(self.names):
             h = batch[name]
             for s, m in groups.items():

@@ -44,7 +44,7 @@ import torch
 from ..checkpoints.errors import MlmscopeError
 from ..probes.batch import CaptureBatch
 from .base import Accumulator, Analysis, AnalysisContext, register
-from .stats import StreamingCovariance, hash_uniform, residual_stream_names
+from .stats import StreamingCovariance, hash_uniform_like, residual_stream_names
 
 KINDS = ("argmax", "argmin")
 CONDITIONS_PROBE = ("all_dims", "without_outliers")
@@ -188,34 +188,40 @@ class PositionMoments:
         return self.xp.n
 
     def update(self, x: torch.Tensor, pos: torch.Tensor) -> None:
-        """Add rows x (N, d_x) at positions ``pos`` (N,) (already clipped to P − 1)."""
+        """Add rows x (N, d_x) at positions ``pos`` (N,) (already clipped to P − 1), on their device."""
         if x.shape[0] == 0:
             return
-        xd = x.double().cpu()
+        if self.sums.device != x.device:  # moved once, while still zero
+            self.sums, self.counts = self.sums.to(x.device), self.counts.to(x.device)
+        xd = x.double()
         self.xp.update(torch.cat([xd, pos.double()[:, None]], 1))
         self.sums.index_add_(0, pos, xd)
         self.counts += torch.bincount(pos, minlength=self.P).double()
 
     def merge(self, other: PositionMoments) -> None:
         self.xp.merge(other.xp)
+        if self.sums.device != other.sums.device:
+            self.sums, self.counts = self.sums.to(other.sums.device), self.counts.to(other.sums.device)
         self.sums += other.sums
         self.counts += other.counts
 
     @property
     def mean(self) -> torch.Tensor:
+        """(d,) mean of z, on the host."""
         mu = self.xp.mean.cpu()
-        return torch.cat([mu[: self.d_x], self.counts / max(self.n, 1), mu[self.d_x :]])
+        return torch.cat([mu[: self.d_x], self.counts.cpu() / max(self.n, 1), mu[self.d_x :]])
 
     @property
     def scatter(self) -> torch.Tensor:
+        """(d, d) centred scatter of z, on the host."""
         dx, P, n = self.d_x, self.P, max(self.n, 1)
         sa, mu = self.xp.scatter.cpu(), self.xp.mean.cpu()
-        c = self.counts
+        c = self.counts.cpu()
         out = torch.zeros(self.d, self.d, dtype=torch.float64)
         out[:dx, :dx] = sa[:dx, :dx]
         out[:dx, -1] = out[-1, :dx] = sa[:dx, dx]
         out[-1, -1] = sa[dx, dx]
-        sxp = self.sums.T - torch.outer(mu[:dx], c)
+        sxp = self.sums.cpu().T - torch.outer(mu[:dx], c)
         out[:dx, dx : dx + P], out[dx : dx + P, :dx] = sxp, sxp.T
         out[dx : dx + P, dx : dx + P] = torch.diag(c) - torch.outer(c, c) / n
         spp = c * (torch.arange(P, dtype=torch.float64) - mu[dx])
@@ -236,8 +242,8 @@ class _Reservoir:
         self.rows: torch.Tensor | None = None
 
     def offer(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        rows = rows.detach().float().cpu()
-        allk = torch.cat([self.keys, keys])
+        rows = rows.detach().float()
+        allk = torch.cat([self.keys.to(keys.device), keys])
         allr = rows if self.rows is None else torch.cat([self.rows, rows])
         order = torch.argsort(allk)[: self.k]
         self.keys, self.rows = allk[order], allr[order]
@@ -262,20 +268,23 @@ class OutlierAccumulator(Accumulator):
         layer."""
         if batch.variant != "clean":
             return
-        sel = batch.attention_mask.bool() if self.p.include_special else batch.token_mask
+        dev = batch[self.names[0]].device  # everything below stays on the activations' device
+        sel = (batch.attention_mask.bool() if self.p.include_special else batch.token_mask).to(dev)
         B, T = sel.shape
-        pos = torch.arange(T).expand(B, T)[sel].clamp(max=self.P - 1)
-        sids = batch.sentence_ids.to(torch.long)
-        split_test = torch.as_tensor(hash_uniform(sids, seed=self.p.seed) < 0.5)
+        pos = torch.arange(T, device=dev).expand(B, T)[sel].clamp(max=self.P - 1)
+        sids = batch.sentence_ids.to(device=dev, dtype=torch.long)
+        split_test = hash_uniform_like(sids, seed=self.p.seed) < 0.5
         is_test = split_test[:, None].expand(B, T)[sel]
         pick, pick_rows = self._pick_tokens(sel, sids)
-        keys = torch.as_tensor(hash_uniform(sids[pick_rows], seed=self.p.seed + 2))
+        keys = hash_uniform_like(sids[pick_rows], seed=self.p.seed + 2)
         self.n += int(sel.sum())
+        if self.count_max.device != dev:  # moved once, while still zero
+            self.count_max, self.count_min = self.count_max.to(dev), self.count_min.to(dev)
         for l, name in enumerate(self.names):
             h = batch[name][sel].float()
             if h.shape[0]:
-                self.count_max[l] += torch.bincount(h.argmax(1).cpu(), minlength=self.d)
-                self.count_min[l] += torch.bincount(h.argmin(1).cpu(), minlength=self.d)
+                self.count_max[l] += torch.bincount(h.argmax(1), minlength=self.d)
+                self.count_min[l] += torch.bincount(h.argmin(1), minlength=self.d)
             self.joint[(l, "train")].update(h[~is_test], pos[~is_test])
             self.joint[(l, "test")].update(h[is_test], pos[is_test])
             self.sample[l].offer(keys, batch[name][pick])
@@ -283,7 +292,7 @@ class OutlierAccumulator(Accumulator):
     def _pick_tokens(self, sel: torch.Tensor, sids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One seeded random selected token per sentence: (B, T) pick mask and the batch rows that have one."""
         k = sel.sum(1)
-        target = torch.as_tensor(np.floor(hash_uniform(sids, seed=self.p.seed + 1) * k.numpy()), dtype=torch.long)
+        target = torch.floor(hash_uniform_like(sids, seed=self.p.seed + 1) * k).long()
         rank = sel.long().cumsum(1) - 1
         pick = sel & (rank == target[:, None])
         return pick, (k > 0).nonzero().squeeze(1)
@@ -323,7 +332,7 @@ class OutlierAccumulator(Accumulator):
     def _freq_table(self) -> pd.DataFrame:
         rows = []
         n = max(self.n, 1)
-        for kind, counts in (("argmax", self.count_max), ("argmin", self.count_min)):
+        for kind, counts in (("argmax", self.count_max.cpu()), ("argmin", self.count_min.cpu())):
             l_idx, d_idx = counts.nonzero(as_tuple=True)
             c = counts[l_idx, d_idx]
             rows.append(
@@ -465,7 +474,7 @@ class OutlierAccumulator(Accumulator):
     def _anisotropy_table(self, merged: list[PositionMoments], act_dims: list[int]) -> pd.DataFrame:
         rows = []
         for l, res in enumerate(self.sample):
-            x = res.rows if res.rows is not None else torch.zeros(0, self.d)
+            x = res.rows.cpu() if res.rows is not None else torch.zeros(0, self.d)
             acc = merged[l]
             std = torch.diagonal(acc.cov)[: self.d].clamp(min=0).sqrt().float().cpu()
             variants = {

@@ -137,7 +137,10 @@ class _PairedTraceCovariance:
     """Streaming per-state means and centred cross-scatter *traces* Σ_t (x_t − μx)·(y_t − μy) for state pairs.
 
     O(S·d) memory (the full d×d cross-covariances of ``mlmscope.analyses.stats`` are not needed for a pooled cosine);
-    batches are merged with the same Chan et al. (1979) pairwise update as ``mlmscope.analyses.stats``.
+    batches are merged with the same Chan et al. (1979) pairwise update as ``mlmscope.analyses.stats``. Within a
+    batch the centred traces come from the per-token dot products the cosines need anyway:
+    Σ_t (x_t − m)·(y_t − m′) = Σ_t x_t·y_t − N m·m′ (float64; the batch means are ~1 of the vectors' scale, so the
+    subtraction loses a few bits of 53 at most).
     """
 
     def __init__(self, pairs: list[tuple[int, int]]) -> None:
@@ -150,13 +153,20 @@ class _PairedTraceCovariance:
 
     def update(self, x: torch.Tensor) -> None:
         """Add rows of every state: ``x`` (S, N, d)."""
-        n_b = x.shape[1]
-        if n_b == 0:
+        if x.shape[1] == 0:
             return
         x = x.to(_F64)
-        m_b = x.mean(1)
-        c = x - m_b[:, None]
-        xy_b, xx_b = (c[self.a] * c[self.b]).sum((1, 2)), (c * c).sum((1, 2))
+        dots = torch.stack([(x[a] * x[b]).sum(-1) for a, b in zip(self.a.tolist(), self.b.tolist())])
+        self.update_sums(x.mean(1), dots.sum(-1), (x * x).sum((1, 2)), x.shape[1])
+
+    def update_sums(self, m_b: torch.Tensor, xy_raw: torch.Tensor, xx_raw: torch.Tensor, n_b: int) -> None:
+        """Add one batch given its per-state means (S, d), Σ_t x_t·y_t per pair (P,) and Σ_t ‖x_t‖² per state (S,)."""
+        if n_b == 0:
+            return
+        if self.a.device != m_b.device:
+            self.a, self.b = self.a.to(m_b.device), self.b.to(m_b.device)
+        xy_b = xy_raw - n_b * (m_b[self.a] * m_b[self.b]).sum(-1)
+        xx_b = xx_raw - n_b * (m_b * m_b).sum(-1)
         if self.n == 0:
             self.n, self.mean, self.tr_xy, self.tr_xx = n_b, m_b, xy_b, xx_b
             return
@@ -206,26 +216,34 @@ class RedundancyAccumulator(Accumulator):
         self.cov = StreamingCovariance(d_model * (n_layers + 1)) if cka else None
 
     def update(self, batch: CaptureBatch) -> None:
-        mask = batch.attention_mask.bool() if self.include_special else batch.token_mask
+        dev = batch[self.names[0]].device  # every sum below stays on the activations' device
+        mask = (batch.attention_mask.bool() if self.include_special else batch.token_mask).to(dev)
         if not bool(mask.any()):
             return
-        x = torch.stack([batch[n][mask] for n in self.names]).to(_F64)  # (S, N, d)
-        bad = (~torch.isfinite(x)).flatten(1).any(1)
-        if bool(bad.any()):
-            check_finite(x[int(bad.nonzero()[0])], f"captured state {self.names[int(bad.nonzero()[0])]}", self.label)
-        u = x / x.norm(dim=-1, keepdim=True).clamp_min(self.eps)
-        ins = torch.tensor([p[2] for p in self.pairs])
-        outs = torch.tensor([p[3] for p in self.pairs])
-        self.cos_sum += (u[ins] * u[outs]).sum(-1).sum(-1)
-        self.n_tokens += x.shape[1]
-        self.trace.update(x)
+        x = torch.stack([batch[n][mask] for n in self.names])  # (S, N, d)
+        if not bool(torch.isfinite(x).all()):
+            first = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])
+            check_finite(x[first], f"captured state {self.names[first]}", self.label)
+        x = x.to(_F64)
+        n_b = x.shape[1]
+        # per-token dot products of every (in, out) pair and squared norms: the cosines and the centred traces
+        dots = torch.stack([(x[i] * x[o]).sum(-1) for _, _, i, o in self.pairs])  # (P, N)
+        sq = (x * x).sum(-1)  # (S, N)
+        norms = sq.sqrt().clamp_min(self.eps)
+        ins = [p[2] for p in self.pairs]
+        outs = [p[3] for p in self.pairs]
+        if self.cos_sum.device != dev:  # moved once, while still zero
+            self.cos_sum = self.cos_sum.to(dev)
+        self.cos_sum += (dots / (norms[ins] * norms[outs])).sum(-1)
+        self.n_tokens += n_b
+        self.trace.update_sums(x.mean(1), dots.sum(-1), sq.sum(-1), n_b)
         if self.cov is not None:
-            self.cov.update(x[self.hidden_idx].permute(1, 0, 2).reshape(x.shape[1], -1))
+            self.cov.update(x[self.hidden_idx].permute(1, 0, 2).reshape(n_b, -1))
 
     def result(self) -> dict[str, pd.DataFrame]:
         if self.n_tokens == 0:
             raise SkipAnalysis("redundancy: the probe set has no non-special tokens")
-        cos = (self.cos_sum / self.n_tokens).numpy()
+        cos = (self.cos_sum / self.n_tokens).cpu().numpy()
         ccos = self.trace.centred_cosine().cpu().numpy()
         per = pd.DataFrame(
             {
@@ -376,10 +394,12 @@ class LayerDropAccumulator(Accumulator):
         self._runner: _DropRunner | None = None
 
     def update(self, batch: CaptureBatch) -> None:
-        keep = batch.sentence_ids < self.max_sentences  # the probe set's first sentences, whatever the batching
+        # the probe set's first sentences, whatever the batching
+        keep = batch.sentence_ids.to(batch.input_ids.device) < self.max_sentences
         if not bool(keep.any()):
             return
-        ids, am, labels = batch.input_ids[keep], batch.attention_mask[keep], batch.labels[keep]
+        ids, am = batch.input_ids[keep], batch.attention_mask.to(keep.device)[keep]
+        labels = batch.labels.to(keep.device)[keep]
         self.n_sentences += ids.shape[0]
         mm = labels != -100
         if not bool(mm.any()):
@@ -397,8 +417,10 @@ class LayerDropAccumulator(Accumulator):
                     logits = decode_hidden(self.arch, h[mm]).float()
                 if c == 0:
                     check_finite(logits, "the final layer's MLM logits", self.label)
-                self.ce[c] += float(torch.nn.functional.cross_entropy(logits, gold, reduction="sum"))
-                self.correct[c] += float((logits.argmax(-1) == gold).sum())
+                if self.ce.device != logits.device:  # the sums live on the model's device (moved once, at zero)
+                    self.ce, self.correct = self.ce.to(logits.device), self.correct.to(logits.device)
+                self.ce[c] += torch.nn.functional.cross_entropy(logits, gold, reduction="sum").double()
+                self.correct[c] += (logits.argmax(-1) == gold).sum().double()
         self.n_masked += int(gold.numel())
 
     def result(self) -> dict[str, pd.DataFrame]:
@@ -407,8 +429,8 @@ class LayerDropAccumulator(Accumulator):
                 "layer_drop: the probe set has no masked positions with a gold label (variant 'mask15'); "
                 "rebuild the masked probe variant or use a probe set with non-special tokens"
             )
-        loss = (self.ce / self.n_masked).numpy()
-        acc = (self.correct / self.n_masked).numpy()
+        loss = (self.ce / self.n_masked).cpu().numpy()
+        acc = (self.correct / self.n_masked).cpu().numpy()
         df = pd.DataFrame(
             {"unit": [c[0] for c in self.configs], "block": [c[1] for c in self.configs], "loss": loss, "acc": acc}
         )

@@ -265,21 +265,33 @@ class SASCounts:
         return len(self.offsets) + 1
 
     def add_words(self, cell: torch.Tensor) -> None:
+        if self.n.device != cell.device:  # the counts live where the batches do (moved once, while still zero)
+            self.n = self.n.to(cell.device)
         self.n.view(-1).index_add_(0, cell, torch.ones_like(cell, dtype=torch.float64))
 
     def add_layer(self, layer: int, hits: torch.Tensor, cell: torch.Tensor, pred_cell: torch.Tensor) -> None:
         """Add one layer's hits (H, D, N) bool at word cells (N,), and prediction cells (H, D, N)."""
         h, d = hits.shape[:2]
+        dev = hits.device
         counts, pred_off = self.hits[layer], self.pred_off[layer]
         if counts is None or pred_off is None:  # set together, at the layer's first batch
-            counts = self.hits[layer] = torch.zeros(h, d, self.n_rel, 2, self.n_buckets, dtype=torch.float64)
-            pred_off = self.pred_off[layer] = torch.zeros(h, d, self.n_rel, self.n_buckets, dtype=torch.float64)
+            shape, f64 = (h, d, self.n_rel), torch.float64
+            counts = self.hits[layer] = torch.zeros(*shape, 2, self.n_buckets, dtype=f64, device=dev)
+            pred_off = self.pred_off[layer] = torch.zeros(*shape, self.n_buckets, dtype=f64, device=dev)
         elif counts.shape[0] != h:
             raise SASInputError(f"layer {layer} had {counts.shape[0]} heads in an earlier batch and {h} now")
         counts.view(h * d, -1).index_add_(1, cell, hits.reshape(h * d, -1).to(torch.float64))
-        pred_off.view(h * d, -1).scatter_add_(
-            1, pred_cell.reshape(h * d, -1), torch.ones(pred_cell.shape, dtype=torch.float64).view(h * d, -1)
-        )
+        ones = torch.ones(h * d, pred_cell[0, 0].numel(), dtype=torch.float64, device=dev)
+        pred_off.view(h * d, -1).scatter_add_(1, pred_cell.reshape(h * d, -1), ones)
+
+    def to_host(self) -> SASCounts:
+        """The counts as CPU tensors (for the numpy tables)."""
+        out = SASCounts(self.n_rel, self.n_layers, self.offsets, self.n_total, self.n_sentences, self.n_skipped)
+        out.skip_reasons = dict(self.skip_reasons)
+        out.n = self.n.cpu()
+        out.hits = [None if h is None else h.cpu() for h in self.hits]
+        out.pred_off = [None if o is None else o.cpu() for o in self.pred_off]
+        return out
 
 
 class SASAccumulator(Accumulator):
@@ -291,25 +303,38 @@ class SASAccumulator(Accumulator):
         self.counts = SASCounts(
             n_rel=len(gold.relations), n_layers=n_layers, offsets=tuple(params.offsets), n_total=len(gold.n_words)
         )
+        self._gold_on: dict[torch.device, GoldTable] = {}
+
+    def _gold(self, device: torch.device) -> GoldTable:
+        """The gold table on the batches' device (copied there once)."""
+        if device not in self._gold_on:
+            g = self.gold
+            self._gold_on[device] = GoldTable(
+                g.gold.to(device), g.rel.to(device), g.half.to(device), g.n_words.to(device), g.relations, g.excluded
+            )
+        return self._gold_on[device]
 
     def update(self, batch: CaptureBatch) -> None:
         if batch.variant != "clean":
             return
-        ids = batch.sentence_ids.to(torch.long).cpu()
+        names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.counts.n_layers)]
+        dev = batch[names[0]].device if names else batch.sentence_ids.device
+        table = self._gold(dev)
+        ids = batch.sentence_ids.to(device=dev, dtype=torch.long)
         if len(ids) and int(ids.max()) >= len(self.gold.n_words):
             raise SASInputError(
                 f"capture batch refers to sentence {int(ids.max())} but the probe set has "
                 f"{len(self.gold.n_words)}: was it captured with another probe set?"
             )
-        n_words = self.gold.n_words[ids]
+        n_words = table.n_words[ids]
         w = int(n_words.max()) if len(ids) else 0
         seq_len = batch.input_ids.shape[1]
-        widx = word_index_tensor(batch.word_ids, seq_len)
+        widx = word_index_tensor(batch.word_ids, seq_len).to(dev)
         scored = self._scored_sentences(widx, n_words, w)
-        gold = self.gold.gold[ids, :w]
-        rel = self.gold.rel[ids, :w]
-        half = self.gold.half[ids]
-        pos = torch.arange(w)
+        gold = table.gold[ids, :w]
+        rel = table.rel[ids, :w]
+        half = table.half[ids]
+        pos = torch.arange(w, device=dev)
         word_ok = scored[:, None] & (pos[None, :] < n_words[:, None])  # (B, W) words to score
         gold_bucket = torch.where(
             gold >= 0, offset_bucket(gold - pos, self.counts.offsets), torch.full_like(gold, len(self.counts.offsets))
@@ -318,9 +343,8 @@ class SASAccumulator(Accumulator):
         cell_bw = (rel.clamp(min=0) * 2 + half[:, None]) * nb + gold_bucket  # (B, W) -> flat (R, 2, K+1)
         cell = cell_bw[word_ok]
         self.counts.add_words(cell)
-        names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.counts.n_layers)]
         mats = piece_word_matrices(widx, w)
-        a_ws = [word_attention(batch[name].cpu(), widx, w, mats) for name in names]
+        a_ws = [word_attention(batch[name], widx, w, mats) for name in names]
         sizes = [a.shape[1] for a in a_ws]
         # all layers' heads at once (layers may differ in head count): one argmax per direction
         a_w = torch.cat(a_ws, 1)  # (B, sum H, W, W)
@@ -335,7 +359,7 @@ class SASAccumulator(Accumulator):
         """(B,) bool: sentences with >= 2 words whose pieces cover exactly words 0..n-1; others counted as skipped."""
         member, _ = piece_word_matrices(widx, max(w, 1))
         pieces = member.sum(-1)[:, :w]  # (B, W)
-        in_range = torch.arange(w)[None, :] < n_words[:, None]
+        in_range = torch.arange(w, device=widx.device)[None, :] < n_words[:, None]
         covered = ((pieces > 0) | ~in_range).all(-1)
         beyond = (widx >= n_words[:, None]).any(-1)
         reasons = {
@@ -352,7 +376,7 @@ class SASAccumulator(Accumulator):
         return ok
 
     def result(self) -> dict[str, pd.DataFrame]:
-        return sas_tables(self.counts, self.gold.relations, self.gold.excluded, self.params)
+        return sas_tables(self.counts.to_host(), self.gold.relations, self.gold.excluded, self.params)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ __all__ = [
     "correlation_from_covariance",
     "residual_stream_names",
     "hash_uniform",
+    "hash_uniform_like",
 ]
 
 _F64 = torch.float64
@@ -66,6 +67,19 @@ def as_rows(x: Any, d: int | None = None) -> torch.Tensor:
     if d is not None and t.shape[1] != d:
         raise ValueError(f"expected rows of width {d}, got shape {tuple(t.shape)}")
     return t.to(_F64)
+
+
+def _rows(x: Any, d: int) -> torch.Tensor:
+    """Like :func:`as_rows` but a floating tensor keeps its dtype (the float64 conversion happens inside the ops
+    that read it, without a float64 copy of the rows)."""
+    t = torch.as_tensor(x)
+    if not t.is_floating_point():
+        return as_rows(t, d)
+    if t.ndim == 1:
+        t = t.unsqueeze(0)
+    if t.ndim != 2 or t.shape[1] != d:
+        as_rows(t, d)  # raises the same error
+    return t
 
 
 class StreamingMean:
@@ -188,8 +202,24 @@ class StreamingCrossCovariance:
         return self.scatter / max(self.n, 1)
 
 
+#: Column-panel width of the block-triangular scatter update: wider matrices get only their upper panels computed
+#: (≈ (1 + b/d)/2 of a full GEMM's multiply-adds; 0.57 for redundancy's 2,688-wide CKA covariance of MiniLM).
+PANEL = 384
+
+
+def _panels(d: int, width: int = PANEL) -> list[tuple[int, int]]:
+    """``[(start, stop), …]`` column panels of a d-wide matrix (one panel when d ≤ 2·width)."""
+    if d <= 2 * width:
+        return [(0, d)]
+    return [(a, min(a + width, d)) for a in range(0, d, width)]
+
+
 class StreamingCovariance:
     """Running mean, covariance and Gram matrix of d-dimensional rows (float64, Chan-merged).
+
+    The centred scatter is accumulated in place (``addmm_``: the batch's cᵀc is added inside the GEMM, no d×d
+    temporary) and, for wide rows (d > 2·:data:`PANEL`), only in the row panels on and above the diagonal: the
+    matrix is symmetric, so the panels below are mirrored when it is read (:attr:`scatter`).
 
     Example::
 
@@ -206,35 +236,79 @@ class StreamingCovariance:
 
     def __init__(self, d: int) -> None:
         self.d = d
-        self._xx = StreamingCrossCovariance(d, d)
+        self.n = 0
+        self._mean: torch.Tensor | None = None
+        self._s: torch.Tensor | None = None  # upper panels valid; below them stale until mirrored
+        self._panels = _panels(d)
 
-    @property
-    def n(self) -> int:
-        """Number of rows seen."""
-        return self._xx.n
+    def _add_scatter(self, c: torch.Tensor) -> None:
+        """``S += cᵀc`` on the upper panels, in place."""
+        assert self._s is not None
+        for a, b in self._panels:
+            self._s[a:b, a:].addmm_(c[:, a:b].T, c[:, a:])
 
     def update(self, x: Any) -> None:
-        """Add rows ``x`` of shape (N, d) (torch or numpy, any float dtype; accumulated in float64)."""
-        t = as_rows(x, self.d)
-        if t.shape[0] == 0:
+        """Add rows ``x`` of shape (N, d) (torch or numpy, any float dtype; accumulated in float64 on its device).
+
+        The batch is centred on its own mean (in float64) into a buffer with one extra row, √w·δ (δ = batch mean −
+        running mean, w = n_a·n_b / n): one GEMM then adds both the batch's scatter and Chan's correction w·δδᵀ.
+        """
+        t = _rows(x, self.d)
+        n_b = t.shape[0]
+        if n_b == 0:
             return
-        m = t.mean(0)
-        c = t - m
-        self._xx._merge_moments(t.shape[0], m, m, c.T @ c)
+        m = t.mean(0, dtype=_F64)
+        first = self.n == 0
+        c = torch.empty(n_b + (0 if first else 1), self.d, dtype=_F64, device=t.device)
+        torch.sub(t, m, out=c[:n_b])
+        if first:
+            self._s = torch.zeros(self.d, self.d, dtype=_F64, device=t.device)
+            self._add_scatter(c)
+            self.n, self._mean = n_b, m
+            return
+        assert self._mean is not None and self._s is not None
+        n = self.n + n_b
+        delta = m - self._mean
+        torch.mul(delta, math.sqrt(self.n * n_b / n), out=c[n_b])
+        self._add_scatter(c)
+        self._mean = self._mean + delta * (n_b / n)
+        self.n = n
 
     def merge(self, other: StreamingCovariance) -> None:
         """Fold another accumulator of the same width into this one."""
-        self._xx.merge(other._xx)
+        if other.n == 0:
+            return
+        assert other._mean is not None and other._s is not None
+        if self.n == 0:
+            self.n, self._mean, self._s = other.n, other._mean.clone(), other._s.clone()
+            return
+        assert self._mean is not None and self._s is not None
+        n_a, n_b = self.n, other.n
+        n = n_a + n_b
+        delta = other._mean.to(self._mean.device) - self._mean
+        self._s.add_(other._s.to(self._s.device)).addr_(delta, delta, alpha=n_a * n_b / n)
+        self._mean = self._mean + delta * (n_b / n)
+        self.n = n
+
+    def _full(self) -> torch.Tensor:
+        """The accumulated scatter with the panels below the diagonal mirrored from above (a new tensor)."""
+        assert self._s is not None
+        full = self._s.clone()
+        for a, b in self._panels[:-1]:
+            full[b:, a:b] = self._s[a:b, b:].T
+        return full
 
     @property
     def mean(self) -> torch.Tensor:
-        """(d,) mean row."""
-        return self._xx.mean_x
+        """(d,) mean row; zeros when nothing was seen."""
+        return self._mean if self._mean is not None else torch.zeros(self.d, dtype=_F64)
 
     @property
     def scatter(self) -> torch.Tensor:
         """(d, d) centred scatter Σ (x − μ)(x − μ)ᵀ (eigenvalues = squared singular values of the centred rows)."""
-        s = self._xx.scatter
+        if self.n == 0:
+            return torch.zeros(self.d, self.d, dtype=_F64)
+        s = self._full()
         return 0.5 * (s + s.T)
 
     @property
@@ -251,12 +325,18 @@ class StreamingCovariance:
     @property
     def var(self) -> torch.Tensor:
         """(d,) per-dimension population variance."""
-        return torch.diagonal(self.cov).clone()
+        if self.n == 0:
+            return torch.zeros(self.d, dtype=_F64)
+        assert self._s is not None
+        return torch.diagonal(self._s).clone() / self.n
 
     @property
     def energy(self) -> float:
         """Σ‖x‖² over all rows (trace of the uncentred Gram): the scale for the numerical-zero tolerance."""
-        return float(torch.trace(self.gram))
+        if self.n == 0:
+            return 0.0
+        assert self._s is not None and self._mean is not None
+        return float(torch.sum(torch.diagonal(self._s) + self.n * (self._mean * self._mean)))
 
     def second_moment(self, centre: bool = True) -> torch.Tensor:
         """The scatter (``centre=True``) or the uncentred Gram (``centre=False``)."""
@@ -372,3 +452,37 @@ def _splitmix64(z: np.ndarray) -> np.ndarray:
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
+
+
+def _u64(value: int) -> int:
+    """The int64 with the same 64 bits as the unsigned ``value`` (torch has no general uint64 arithmetic)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = _u64(0x9E3779B97F4A7C15), _u64(0xBF58476D1CE4E5B9), _u64(0x94D049BB133111EB)
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic: the sign bit would smear in)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix64_t(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _shr(z, 30)) * _MIX1  # int64 products wrap modulo 2^64, as the uint64 ones of the numpy version
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def hash_uniform_like(*keys: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """:func:`hash_uniform` computed by torch on the keys' device: bit-identical values, float64, no host copy.
+
+    Args:
+        *keys: Non-negative integer tensors on one device, broadcastable to one shape.
+        seed: Extra key.
+    """
+    device = keys[0].device if keys else torch.device("cpu")
+    h = _splitmix64_t(torch.tensor(_u64((seed + 0x9E3779B97F4A7C15) % (1 << 64)), dtype=torch.int64, device=device))
+    for k in keys:
+        h = _splitmix64_t(h ^ k.to(torch.int64)) + _GOLDEN
+    h = _splitmix64_t(h)
+    return _shr(h, 11).to(torch.float64) / float(1 << 53)

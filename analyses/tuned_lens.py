@@ -362,9 +362,9 @@ class TunedLensAccumulator(Accumulator):
             return
         hs, gold = masked_states(batch, [s.name for s in self.sites])
         check_finite(hs[-1], f"the final layer ({self.sites[-1].name}) at masked positions", self.label)
-        rows = batch.masked_mask.nonzero()[:, 0]
+        rows = batch.masked_mask.to(hs.device).nonzero()[:, 0]
         held = (
-            (batch.sentence_ids[rows] % self.params.heldout_every == 0)
+            (batch.sentence_ids.to(hs.device)[rows] % self.params.heldout_every == 0)
             if self.params.heldout_every
             else (torch.zeros_like(rows, dtype=torch.bool))
         )
@@ -449,7 +449,7 @@ class TunedLensAccumulator(Accumulator):
         fit["cold_train_kl"] = [h[-1] for h in cold_hist]
         fit["warm_steps_to_cold_kl"] = [steps_to_reach(w, c[-1]) for w, c in zip(warm_hist, cold_hist)]
         n = len(self.sites) - 1
-        warm_kl, cold_kl = warm_scores.sums["kl"][:n] / warm_scores.n, cold_scores.sums["kl"][:n] / cold_scores.n
+        warm_kl, cold_kl = warm_scores.mean("kl")[:n], cold_scores.mean("kl")[:n]
         fit["heldout_kl_warm"], fit["heldout_kl_cold"] = warm_kl.numpy(), cold_kl.numpy()
         if bool((warm_kl > cold_kl * (1 + self.params.warm_tolerance) + 1e-9).any()):
             fit["init"] = "zero (warm start rejected)"

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 # `mlmscope --help` stays fast.
 
 app = typer.Typer(
-    help="The registered analyses: list them, show recorded failures, benchmark the runner.", no_args_is_help=True
+    help="The registered analyses: list them, show recorded failures, benchmark them against the capture.",
+    no_args_is_help=True,
 )
 console = Console(stderr=True)
 
@@ -282,15 +283,123 @@ def failures_command(
 
 @app.command("bench")
 def bench_command(
-    run: Path = typer.Argument(Path("runs/demo"), help="Run to analyse (the demo trajectory has >= 40 checkpoints)."),
+    run: Path = typer.Argument(
+        Path("runs/demo"), help="Run, folder of checkpoints, or ONE model folder (e.g. all-MiniLM-L6-v2)."
+    ),
     analyses: list[str] | None = typer.Option(None, "--analyses", "-a", help="Analyses (default all)."),
+    params: list[str] | None = typer.Option(None, "--param", "-p", help="NAME.FIELD=VALUE, as for analyze."),
     steps: str | None = typer.Option(None, help="Step filter (default all)."),
-    probes: Path | None = typer.Option(None, help="Probe set (default: the run's default)."),
+    probes: Path | None = typer.Option(None, help="Probe set (default: the run's default, built once)."),
     batch_size: int = typer.Option(32),
-    workers: int = typer.Option(2, help="Worker count compared against 1."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda ..."),
+    threads: int | None = typer.Option(None, help="torch threads (default: torch's choice, one per core)."),
+    forward: bool = typer.Option(True, help="Also time the bare encoder forward (the floor under the capture)."),
+    naive: bool = typer.Option(
+        False, help="Instead: the old comparison, shared capture vs one capture per analysis vs N workers (a run)."
+    ),
+    workers: int = typer.Option(2, help="With --naive: worker count compared against 1."),
     out: Path | None = typer.Option(None, help="Also write the timings as JSON here."),
 ) -> None:
-    """Time shared capture vs. naive (one capture per analysis), and 1 vs N workers, into scratch stores."""
+    """Where the time goes: per analysis, seconds and the ratio to the capture of the same checkpoints, vs budgets."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    if naive:
+        _naive_bench(run, analyses, steps, probes, batch_size, workers, out)
+        return
+    from ..analyses.bench import bench_run
+
+    def progress(t: Any) -> None:
+        console.print(
+            f"step {t.step if t.step is not None else '-'}: load {t.load_s:.2f} s, capture "
+            + ", ".join(f"{v} {s:.2f} s" for v, s in t.capture_s.items())
+            + f", analyses {t.analysis_s:.2f} s",
+            highlight=False,
+        )
+
+    report = bench_run(
+        run,
+        _names(analyses),
+        params=_params(params),
+        steps=steps,
+        probes=probes,
+        batch_size=batch_size,
+        device=device,
+        forward=forward,
+        progress=progress,
+    )
+    print_bench(report.to_dict(), Console())
+    if out:
+        out.write_text(json.dumps(report.to_dict(), indent=1, default=str))
+
+
+def print_bench(d: dict[str, Any], out: Console) -> None:
+    """The per-analysis table (seconds, ratios to the capture, budget, met) and the suite's summary lines."""
+    m, s = d["machine"], d["summary"]
+    table = Table(
+        "analysis",
+        "ckpts",
+        "seconds",
+        "s / ckpt",
+        "x clean capture",
+        "x masked capture",
+        "budget",
+        "met",
+        title=f"analysis compute vs capture ({s['checkpoints']} checkpoint(s), {s['n_sentences']} sentences)",
+    )
+    for r in d["analyses"]:
+        if r["status"] != "ok":
+            table.add_row(r["analysis"], "0", "", "", "", "", "", escape(f"{r['status']}: {r['reason'][:60]}"))
+            continue
+        budget = ""
+        if r["budget"] is not None:
+            budget = f"<= {r['budget']:g}x" + ("" if r["budget_per"] == "checkpoint" else f" per {r['budget_per']}")
+        shown = r["x_clean"]
+        if r["budget_per"] == "configuration":
+            budget += f" ({r['x_budget_unit']:.2f}x per configuration)"
+        met = "" if r["met"] is None else ("yes" if r["met"] else "[red]no[/]")
+        table.add_row(
+            r["analysis"],
+            str(r["checkpoints"]),
+            f"{r['seconds']:.2f}",
+            f"{r['per_checkpoint_s']:.3f}",
+            f"{shown:.2f}",
+            "" if r["x_masked"] != r["x_masked"] else f"{r['x_masked']:.2f}",
+            budget,
+            met,
+        )
+    out.print(table)
+    fwd = ""
+    if s["forward_s"] is not None:
+        fwd = (
+            f"; bare encoder forward {s['forward_s']:.2f} s ({s['tokens_per_s_forward']:.0f} tokens/s, the capture "
+            f"costs {s['capture_over_forward']:.2f}x it)"
+        )
+    out.print(
+        f"capture: clean {s['capture_clean_s']:.2f} s ({s['tokens_per_s_clean_capture'] or 0:.0f} tokens/s), "
+        f"masked {s['capture_masked_s']:.2f} s, all variants {s['capture_s']:.2f} s{fwd}\n"
+        f"suite: analyses {s['analysis_s']:.2f} s = {s['suite_x_clean'] or 0:.2f}x the clean capture, "
+        f"{s['suite_x_capture'] or 0:.2f}x all captures; load {s['load_s']:.2f} s\n"
+        f"per checkpoint: {s['per_checkpoint_s']:.2f} s (capture {s['per_checkpoint_capture_s']:.2f} s, analyses "
+        f"{s['per_checkpoint_analysis_s']:.2f} s)\n"
+        f"machine: CPU {m['cpu_capability']}, native bf16 {'yes' if m['cpu_native_bf16'] else 'no'}, "
+        f"{m['threads']} torch threads on {m['cpu_count']} cores, device {m['device']}"
+        + (f" ({m['gpu']})" if m.get("gpu") else ""),
+        highlight=False,
+    )
+
+
+def _naive_bench(
+    run: Path,
+    analyses: list[str] | None,
+    steps: str | None,
+    probes: Path | None,
+    batch_size: int,
+    workers: int,
+    out: Path | None,
+) -> None:
+    """The earlier headline: shared capture vs naive (one capture per analysis) vs N workers, whole runs."""
     timings = run_bench(run, _names(analyses), steps, str(probes) if probes else None, batch_size, workers)
     out_console = Console()
     table = Table("mode", "seconds", "load s", "capture s", "analyses s", "checkpoints", "failed")

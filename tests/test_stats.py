@@ -124,3 +124,32 @@ def test_correlation_drops_constant_dims():
     corr, keep = correlation_from_covariance(acc.cov, var_tol=1e-12)
     assert keep.tolist() == [True, True, False]
     np.testing.assert_allclose(torch.diagonal(corr).numpy(), [1.0, 1.0])
+
+
+def test_wide_rows_use_upper_panels_and_equal_one_shot():
+    """d > 2·PANEL: only the panels on and above the diagonal are accumulated; the scatter read back is complete."""
+    from mlmscope.analyses.stats import PANEL
+
+    d = 2 * PANEL + 5
+    x = _planted(60, d, 40, seed=5, offset=3.0)
+    acc, a, b = _stream(x, [7, 20]), StreamingCovariance(d), StreamingCovariance(d)
+    a.update(x[:25]), b.update(x[25:])
+    a.merge(b)
+    mu = x.mean(0)
+    scatter = (x - mu).T @ (x - mu)
+    for got in (acc, a):
+        np.testing.assert_allclose(got.scatter.numpy(), scatter, rtol=0, atol=1e-9 * np.abs(scatter).max())
+        np.testing.assert_allclose(got.var.numpy(), np.diag(scatter) / len(x), rtol=1e-12)
+        assert got.energy == pytest.approx(float((x * x).sum()), rel=1e-12)
+
+
+def test_hash_uniform_like_is_bit_identical_on_the_keys_device():
+    from mlmscope.analyses.stats import hash_uniform, hash_uniform_like
+
+    a = torch.randint(0, 2**62, (500,), generator=torch.Generator().manual_seed(0))
+    b = torch.arange(500)
+    for seed in (0, 1, 7, 2**40):
+        np.testing.assert_array_equal(hash_uniform_like(a, b, seed=seed).numpy(), hash_uniform(a, b, seed=seed))
+    got = hash_uniform_like(torch.arange(6)[:, None], torch.arange(4)[None, :], seed=3)
+    assert got.shape == (6, 4) and got.dtype == torch.float64
+    np.testing.assert_array_equal(got.numpy(), hash_uniform(np.arange(6)[:, None], np.arange(4)[None, :], seed=3))
