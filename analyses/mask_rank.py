@@ -54,7 +54,6 @@ from .base import Accumulator, Analysis, AnalysisContext, register
 from .stats import (
     StreamingCovariance,
     correlation_from_covariance,
-    eigvals_desc,
     entropy_rank,
     numerical_tolerance,
     residual_stream_names,
@@ -105,20 +104,45 @@ def planned_mask(batch: CaptureBatch, seed: int, device: torch.device | str | No
     return hit & content
 
 
-def spectrum_ranks(acc: StreamingCovariance, tau: float) -> dict[tuple[str, str], float]:
-    """Both effective ranks under the three normalisations for one accumulator."""
+def _spectrum_inputs(acc: StreamingCovariance) -> dict[str, tuple[torch.Tensor, float]]:
+    """The three matrices whose eigenvalues give the ranks, with each one's numerical-zero tolerance."""
     tol = numerical_tolerance(acc)
     corr, _ = correlation_from_covariance(acc.cov, var_tol=tol / max(acc.n, 1))
-    spectra = {
-        "centred": eigvals_desc(acc.scatter, tol),
-        "uncentred": eigvals_desc(acc.gram, tol),
-        "standardised": eigvals_desc(corr, acc.d * float(np.finfo(np.float64).eps) * max(corr.shape[0], 1)),
+    return {
+        "centred": (acc.scatter, tol),
+        "uncentred": (acc.gram, tol),
+        "standardised": (corr, acc.d * float(np.finfo(np.float64).eps) * max(corr.shape[0], 1)),
     }
+
+
+def _ranks_of(spectra: dict[str, np.ndarray], tau: float) -> dict[tuple[str, str], float]:
     out: dict[tuple[str, str], float] = {}
     for norm, ev in spectra.items():
         out[(norm, "variance_rank")] = float(variance_rank(ev, tau))
         out[(norm, "entropy_rank")] = entropy_rank(ev)
     return out
+
+
+def batched_spectra(mats: list[tuple[torch.Tensor, float]]) -> list[np.ndarray]:
+    """:func:`eigvals_desc` of many symmetric matrices, those of one size in one batched ``eigvalsh`` call (the same
+    LAPACK routine per matrix, bit-identical to one call each, without the per-call overhead)."""
+    out: list[np.ndarray | None] = [None] * len(mats)
+    by_size: dict[int, list[int]] = {}
+    for i, (m, _) in enumerate(mats):
+        by_size.setdefault(m.shape[0], []).append(i)
+    for idx in by_size.values():
+        stack = torch.stack([torch.as_tensor(mats[i][0], dtype=torch.float64).cpu() for i in idx])
+        ev = torch.linalg.eigvalsh(0.5 * (stack + stack.transpose(1, 2))).numpy()[:, ::-1].copy()
+        for row, i in zip(ev, idx):
+            row[row <= max(mats[i][1], 0.0)] = 0.0
+            out[i] = row
+    return [e for e in out if e is not None]
+
+
+def spectrum_ranks(acc: StreamingCovariance, tau: float) -> dict[tuple[str, str], float]:
+    """Both effective ranks under the three normalisations for one accumulator."""
+    inputs = _spectrum_inputs(acc)
+    return _ranks_of(dict(zip(inputs, batched_spectra(list(inputs.values())))), tau)
 
 
 def top_subspace(acc: StreamingCovariance, k: int) -> torch.Tensor:
@@ -132,7 +156,7 @@ def outside_fraction(scatter: torch.Tensor, basis: torch.Tensor) -> float:
     total = float(torch.trace(scatter))
     if total <= 0.0:
         return 0.0
-    inside = float(torch.einsum("ik,ij,jk->", basis, scatter.cpu(), basis))
+    inside = float(((scatter.cpu() @ basis) * basis).sum())  # tr(Uᵀ S U)
     return float(min(max(1.0 - inside / total, 0.0), 1.0))
 
 
@@ -168,10 +192,9 @@ class MaskRankAccumulator(Accumulator):
             is_mask = (batch.masked_mask & batch.attention_mask.bool()).to(dev)
             self.mask_mismatch += int((planned != is_mask).any(1).sum())
             groups = {"masked_mask": is_mask & sel, "masked_real": sel & ~is_mask}
-        for l, name in enumerate(self.names):
-            h = batch[name]
-            for s, m in groups.items():
-                self.acc[(l, s)].update(h[m])
+        for s, m in groups.items():  # every layer of a token set in one batched update (the same rows)
+            rows = torch.stack([batch[name][m] for name in self.names])  # (L, n, d)
+            StreamingCovariance.update_group([self.acc[(l, s)] for l in range(len(self.names))], rows)
 
     def _sets(self, l: int) -> dict[str, StreamingCovariance]:
         a = self.acc
@@ -199,9 +222,13 @@ class MaskRankAccumulator(Accumulator):
         rank_rows, only_rows, dim_rows = [], [], []
         for l in range(len(self.names)):
             sets = self._sets(l)
+            # every spectrum of the layer (5 token sets x 3 normalisations) in one batched eigvalsh
+            inputs = {s: _spectrum_inputs(acc) for s, acc in sets.items()}
+            flat = batched_spectra([m for per in inputs.values() for m in per.values()])
+            spectra = {s: dict(zip(per, flat[3 * i : 3 * i + 3])) for i, (s, per) in enumerate(inputs.items())}
             for s, acc in sets.items():
                 warn = self._warning(acc.n)
-                for (norm, metric), v in spectrum_ranks(acc, self.p.tau).items():
+                for (norm, metric), v in _ranks_of(spectra[s], self.p.tau).items():
                     rank_rows.append(
                         {
                             "layer": l,
@@ -215,7 +242,7 @@ class MaskRankAccumulator(Accumulator):
                             "warning": warn,
                         }
                     )
-            only_rows += self._mask_only(l, sets)
+            only_rows += self._mask_only(l, sets, spectra["clean_real"]["centred"])
             dim_rows += self._mask_dims(l, sets)
         ranks = pd.DataFrame(rank_rows)
         if self.mask_mismatch:
@@ -238,9 +265,9 @@ class MaskRankAccumulator(Accumulator):
             "mask_dims": pd.DataFrame(dim_rows),
         }
 
-    def _mask_only(self, l: int, sets: dict[str, StreamingCovariance]) -> list[dict[str, Any]]:
+    def _mask_only(self, l: int, sets: dict[str, StreamingCovariance], ev: np.ndarray) -> list[dict[str, Any]]:
+        """``ev``: the centred spectrum of ``clean_real`` (computed once, with the ranks)."""
         ref = sets["clean_real"]
-        ev = eigvals_desc(ref.scatter, numerical_tolerance(ref))
         k = variance_rank(ev, self.p.tau)
         basis = top_subspace(ref, k)
         rows = []

@@ -82,6 +82,11 @@ UNITS = ("block", "attn", "ffn")
 #: The ``demo`` model's 7 configurations × 32 sentences fit in one pass; BERT-base's 37 take five.
 MAX_STACKED_ROWS = 256
 
+#: Sentences pooled (across capture batches) into one layer-drop pass: the capture batches hold only a share of
+#: the ``max_sentences`` sentences each (~25 % for 256 of 1,000), and a pass over 8 sentences x 7 configurations is
+#: mostly per-call overhead on a CPU.
+POOL_SENTENCES = 32
+
 #: What skipping a unit means, stored with every layer-drop result: the Δloss depends on it
 #: (docs/notes/depth.md, "Layer drop").
 DROP_CONVENTIONS = {
@@ -220,15 +225,18 @@ class RedundancyAccumulator(Accumulator):
         mask = (batch.attention_mask.bool() if self.include_special else batch.token_mask).to(dev)
         if not bool(mask.any()):
             return
-        x = torch.stack([batch[n][mask] for n in self.names])  # (S, N, d)
-        if not bool(torch.isfinite(x).all()):
-            first = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])
-            check_finite(x[first], f"captured state {self.names[first]}", self.label)
-        x = x.to(_F64)
-        n_b = x.shape[1]
+        # (N, S, d) with the CKA states first, so that their concatenation [h_0 | … | h_L] is a view, not a copy
+        order = self.hidden_idx + [i for i in range(len(self.names)) if i not in self.hidden_idx]
+        where = {s: k for k, s in enumerate(order)}
+        x = torch.stack([batch[self.names[s]][mask] for s in order], 1).to(_F64)
+        n_b = x.shape[0]
         # per-token dot products of every (in, out) pair and squared norms: the cosines and the centred traces
-        dots = torch.stack([(x[i] * x[o]).sum(-1) for _, _, i, o in self.pairs])  # (P, N)
-        sq = (x * x).sum(-1)  # (S, N)
+        dots = torch.stack([(x[:, where[i]] * x[:, where[o]]).sum(-1) for _, _, i, o in self.pairs])  # (P, N)
+        back = [where[s] for s in range(len(self.names))]
+        sq = (x * x).sum(-1).T[back]  # (S, N) in name order
+        if not bool(torch.isfinite(sq).all()):  # a NaN/inf anywhere in a vector makes its squared norm NaN/inf
+            first = int((~torch.isfinite(sq)).any(1).nonzero()[0])
+            check_finite(batch[self.names[first]][mask], f"captured state {self.names[first]}", self.label)
         norms = sq.sqrt().clamp_min(self.eps)
         ins = [p[2] for p in self.pairs]
         outs = [p[3] for p in self.pairs]
@@ -236,9 +244,11 @@ class RedundancyAccumulator(Accumulator):
             self.cos_sum = self.cos_sum.to(dev)
         self.cos_sum += (dots / (norms[ins] * norms[outs])).sum(-1)
         self.n_tokens += n_b
-        self.trace.update_sums(x.mean(1), dots.sum(-1), sq.sum(-1), n_b)
+        mean = x.mean(0)  # (S', d)
+        self.trace.update_sums(mean[back], dots.sum(-1), sq.sum(-1), n_b)
         if self.cov is not None:
-            self.cov.update(x[self.hidden_idx].permute(1, 0, 2).reshape(n_b, -1))
+            k = len(self.hidden_idx)
+            self.cov.update(x[:, :k].reshape(n_b, -1), mean=mean[:k].reshape(-1))
 
     def result(self) -> dict[str, pd.DataFrame]:
         if self.n_tokens == 0:
@@ -392,8 +402,17 @@ class LayerDropAccumulator(Accumulator):
         self.n_masked = 0
         self.n_sentences = 0
         self._runner: _DropRunner | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending_rows = 0
 
     def update(self, batch: CaptureBatch) -> None:
+        """Keep the batch's first-``max_sentences`` rows; run the skip configurations once enough are pending.
+
+        Batches are sorted by length and only a share of each batch's sentences is used (``max_sentences``), so the
+        rows are pooled across batches (re-padded to the longest, padding masked as in the capture) until
+        :data:`POOL_SENTENCES` are pending, instead of one thin pass per capture batch. The pool does not depend on
+        ``MAX_STACKED_ROWS`` (which only splits the configurations over passes), so the numbers do not either.
+        """
         # the probe set's first sentences, whatever the batching
         keep = batch.sentence_ids.to(batch.input_ids.device) < self.max_sentences
         if not bool(keep.any()):
@@ -401,9 +420,25 @@ class LayerDropAccumulator(Accumulator):
         ids, am = batch.input_ids[keep], batch.attention_mask.to(keep.device)[keep]
         labels = batch.labels.to(keep.device)[keep]
         self.n_sentences += ids.shape[0]
-        mm = labels != -100
-        if not bool(mm.any()):
+        if not bool((labels != -100).any()):
             return
+        width = int(am.sum(1).max())  # the kept rows' own padded length
+        self._pending.append((ids[:, :width], am[:, :width], labels[:, :width]))
+        self._pending_rows += ids.shape[0]
+        if self._pending_rows >= POOL_SENTENCES:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Run every skip configuration over the pending rows and add their loss and accuracy sums."""
+        if not self._pending:
+            return
+        width = max(x[0].shape[1] for x in self._pending)
+        pad = torch.nn.functional.pad
+        ids = torch.cat([pad(i, (0, width - i.shape[1]), value=0) for i, _, _ in self._pending])
+        am = torch.cat([pad(a, (0, width - a.shape[1]), value=0) for _, a, _ in self._pending])
+        labels = torch.cat([pad(lab, (0, width - lab.shape[1]), value=-100) for _, _, lab in self._pending])
+        self._pending, self._pending_rows = [], 0
+        mm = labels != -100
         self._runner = self._runner or _DropRunner(self.arch)
         ids, am, mm = ids.to(self.device), am.to(self.device), mm.to(self.device)
         gold = labels.to(self.device)[mm]
@@ -424,6 +459,7 @@ class LayerDropAccumulator(Accumulator):
         self.n_masked += int(gold.numel())
 
     def result(self) -> dict[str, pd.DataFrame]:
+        self._flush()
         if self.n_masked == 0:
             raise NoMaskedPositionsError(
                 "layer_drop: the probe set has no masked positions with a gold label (variant 'mask15'); "

@@ -247,17 +247,21 @@ class StreamingCovariance:
         for a, b in self._panels:
             self._s[a:b, a:].addmm_(c[:, a:b].T, c[:, a:])
 
-    def update(self, x: Any) -> None:
+    def update(self, x: Any, mean: torch.Tensor | None = None) -> None:
         """Add rows ``x`` of shape (N, d) (torch or numpy, any float dtype; accumulated in float64 on its device).
 
         The batch is centred on its own mean (in float64) into a buffer with one extra row, √w·δ (δ = batch mean −
         running mean, w = n_a·n_b / n): one GEMM then adds both the batch's scatter and Chan's correction w·δδᵀ.
+
+        Args:
+            x: The rows (a strided view is fine: it is read once, by the centring).
+            mean: Their float64 mean, if the caller already has it (saves one pass over ``x``).
         """
         t = _rows(x, self.d)
         n_b = t.shape[0]
         if n_b == 0:
             return
-        m = t.mean(0, dtype=_F64)
+        m = t.mean(0, dtype=_F64) if mean is None else mean.to(_F64)
         first = self.n == 0
         c = torch.empty(n_b + (0 if first else 1), self.d, dtype=_F64, device=t.device)
         torch.sub(t, m, out=c[:n_b])
@@ -273,6 +277,49 @@ class StreamingCovariance:
         self._add_scatter(c)
         self._mean = self._mean + delta * (n_b / n)
         self.n = n
+
+    @staticmethod
+    def update_group(accs: list[StreamingCovariance], x: torch.Tensor) -> None:
+        """``accs[l].update(x[l])`` for every l at once: x is (L, N, d), the same N rows of L quantities (e.g. one
+        token set at every layer). One batched GEMM instead of L, when the accumulators have seen the same number of
+        rows and are narrow (one panel); otherwise one update each. The values are those of L single updates.
+        """
+        first = accs[0]
+        if x.ndim != 3 or x.shape[0] != len(accs) or x.shape[1] == 0:
+            for a, rows in zip(accs, x):
+                a.update(rows)
+            return
+        n_b = x.shape[1]
+        fresh = all(a.n == 0 for a in accs)
+        # the states must be slices of one (L, d, d) tensor, which a fresh group update allocates
+        big = first._s._base if first._s is not None else None
+        stacked = (
+            big is not None
+            and big.shape[0] == len(accs)
+            and all(a.n == first.n and a._s is not None and a._s._base is big for a in accs)
+        )
+        if not (fresh or stacked) or len(first._panels) != 1 or any(a.d != x.shape[2] for a in accs):
+            for a, rows in zip(accs, x):
+                a.update(rows)
+            return
+        m = x.mean(1, dtype=_F64)  # (L, d)
+        c = torch.empty(len(accs), n_b + (0 if fresh else 1), first.d, dtype=_F64, device=x.device)
+        torch.sub(x, m[:, None], out=c[:, :n_b])
+        if fresh:
+            big = torch.zeros(len(accs), first.d, first.d, dtype=_F64, device=x.device)
+            big.baddbmm_(c.transpose(1, 2), c)
+            for l, a in enumerate(accs):
+                a._s, a._mean, a.n = big[l], m[l], n_b
+            return
+        assert big is not None
+        n = first.n + n_b
+        means = torch.stack([a.mean.to(x.device) for a in accs])
+        delta = m - means
+        torch.mul(delta, math.sqrt(first.n * n_b / n), out=c[:, n_b])
+        big.baddbmm_(c.transpose(1, 2), c)
+        new_means = means + delta * (n_b / n)
+        for l, a in enumerate(accs):
+            a._mean, a.n = new_means[l], n
 
     def merge(self, other: StreamingCovariance) -> None:
         """Fold another accumulator of the same width into this one."""
@@ -291,8 +338,11 @@ class StreamingCovariance:
         self.n = n
 
     def _full(self) -> torch.Tensor:
-        """The accumulated scatter with the panels below the diagonal mirrored from above (a new tensor)."""
+        """The accumulated scatter with the panels below the diagonal mirrored from above (a new tensor when
+        there are several panels; the state itself, not to be modified, when there is one)."""
         assert self._s is not None
+        if len(self._panels) == 1:
+            return self._s
         full = self._s.clone()
         for a, b in self._panels[:-1]:
             full[b:, a:b] = self._s[a:b, b:].T

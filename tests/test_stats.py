@@ -153,3 +153,18 @@ def test_hash_uniform_like_is_bit_identical_on_the_keys_device():
     got = hash_uniform_like(torch.arange(6)[:, None], torch.arange(4)[None, :], seed=3)
     assert got.shape == (6, 4) and got.dtype == torch.float64
     np.testing.assert_array_equal(got.numpy(), hash_uniform(np.arange(6)[:, None], np.arange(4)[None, :], seed=3))
+
+
+def test_update_group_equals_single_updates():
+    """L accumulators fed the same rows' L quantities at once (one batched GEMM) equal L separate updates."""
+    x = torch.as_tensor(_planted(3 * 90, 12, 12, seed=9, offset=4.0).reshape(3, 90, 12))
+    grouped = [StreamingCovariance(12) for _ in range(3)]
+    single = [StreamingCovariance(12) for _ in range(3)]
+    for s in (slice(0, 1), slice(1, 30), slice(30, 30), slice(30, 90)):
+        StreamingCovariance.update_group(grouped, x[:, s])
+        for acc, rows in zip(single, x[:, s]):
+            acc.update(rows)
+    for g, a in zip(grouped, single):
+        assert g.n == a.n == 90
+        np.testing.assert_allclose(g.scatter.numpy(), a.scatter.numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(g.mean.numpy(), a.mean.numpy(), rtol=1e-14, atol=1e-14)
