@@ -29,6 +29,7 @@ import itertools
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -80,7 +81,9 @@ class AnalysisTiming:
     """One analysis on one checkpoint.
 
     Attributes:
-        setup_s, update_s, result_s: ``accumulator()``, all ``update()`` calls, ``result()``.
+        setup_s, update_s, result_s: ``accumulator()``, all ``update()`` calls, ``result()`` (wall clock).
+        cpu_s: The same, in process CPU time (all threads): steadier than the wall clock when other processes
+            share the cores.
         status: ``ok``, ``skipped`` (with ``reason``) or ``failed`` (with ``reason``).
         units: Multiples of the capture the budget allows per checkpoint (layer drop: configurations × token share;
             1 otherwise).
@@ -90,6 +93,7 @@ class AnalysisTiming:
     setup_s: float = 0.0
     update_s: float = 0.0
     result_s: float = 0.0
+    cpu_s: float = 0.0
     status: str = "ok"
     reason: str = ""
     units: float = 1.0
@@ -109,6 +113,7 @@ class CheckpointTiming:
         path: The checkpoint folder.
         load_s: ``load_model`` (+ the NaN check).
         capture_s: Variant -> seconds spent inside the capture iterator (tokenisation is done once beforehand).
+        capture_cpu_s: The same in process CPU time.
         tokens: Variant -> real tokens (incl. [CLS]/[SEP]) captured.
         forward_s: The bare encoder's forward pass over the clean batches, nothing recorded (a floor); None if off.
         analyses: Analysis name -> its timing.
@@ -118,6 +123,7 @@ class CheckpointTiming:
     path: str
     load_s: float = 0.0
     capture_s: dict[str, float] = field(default_factory=dict)
+    capture_cpu_s: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
     forward_s: float | None = None
     analyses: dict[str, AnalysisTiming] = field(default_factory=dict)
@@ -153,9 +159,11 @@ class _Timed:
         return self.t.status == "ok"
 
     def run(self, phase: str, fn: Callable[[], Any], device: str) -> Any:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
-            return fn()
+            with warnings.catch_warnings():  # the analyses' own warnings (e.g. low n) are the runner's business
+                warnings.simplefilter("ignore")
+                return fn()
         except SkipAnalysis as e:
             self.t.status, self.t.reason = "skipped", str(e)
         except Exception as e:  # an analysis failure is reported, not raised: the others are still measured
@@ -163,6 +171,7 @@ class _Timed:
         finally:
             _sync(device)
             setattr(self.t, phase, getattr(self.t, phase) + time.perf_counter() - t0)
+            self.t.cpu_s += time.process_time() - c0
         return None
 
 
@@ -235,14 +244,15 @@ def bench_checkpoint(
     clean_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
     sentence_tokens: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for variant in variants if live else []:
-        out.capture_s[variant], out.tokens[variant] = 0.0, 0
+        out.capture_s[variant], out.capture_cpu_s[variant], out.tokens[variant] = 0.0, 0.0, 0
         batches = iter(capture_fn(lm, source, variants=[variant], names=names, batch_size=batch_size))
         if max_batches is not None:
             batches = itertools.islice(batches, max_batches)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for batch in batches:
             _sync(device)
             out.capture_s[variant] += time.perf_counter() - t0
+            out.capture_cpu_s[variant] += time.process_time() - c0
             per_row = batch.attention_mask.sum(1)
             out.tokens[variant] += int(per_row.sum())
             sentence_tokens.setdefault(variant, []).append((batch.sentence_ids, per_row))
@@ -251,7 +261,7 @@ def bench_checkpoint(
             for t in live:
                 if t.live and variant in t.analysis.variants:
                     t.run("update_s", lambda t=t, batch=batch: t.acc.update(batch), device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
     for t in live:
         if t.live:
             t.run("result_s", t.acc.result, device)
@@ -349,6 +359,8 @@ class BenchReport:
         clean = sum(c.capture_s.get("clean", 0.0) for c in cks)
         masked = sum(c.capture_s.get("mask15", 0.0) for c in cks)
         units = sum(t.units * c.capture_s.get("clean", 0.0) for t, c in zip(ts, cks))
+        clean_cpu = sum(c.capture_cpu_s.get("clean", 0.0) for c in cks)
+        cpu = sum(t.cpu_s for t in ts)
         budget = BUDGETS.get(name)
         ratio = seconds / clean if clean else float("nan")
         budget_ratio = seconds / units if units else float("nan")
@@ -363,6 +375,8 @@ class BenchReport:
             "result_s": sum(t.result_s + t.setup_s for t in ts),
             "x_clean": ratio,
             "x_masked": seconds / masked if masked else float("nan"),
+            "cpu_s": cpu,
+            "x_clean_cpu": cpu / clean_cpu if clean_cpu else float("nan"),
             "units": units / clean if clean else float("nan"),
             "x_budget_unit": budget_ratio,
             "budget": budget.ratio if budget else None,
@@ -411,6 +425,7 @@ class BenchReport:
                     "path": c.path,
                     "load_s": c.load_s,
                     "capture_s": c.capture_s,
+                    "capture_cpu_s": c.capture_cpu_s,
                     "tokens": c.tokens,
                     "forward_s": c.forward_s,
                     "analyses": {n: {**vars(t), "seconds": t.seconds} for n, t in c.analyses.items()},
@@ -426,9 +441,13 @@ def machine_facts(device: str) -> dict[str, Any]:
 
     from ..checkpoints.hardware import describe
 
-    facts = {k: v for k, v in describe().items() if k in ("cpu_capability", "cpu_native_bf16", "threads")}
+    facts = {
+        k: v for k, v in describe().items() if k in ("cpu_capability", "cpu_native_bf16", "threads", "omp_wait_policy")
+    }
     facts["device"] = device
     facts["cpu_count"] = os.cpu_count()
+    if hasattr(os, "getloadavg"):
+        facts["load_avg_1min"] = round(os.getloadavg()[0], 2)  # other processes on the cores skew every timing
     if device.startswith("cuda"):
         facts["gpu"] = torch.cuda.get_device_name(device)
     return facts
@@ -465,16 +484,22 @@ def bench_run(
         warmup: Untimed warm-up on the first checkpoint.
         progress: Called with each checkpoint's timing when it is done.
     """
-    from ..checkpoints.manifest import list_checkpoints
+    from ..checkpoints.manifest import MANIFEST, CheckpointEntry, list_checkpoints
     from ..probes.capture import prepare
-    from .runner import Runner, check_finite, default_load, parse_steps, resolve_device, resolve_probe_set
-    from .target import resolve_target
+    from .runner import Runner, RunnerError, check_finite, default_load, parse_steps, resolve_device, resolve_probe_set
+    from .target import is_model_dir, resolve_target
 
-    target = resolve_target(run)
-    run_dir = target.run_dir
-    entries = [e for e in list_checkpoints(run_dir) if parse_steps(steps)(e.step)]
+    load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    single = Path(run)
+    if probes is not None and is_model_dir(single) and not (single / MANIFEST).exists():
+        # one model folder with a given probe set: nothing to cache, so no results folder is created for it
+        run_dir, entries, is_model = single.parent, [CheckpointEntry(step=0, path=str(single.resolve()))], True
+    else:
+        target = resolve_target(run)  # a model folder gets its results folder (the default probe set is cached there)
+        run_dir, is_model = target.run_dir, target.kind == "model"
+        entries = [e for e in list_checkpoints(run_dir) if parse_steps(steps)(e.step)]
     if not entries:
-        raise ValueError(f"no checkpoint of {str(run)!r} matches --steps {steps!r}")
+        raise RunnerError(f"no checkpoint of {str(run)!r} matches --steps {steps!r}")
     device = resolve_device(device)
     chosen = Runner._make_analyses(analyses, params)
     probe_set = resolve_probe_set(run_dir, str(probes) if probes else None, run_dir / entries[-1].path)
@@ -503,7 +528,7 @@ def bench_run(
                 chosen,
                 encoded=encoded,
                 batch_size=batch_size,
-                step=e.step if target.kind != "model" else None,
+                step=None if is_model else e.step,
                 previous=previous,
                 artefacts=art,
                 forward=forward,
@@ -513,4 +538,6 @@ def bench_run(
             previous.update({a.name: art / a.name for a in chosen if a.chained and t.analyses[a.name].status == "ok"})
             if progress is not None:
                 progress(t)
-    return BenchReport(timings, machine_facts(device), n_sentences)
+    facts = machine_facts(device)
+    facts["load_avg_1min_at_start"] = load_at_start
+    return BenchReport(timings, facts, n_sentences)

@@ -329,7 +329,7 @@ def bench_command(
         forward=forward,
         progress=progress,
     )
-    print_bench(report.to_dict(), Console())
+    print_bench(report.to_dict(), Console(width=max(Console().width, 150)))
     if out:
         out.write_text(json.dumps(report.to_dict(), indent=1, default=str))
 
@@ -340,42 +340,48 @@ def print_bench(d: dict[str, Any], out: Console) -> None:
     table = Table(
         "analysis",
         "ckpts",
-        "seconds",
-        "s / ckpt",
-        "x clean capture",
-        "x masked capture",
+        "s",
+        "s/ckpt",
+        "x clean",
+        "x masked",
+        "x clean (CPU)",
         "budget",
         "met",
         title=f"analysis compute vs capture ({s['checkpoints']} checkpoint(s), {s['n_sentences']} sentences)",
     )
+    not_run = []
     for r in d["analyses"]:
         if r["status"] != "ok":
-            table.add_row(r["analysis"], "0", "", "", "", "", "", escape(f"{r['status']}: {r['reason'][:60]}"))
+            not_run.append(f"{r['analysis']}: {r['status']} ({r['reason']})")
             continue
-        budget = ""
+        budget, met = "", ""
         if r["budget"] is not None:
-            budget = f"<= {r['budget']:g}x" + ("" if r["budget_per"] == "checkpoint" else f" per {r['budget_per']}")
-        shown = r["x_clean"]
-        if r["budget_per"] == "configuration":
-            budget += f" ({r['x_budget_unit']:.2f}x per configuration)"
-        met = "" if r["met"] is None else ("yes" if r["met"] else "[red]no[/]")
+            budget = f"<= {r['budget']:g}x"
+            if r["budget_per"] == "configuration":
+                budget += f" per config. (here {r['x_budget_unit']:.2f}x)"
+            met = "yes" if r["met"] else "[red]no[/]"
+        nan = r["x_masked"] != r["x_masked"]
         table.add_row(
             r["analysis"],
             str(r["checkpoints"]),
             f"{r['seconds']:.2f}",
             f"{r['per_checkpoint_s']:.3f}",
-            f"{shown:.2f}",
-            "" if r["x_masked"] != r["x_masked"] else f"{r['x_masked']:.2f}",
+            f"{r['x_clean']:.2f}",
+            "" if nan else f"{r['x_masked']:.2f}",
+            f"{r['x_clean_cpu']:.2f}",
             budget,
             met,
         )
     out.print(table)
+    for line in not_run:
+        out.print(f"  not measured: {line}", highlight=False, soft_wrap=True)
     fwd = ""
     if s["forward_s"] is not None:
         fwd = (
             f"; bare encoder forward {s['forward_s']:.2f} s ({s['tokens_per_s_forward']:.0f} tokens/s, the capture "
             f"costs {s['capture_over_forward']:.2f}x it)"
         )
+    load = m.get("load_avg_1min_at_start")
     out.print(
         f"capture: clean {s['capture_clean_s']:.2f} s ({s['tokens_per_s_clean_capture'] or 0:.0f} tokens/s), "
         f"masked {s['capture_masked_s']:.2f} s, all variants {s['capture_s']:.2f} s{fwd}\n"
@@ -384,9 +390,12 @@ def print_bench(d: dict[str, Any], out: Console) -> None:
         f"per checkpoint: {s['per_checkpoint_s']:.2f} s (capture {s['per_checkpoint_capture_s']:.2f} s, analyses "
         f"{s['per_checkpoint_analysis_s']:.2f} s)\n"
         f"machine: CPU {m['cpu_capability']}, native bf16 {'yes' if m['cpu_native_bf16'] else 'no'}, "
-        f"{m['threads']} torch threads on {m['cpu_count']} cores, device {m['device']}"
-        + (f" ({m['gpu']})" if m.get("gpu") else ""),
+        f"{m['threads']} torch threads on {m['cpu_count']} cores, OpenMP wait {m.get('omp_wait_policy', '?')}, "
+        f"device {m['device']}"
+        + (f" ({m['gpu']})" if m.get("gpu") else "")
+        + (f"; load average {load} at start, {m.get('load_avg_1min')} at end" if load is not None else ""),
         highlight=False,
+        soft_wrap=True,
     )
 
 
