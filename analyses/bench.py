@@ -338,7 +338,7 @@ class BenchReport:
         rows = []
         for name in names:
             groups: list[tuple[str, bool | None]] = [(name, None)]
-            if name == "tuned_lens":
+            if name == "tuned_lens" and self._where([name]):
                 groups = [("tuned_lens (warm refit)", True), ("tuned_lens (cold fit)", False)]
             for label, warm in groups:
                 cks = self._where([name], warm)

@@ -185,20 +185,45 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1)
 
 
+#: Positions per block of the metric passes: a (64, V) block of fp32 logits and its temporaries stay in a core's
+#: cache (2 MB at V = 8,192). Measured on the demo vocabulary (AVX-512, 2 threads): 128 positions in one block
+#: 24.6 ms, in blocks of 64 13.0 ms, of 32 12.4 ms (median of 30). Each position's metrics are computed from its own
+#: row only, so the blocking changes nothing but the order of the float64 sums over positions.
+METRIC_BLOCK = 64
+
+
+def _ref_rows(ref: FinalRef, rows: slice) -> FinalRef:
+    return FinalRef(ref.logits[rows], ref.logp[rows], ref.p[rows], ref.top[rows], ref.topk[rows], ref.plogp[rows])
+
+
 def site_metric_sums(
     logits: torch.Tensor, ref: FinalRef, gold: torch.Tensor, ks: tuple[int, ...] = (5, 10)
 ) -> dict[str, torch.Tensor]:
     """Sums over N positions of the lens metrics (docs/notes/depth.md, "Lens metrics") of one site's (N, V) logits
     against ``ref``.
 
-    Eight passes over the (N, V) logits (log-softmax, argmax, gold comparison, exp, two products and their sums);
-    callers keep N·V cache-sized (one capture batch) — on a 2-core CPU an (N, V) pass is ~10× slower per row once
-    the tensor no longer fits in cache.
+    Eight passes over the (N, V) logits (log-softmax, argmax, gold comparison, exp, two products and their sums),
+    done in blocks of :data:`METRIC_BLOCK` positions so that each block stays in cache.
 
     Returns:
         Metric name -> 0-d float64 sum; keys are ``kl, top1_agree, p_at_{k}…, surprisal, ce, acc, gold_rank,
         entropy``.
     """
+    n = logits.shape[0]
+    if n <= METRIC_BLOCK:
+        return _block_metric_sums(logits, ref, gold, ks)
+    out: dict[str, torch.Tensor] = {}
+    for start in range(0, n, METRIC_BLOCK):
+        rows = slice(start, start + METRIC_BLOCK)
+        part = _block_metric_sums(logits[rows], _ref_rows(ref, rows), gold[rows], ks)
+        out = part if not out else {k: out[k] + v for k, v in part.items()}
+    return out
+
+
+def _block_metric_sums(
+    logits: torch.Tensor, ref: FinalRef, gold: torch.Tensor, ks: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
+    """:func:`site_metric_sums` of one block of positions."""
     z = logits.float()
     logq = torch.log_softmax(z, -1)
     top = z.argmax(-1)

@@ -82,11 +82,6 @@ UNITS = ("block", "attn", "ffn")
 #: The ``demo`` model's 7 configurations × 32 sentences fit in one pass; BERT-base's 37 take five.
 MAX_STACKED_ROWS = 256
 
-#: Sentences pooled (across capture batches) into one layer-drop pass: the capture batches hold only a share of
-#: the ``max_sentences`` sentences each (~25 % for 256 of 1,000), and a pass over 8 sentences x 7 configurations is
-#: mostly per-call overhead on a CPU.
-POOL_SENTENCES = 32
-
 #: What skipping a unit means, stored with every layer-drop result: the Δloss depends on it
 #: (docs/notes/depth.md, "Layer drop").
 DROP_CONVENTIONS = {
@@ -402,17 +397,8 @@ class LayerDropAccumulator(Accumulator):
         self.n_masked = 0
         self.n_sentences = 0
         self._runner: _DropRunner | None = None
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._pending_rows = 0
 
     def update(self, batch: CaptureBatch) -> None:
-        """Keep the batch's first-``max_sentences`` rows; run the skip configurations once enough are pending.
-
-        Batches are sorted by length and only a share of each batch's sentences is used (``max_sentences``), so the
-        rows are pooled across batches (re-padded to the longest, padding masked as in the capture) until
-        :data:`POOL_SENTENCES` are pending, instead of one thin pass per capture batch. The pool does not depend on
-        ``MAX_STACKED_ROWS`` (which only splits the configurations over passes), so the numbers do not either.
-        """
         # the probe set's first sentences, whatever the batching
         keep = batch.sentence_ids.to(batch.input_ids.device) < self.max_sentences
         if not bool(keep.any()):
@@ -420,25 +406,9 @@ class LayerDropAccumulator(Accumulator):
         ids, am = batch.input_ids[keep], batch.attention_mask.to(keep.device)[keep]
         labels = batch.labels.to(keep.device)[keep]
         self.n_sentences += ids.shape[0]
-        if not bool((labels != -100).any()):
-            return
-        width = int(am.sum(1).max())  # the kept rows' own padded length
-        self._pending.append((ids[:, :width], am[:, :width], labels[:, :width]))
-        self._pending_rows += ids.shape[0]
-        if self._pending_rows >= POOL_SENTENCES:
-            self._flush()
-
-    def _flush(self) -> None:
-        """Run every skip configuration over the pending rows and add their loss and accuracy sums."""
-        if not self._pending:
-            return
-        width = max(x[0].shape[1] for x in self._pending)
-        pad = torch.nn.functional.pad
-        ids = torch.cat([pad(i, (0, width - i.shape[1]), value=0) for i, _, _ in self._pending])
-        am = torch.cat([pad(a, (0, width - a.shape[1]), value=0) for _, a, _ in self._pending])
-        labels = torch.cat([pad(lab, (0, width - lab.shape[1]), value=-100) for _, _, lab in self._pending])
-        self._pending, self._pending_rows = [], 0
         mm = labels != -100
+        if not bool(mm.any()):
+            return
         self._runner = self._runner or _DropRunner(self.arch)
         ids, am, mm = ids.to(self.device), am.to(self.device), mm.to(self.device)
         gold = labels.to(self.device)[mm]
@@ -459,7 +429,6 @@ class LayerDropAccumulator(Accumulator):
         self.n_masked += int(gold.numel())
 
     def result(self) -> dict[str, pd.DataFrame]:
-        self._flush()
         if self.n_masked == 0:
             raise NoMaskedPositionsError(
                 "layer_drop: the probe set has no masked positions with a gold label (variant 'mask15'); "
