@@ -8,6 +8,7 @@ The reference for "the run's": the same config trained from scratch with the zoo
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -373,5 +374,10 @@ def test_dashboard_marks_the_zoom_segment(trained, tmp_path, monkeypatch):
     labels = [a["text"] for f in figures for a in f["layout"].get("annotations", [])]
     assert "zoom: every 4" in labels
     table = at.dataframe[0].value
+    at.sidebar.toggle(key="log_x").set_value(True).run()  # log axis: shapes at step + 1, labels in log10 units
+    (fig, *_) = [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+    (strip,) = [s for s in fig["layout"]["shapes"] if s.get("fillcolor") == ZOOM_MARK["color"]]
+    (label,) = [a for a in fig["layout"]["annotations"] if a["text"] == "zoom: every 4"]
+    assert (strip["x0"], strip["x1"]) == (13, 29) and label["x"] == pytest.approx(math.log10(29))
     assert set(table.loc[table["step"].isin([12, 16, 24, 28]), "segment"]) == {"zoom 1 (every 4)"}
     assert set(table.loc[~table["step"].isin([12, 16, 24, 28]), "segment"]) == {"training"}

@@ -6,6 +6,7 @@ of :mod:`mlmscope.app.views.data`) and draws them with the helpers here, so each
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -144,12 +145,17 @@ class View:
         """Plot coordinate of a step: the step, or step + 1 on a log axis."""
         return steps + 1 if self.log_x else steps
 
+    def label_x(self, step: int) -> float:
+        """Where an annotation at ``step`` goes: plotly places annotations on a log axis in log10 units (shapes and
+        traces in data units), so without this a label on a log axis lands far off the plot."""
+        return math.log10(step + 1) if self.log_x else step
+
     def zoom_marks(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Shapes and labels marking the focus run's zoom segments: an orange strip along the bottom of the plot
         over each densely replayed window, labelled with its spacing."""
         shapes, labels = [], []
         for seg in self.zoom_segments():
-            x0, x1 = self.x(min(seg["steps"])), self.x(max(seg["steps"]))
+            x0, x1 = self.x(seg["from"]), self.x(seg["to"])
             shapes.append(
                 {
                     "type": "rect",
@@ -165,7 +171,7 @@ class View:
             )
             labels.append(
                 {
-                    "x": x1,
+                    "x": self.label_x(seg["to"]),
                     "y": ZOOM_MARK["height"],
                     "xref": "x",
                     "yref": "paper",
@@ -210,7 +216,7 @@ class View:
             ]
             out["annotations"] = out.get("annotations", []) + [
                 {
-                    "x": x,
+                    "x": self.label_x(self.step),
                     "y": 1,
                     "xref": "x",
                     "yref": "paper",
@@ -231,7 +237,7 @@ class View:
         for label in labels:
             fig.add_annotation(label)
         if mark and self.step is not None:
-            mark_x(fig, self.x(self.step), f"step {self.step}")
+            mark_x(fig, self.x(self.step), f"step {self.step}", self.label_x(self.step))
         return fig
 
     # --- cached curves -------------------------------------------------------------------------------------------
@@ -278,8 +284,9 @@ def _cached_curve(
     return band(df, value, keys)
 
 
-def mark_x(fig: go.Figure, x: Any, label: str) -> None:
-    """A dotted vertical line across the plot at ``x`` with a label on top (cheaper than ``add_vline``)."""
+def mark_x(fig: go.Figure, x: Any, label: str, label_x: Any = None) -> None:
+    """A dotted vertical line across the plot at ``x`` with a label on top (cheaper than ``add_vline``); ``label_x``:
+    the label's x where it differs (log axes: :meth:`View.label_x`)."""
     fig.add_shape(
         type="line",
         x0=x,
@@ -291,7 +298,7 @@ def mark_x(fig: go.Figure, x: Any, label: str) -> None:
         line={"dash": STEP_MARK["line_dash"], "color": STEP_MARK["line_color"], "width": STEP_MARK["line_width"]},
     )
     fig.add_annotation(
-        x=x,
+        x=x if label_x is None else label_x,
         y=1,
         xref="x",
         yref="paper",
