@@ -57,6 +57,7 @@ from .stats import (
     entropy_rank,
     numerical_tolerance,
     residual_stream_names,
+    serial_when_threads_sleep,
     variance_rank,
 )
 
@@ -219,6 +220,10 @@ class MaskRankAccumulator(Accumulator):
 
     def result(self) -> dict[str, pd.DataFrame]:
         """Tables ``ranks``, ``gap``, ``mask_only`` and ``mask_dims`` (see the module docstring)."""
+        with serial_when_threads_sleep():  # ~16 eigendecompositions per layer
+            return self._result()
+
+    def _result(self) -> dict[str, pd.DataFrame]:
         rank_rows, only_rows, dim_rows = [], [], []
         for l in range(len(self.names)):
             sets = self._sets(l)

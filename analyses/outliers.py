@@ -44,7 +44,7 @@ import torch
 from ..checkpoints.errors import MlmscopeError
 from ..probes.batch import CaptureBatch
 from .base import Accumulator, Analysis, AnalysisContext, register
-from .stats import StreamingCovariance, hash_uniform_like, residual_stream_names
+from .stats import StreamingCovariance, hash_uniform_like, residual_stream_names, serial_when_threads_sleep
 
 KINDS = ("argmax", "argmin")
 CONDITIONS_PROBE = ("all_dims", "without_outliers")
@@ -234,7 +234,11 @@ class PositionMoments:
 
 
 class _Reservoir:
-    """Bottom-k-by-hash sample of one vector per sentence: deterministic, order-independent, bounded memory."""
+    """Bottom-k-by-hash sample of one vector per sentence: deterministic, order-independent, bounded memory.
+
+    The rows may carry leading dimensions (every layer's vector of the same tokens, ``(L, m, d)``): the keys, and so
+    the selection, are shared along them.
+    """
 
     def __init__(self, k: int) -> None:
         self.k = k
@@ -242,11 +246,12 @@ class _Reservoir:
         self.rows: torch.Tensor | None = None
 
     def offer(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        """Offer ``rows`` (..., m, d) under ``keys`` (m,)."""
         rows = rows.detach().float()
         allk = torch.cat([self.keys.to(keys.device), keys])
-        allr = rows if self.rows is None else torch.cat([self.rows, rows])
+        allr = rows if self.rows is None else torch.cat([self.rows, rows], -2)
         order = torch.argsort(allk)[: self.k]
-        self.keys, self.rows = allk[order], allr[order]
+        self.keys, self.rows = allk[order], allr[..., order, :]
 
 
 class OutlierAccumulator(Accumulator):
@@ -261,7 +266,8 @@ class OutlierAccumulator(Accumulator):
         self.count_min = torch.zeros(L, d_model, dtype=torch.long)
         self.n = 0
         self.joint = {(l, s): PositionMoments(d_model, n_positions) for l in range(L) for s in ("train", "test")}
-        self.sample = [_Reservoir(params.anisotropy_sentences) for _ in range(L)]
+        self.sample = _Reservoir(params.anisotropy_sentences)  # rows (L, m, d): one token per sentence, every layer
+        self._sums: torch.Tensor | None = None  # (L, 2, P, d): joint[(l, split)].sums are its slices
 
     def update(self, batch: CaptureBatch) -> None:
         """Argmax/argmin counts, [x, onehot(position), position] moments and the anisotropy sample, vectorised per
@@ -280,14 +286,34 @@ class OutlierAccumulator(Accumulator):
         self.n += int(sel.sum())
         if self.count_max.device != dev:  # moved once, while still zero
             self.count_max, self.count_min = self.count_max.to(dev), self.count_min.to(dev)
-        for l, name in enumerate(self.names):
-            h = batch[name][sel].float()
-            if h.shape[0]:
-                self.count_max[l] += torch.bincount(h.argmax(1), minlength=self.d)
-                self.count_min[l] += torch.bincount(h.argmin(1), minlength=self.d)
-            self.joint[(l, "train")].update(h[~is_test], pos[~is_test])
-            self.joint[(l, "test")].update(h[is_test], pos[is_test])
-            self.sample[l].offer(keys, batch[name][pick])
+        L, d = len(self.names), self.d
+        h = torch.stack([batch[name][sel] for name in self.names]).float()  # (L, N, d): every layer at once
+        if h.shape[1]:
+            offset = (torch.arange(L, device=dev) * d)[:, None]  # one bincount over (layer, dim) cells
+            self.count_max += torch.bincount((h.argmax(-1) + offset).flatten(), minlength=L * d).view(L, d)
+            self.count_min += torch.bincount((h.argmin(-1) + offset).flatten(), minlength=L * d).view(L, d)
+            self._add_position_sums(h, pos, is_test)
+        for split, rows in (("train", ~is_test), ("test", is_test)):
+            x = h[:, rows]
+            z = torch.cat([x, pos[rows].to(x.dtype)[None, :, None].expand(L, -1, 1)], -1)  # [x, position]
+            StreamingCovariance.update_group([self.joint[(l, split)].xp for l in range(L)], z)
+        self.sample.offer(keys, torch.stack([batch[name][pick] for name in self.names]))
+
+    def _add_position_sums(self, h: torch.Tensor, pos: torch.Tensor, is_test: torch.Tensor) -> None:
+        """Per-position sums and counts of every layer and split in one ``index_add_`` and one ``bincount``."""
+        L, d, P = len(self.names), self.d, self.P
+        if self._sums is None or self._sums.device != h.device:  # allocated once, on the batches' device
+            self._sums = torch.zeros(L, 2, P, d, dtype=torch.float64, device=h.device)
+            for l in range(L):
+                for k, split in enumerate(("train", "test")):
+                    self.joint[(l, split)].sums = self._sums[l, k]
+                    self.joint[(l, split)].counts = self.joint[(l, split)].counts.to(h.device)
+        cell = pos + P * is_test.long()  # (split, position) of every token
+        self._sums.view(L, 2 * P, d).index_add_(1, cell, h.double())
+        counts = torch.bincount(cell, minlength=2 * P).double()
+        for l in range(L):
+            self.joint[(l, "train")].counts += counts[:P]
+            self.joint[(l, "test")].counts += counts[P:]
 
     def _pick_tokens(self, sel: torch.Tensor, sids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One seeded random selected token per sentence: (B, T) pick mask and the batch rows that have one."""
@@ -301,6 +327,10 @@ class OutlierAccumulator(Accumulator):
     def result(self) -> dict[str, pd.DataFrame]:
         """Tables ``freq``, ``top``, ``moments``, ``ln``, ``pe_dims``, ``position_link``, ``position_probe``,
         ``anisotropy``, ``notes`` (see the module docstring)."""
+        with serial_when_threads_sleep():  # small solves and (d + P)-wide matrices
+            return self._result()
+
+    def _result(self) -> dict[str, pd.DataFrame]:
         notes: list[dict[str, str]] = []
         freq = self._freq_table()
         act_dims = detect_activation_outliers(freq, self.p.freq_threshold)
@@ -473,8 +503,8 @@ class OutlierAccumulator(Accumulator):
 
     def _anisotropy_table(self, merged: list[PositionMoments], act_dims: list[int]) -> pd.DataFrame:
         rows = []
-        for l, res in enumerate(self.sample):
-            x = res.rows.cpu() if res.rows is not None else torch.zeros(0, self.d)
+        for l in range(len(self.names)):
+            x = self.sample.rows[l].cpu() if self.sample.rows is not None else torch.zeros(0, self.d)
             acc = merged[l]
             std = torch.diagonal(acc.cov)[: self.d].clamp(min=0).sqrt().float().cpu()
             variants = {

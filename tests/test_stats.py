@@ -168,3 +168,21 @@ def test_update_group_equals_single_updates():
         assert g.n == a.n == 90
         np.testing.assert_allclose(g.scatter.numpy(), a.scatter.numpy(), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(g.mean.numpy(), a.mean.numpy(), rtol=1e-14, atol=1e-14)
+
+
+def test_serial_when_threads_sleep(monkeypatch):
+    """One thread inside the block only under OpenMP's passive waiting; the count is restored after."""
+    from mlmscope.analyses.stats import serial_when_threads_sleep
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+        with serial_when_threads_sleep():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_WAIT_POLICY")
+        with serial_when_threads_sleep():
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
