@@ -8,7 +8,7 @@ attributes every second: model load, capture per variant (time spent inside the 
 accumulator's ``accumulator()`` + ``update()`` + ``result()``, and, as a floor under the capture, the bare encoder's
 forward pass over the same padded batches without any recording.
 
-Budgets (issue 16; :data:`BUDGETS`): SAS, outliers, mask_rank and redundancy each ≤ 0.5 × the clean capture; the
+Budgets (:data:`BUDGETS`): SAS, outliers, mask_rank and redundancy each ≤ 0.5 × the clean capture; the
 logit lens ≤ 1 ×; layer drop ≤ 1 × per forward configuration (its seconds divided by the number of configurations it
 runs and by the share of the probe set's tokens it uses, ``max_sentences``); the tuned lens's warm-started refit
 ≤ 2 × (checkpoints whose fit started from the previous checkpoint's translators; the first one is a cold fit).
