@@ -66,15 +66,21 @@ def run_dir(tmp_path_factory) -> Path:
     return ensure_micro_run(root)
 
 
-def _start_app(run_dir: Path) -> tuple[subprocess.Popen, str]:
+def _mlmscope() -> list[str]:
+    exe = Path(sys.executable).with_name("mlmscope")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mlmscope.app.cli"]
+
+
+def _start_app(
+    run_dir: Path | str, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """`mlmscope app RUN --port P` (default host 127.0.0.1) in a child process of its own session; waits until the
     server answers. Returns the process and the URL; stop it with :func:`_stop_group`."""
     port = _free_port()
-    exe = Path(sys.executable).with_name("mlmscope")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlmscope.app.cli"]
     proc = subprocess.Popen(
-        [*cmd, "app", str(run_dir), "--port", str(port)],
-        cwd=REPO,
+        [*_mlmscope(), "app", str(run_dir), "--port", str(port)],
+        cwd=cwd,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -195,4 +201,66 @@ def test_app_never_leaves_its_server_running(run_dir, sig):
         _, alive = psutil.wait_procs(servers, timeout=30)
         assert not alive, f"still running after {sig.name} to `mlmscope app`: {[p.cmdline() for p in alive]}"
     finally:
+        _stop_group(proc)
+
+
+def _plotly_traces(page, title: str) -> list[dict]:
+    """Name and fill of every trace of the plotly figure titled ``title`` (markup ignored) as the browser drew it
+    (the graph div's ``data``) plus the number of filled areas in its SVG."""
+    return page.evaluate(
+        """(title) => {
+            for (const gd of document.querySelectorAll('.js-plotly-plot')) {
+                const t = gd.layout && gd.layout.title;
+                if (String((t && (t.text || t)) || '').replace(/<[^>]+>/g, '') !== title) continue;
+                return gd.data.map((d) => ({name: d.name || '', fill: d.fill || '',
+                                             fills: gd.querySelectorAll('.fills path').length}));
+            }
+            return [];
+        }""",
+        title,
+    )
+
+
+def test_suite_of_three_seeds_is_a_band_in_the_browser(browser, tmp_path):
+    """A suite.json of 3 seeds x 3 steps, resolved from a Hugging Face cache on disk and analysed with
+    `mlmscope analyze suite.json`, opens in `mlmscope app suite.json` as one seed group drawn as mean ± 1 sd."""
+    from conftest import _save_micro
+    from mlmscope.probes.probeset import sentences_of
+    from test_runner import PROBES
+    from test_sources import ORG, _suite_file, add_to_cache
+
+    cache = tmp_path / "hf_cache"
+    for seed in (0, 1, 2):
+        repo = f"{ORG}/micro" if seed == 0 else f"{ORG}/micro-seed_{seed}"
+        for step in (0, 10, 20):
+            folder = _save_micro(tmp_path / "src" / f"s{seed}_{step}", seed=100 * seed + step)
+            add_to_cache(cache, repo, folder, revision=f"step_{step}")
+    probes = sentences_of(PROBES).save(tmp_path / "probes")
+    suite = _suite_file(tmp_path)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    args = ["analyze", str(suite), "-a", "attention", "--probes", str(probes), "--batch-size", "2", "--threads", "1"]
+    done = subprocess.run([*_mlmscope(), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "(3 seeds)" in done.stderr, done.stdout + done.stderr
+
+    proc, url = _start_app(suite, cwd=tmp_path, env=env)
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    try:
+        page.goto(f"{url}/?page=attention")
+        page.wait_for_selector(METRIC, timeout=120_000)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.js-plotly-plot')].some((gd) => gd.data && gd.data.length)",
+            timeout=60_000,
+        )
+        assert not page.locator('[data-testid="stException"]').count()
+        group = f"{tmp_path / 'runs/suites/three-seeds'} (mean of 3 seeds)"
+        assert group in page.locator('[data-testid="stSidebar"]').inner_text()  # the group is what is selected
+        traces = _plotly_traces(page, "Mean over heads")
+        lines = [t["name"] for t in traces if t["name"].startswith(group)]
+        assert lines == [f"{group} · L0", f"{group} · L1"], traces
+        assert sum(t["fill"] == "toself" for t in traces) >= 2, f"no ±1 sd band per layer: {traces}"
+        assert traces[0]["fills"] >= 2, "the bands were not drawn"
+        out = Path(os.environ.get("MLMSCOPE_SCREENSHOTS", tmp_path))
+        page.screenshot(path=str(out / "seed_bands.png"), full_page=True)
+    finally:
+        page.close()
         _stop_group(proc)

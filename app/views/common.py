@@ -400,7 +400,8 @@ def line_figure(
         "yaxis": {"title": {"text": y_title}},
         "margin": {"t": 40, "b": 40},
         "height": 360,
-        "legend": {"font": {"size": 10}},
+        # below the plot: run labels are folder paths, and a legend beside a half-width plot would squeeze it
+        "legend": {"font": {"size": 10}, "orientation": "h", "yanchor": "top", "y": -0.22, "x": 0},
         **view.step_axis(),
     }
     return go.Figure(data=traces, layout=layout)
