@@ -49,6 +49,9 @@ class ModelConfig:
         d_ffn: Feed-forward inner size.
         max_position: Learned absolute positions (at least seq_len).
         dropout: Dropout on hidden states and attention probabilities.
+        init_std: Standard deviation of the normal initialisation of every weight matrix and embedding (BERT's
+            ``initializer_range``, 0.02 as in Devlin et al.). Larger values give attention logits that are not
+            nearly zero at step 0, a shorter stay on the uniform-attention plateau.
     """
 
     n_layers: int = 2
@@ -57,6 +60,7 @@ class ModelConfig:
     d_ffn: int = 512
     max_position: int = 128
     dropout: float = 0.0
+    init_std: float = 0.02
 
     def to_bert_config(self, vocab_size: int):
         """The ``transformers.BertConfig`` of this shape for a tokenizer of ``vocab_size`` entries."""
@@ -73,6 +77,7 @@ class ModelConfig:
             attention_probs_dropout_prob=self.dropout,
             type_vocab_size=2,
             tie_word_embeddings=True,
+            initializer_range=self.init_std,
         )
 
 
@@ -364,6 +369,7 @@ _RULES: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
     ("model", "d_ffn", _int_at_least(1), "an integer >= 1"),
     ("model", "max_position", _int_at_least(MIN_SEQ_LEN), f"an integer >= {MIN_SEQ_LEN}"),
     ("model", "dropout", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("model", "init_std", lambda v: _is_num(v) and v > 0, "a number > 0"),
     ("train", "seq_len", _int_at_least(MIN_SEQ_LEN), f"an integer >= {MIN_SEQ_LEN}"),
     ("train", "batch_size", _int_at_least(1), "an integer >= 1"),
     ("train", "grad_accum", _int_at_least(1), "an integer >= 1"),

@@ -169,11 +169,14 @@ def test_force_refuses_a_folder_that_is_not_a_run(tmp_path, small_corpus):
 
 
 def test_validate_lists_every_problem():
-    cfg = make_config("micro", seq_len=128, batch_size=0, mask_rate=1.5, lr=-1.0, n_heads=3, warmup_steps=-1)
+    cfg = make_config(
+        "micro", seq_len=128, batch_size=0, mask_rate=1.5, lr=-1.0, n_heads=3, warmup_steps=-1, init_std=0.0
+    )
     with pytest.raises(ConfigError) as e:
         cfg.validate()
     msg = str(e.value)
     for part in (
+        "init_std must be a number > 0, got 0.0",
         "batch_size must be",
         "mask_rate must be",
         "lr must be",
