@@ -147,7 +147,8 @@ class DataConfig:
     """Corpus and tokenizer settings.
 
     Attributes:
-        corpus: 'wiki' (the packaged corpus), a .txt/.jsonl file or folder, or a datasets dir.
+        corpus: 'wiki' (the packaged corpus), 'offline' (eight packaged sources) or 'offline:wiki,brown,…' (some
+            of them), a .txt/.jsonl file or folder, or a datasets dir.
         text_field: Text field of JSONL / datasets corpora.
         val_fraction: Fraction of documents held out for validation.
         split_seed: Seed of the train/validation split.

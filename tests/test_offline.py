@@ -7,6 +7,7 @@ Nothing here downloads: the readers are run on tiny archives written by the test
 from __future__ import annotations
 
 import io
+import re
 import struct
 import tarfile
 import zipfile
@@ -113,8 +114,31 @@ def test_documents_are_deduplicated_and_counted(monkeypatch, tmp_path):
         assert docs == ("one two three", "four five", "six")  # b's first document duplicates a's
         assert counts == (("a", 5), ("b", 1))
         assert source_description(DataConfig(corpus="offline")) == "offline (6 words): a 5, b 1"
+        # a selection: b alone keeps its first document (no a to duplicate)
+        assert offline.offline_documents(offline.select("offline:b"))[0] == ("one  two\nthree", "six")
+        assert source_description(DataConfig(corpus="offline:b, b")) == "offline:b (4 words): b 4"
+        assert offline.select("offline:b,a") == sources  # table order, whatever the order given
     finally:
         offline.offline_documents.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("offline:wiki,nope,x", "unknown offline source(s) nope, x; choose from wiki, brown,"),
+        ("offline:", "name sources after 'offline:'"),
+    ],
+)
+def test_a_bad_source_selection_is_one_clear_error_before_the_disk(spec, message, tmp_path):
+    from typer.testing import CliRunner
+
+    from mlmscope.app.cli import app
+
+    with pytest.raises(offline.SourceError, match=re.escape(message)):
+        offline.select(spec)
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "run"), "--corpus", spec, "--max-steps", "5"])
+    assert res.exit_code == 1 and message in " ".join(res.output.split()), res.output
+    assert "Traceback" not in res.output and not (tmp_path / "run").exists()
 
 
 def test_a_missing_source_that_cannot_be_fetched_names_the_command(monkeypatch, tmp_path):
