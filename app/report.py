@@ -372,8 +372,40 @@ def sas_section(traj: Trajectory, max_rows: int, onset: OnsetParams, trajectory:
     out.append(f"- Coincide (ramp windows overlap, Chen et al. 2024): {_coincide_text(o)}.")
     best = _results(traj, "sas", "best")
     if best is not None:
-        out += ["", _sas_best_table(best, max_rows)]
+        out += ["", _sas_best_table(best, max_rows), "", _relations_beating_offsets(best)]
     return "\n".join(out)
+
+
+#: A relation "has a syntactic head" in the report's summary line when its best head's held-out UAS beats the
+#: relation's best held-out offset by at least this much (the per-row ``kind`` uses a standard-error margin instead).
+RELATION_MARGIN = 0.05
+
+
+def _relations_beating_offsets(best: pd.DataFrame) -> str:
+    """One line: the relations (other than ``all``) whose held-out head beats their best offset by
+    ``RELATION_MARGIN`` at the last step, each with the first checkpoint from which it stays so."""
+    last = int(best["step"].max())
+    b = best[(best["relation"] != "all") & (best["kind"] != "absent")]
+    above = b.assign(ok=b["delta_held_out"] >= RELATION_MARGIN).sort_values("step")
+    found = []
+    for rel, g in above.groupby("relation"):
+        if not bool(g["ok"].iloc[-1]) or int(g["step"].iloc[-1]) != last:
+            continue
+        below = g.loc[~g["ok"], "step"]
+        since = int(g.loc[g["step"] > below.max(), "step"].min()) if len(below) else int(g["step"].min())
+        r = g.iloc[-1]
+        found.append(
+            (
+                -float(r["delta_held_out"]),
+                f"`{rel}` (n {fmt_int(r['n'])}, Δ +{fmt(r['delta_held_out'])}, since step {fmt_int(since)})",
+            )
+        )
+    items = [text for _, text in sorted(found)]
+    return (
+        f"- Relations whose best head beats their best offset by ≥ {RELATION_MARGIN} (held out) at step {last}: "
+        + (f"**{len(items)}**: " + ", ".join(items) if items else "none")
+        + "."
+    )
 
 
 def _coincide_text(o: Mapping[str, Any]) -> str:
