@@ -397,7 +397,8 @@ def _relations_beating_offsets(best: pd.DataFrame) -> str:
         found.append(
             (
                 -float(r["delta_held_out"]),
-                f"`{rel}` (n {fmt_int(r['n'])}, Δ +{fmt(r['delta_held_out'])}, since step {fmt_int(since)})",
+                f"`{rel}` (n {fmt_int(r['n'])}: {fmt(r['uas_held_out'])} vs offset {fmt(r['offset_uas_held_out'])}, "
+                f"since step {fmt_int(since)})",
             )
         )
     items = [text for _, text in sorted(found)]

@@ -384,17 +384,27 @@ def test_relations_beating_their_offsets_line():
     rows = []
     for step, deltas in ((0, (-0.2, -0.3, 0.0, 0.1)), (10, (0.06, -0.1, 0.07, 0.2)), (20, (0.04, 0.0, 0.09, 0.3))):
         rows += [
-            dict(step=step, relation=r, n=n, delta_held_out=d, kind=k)
+            dict(step=step, relation=r, n=n, delta_held_out=d, uas_held_out=0.4 + d, offset_uas_held_out=0.4, kind=k)
             for r, n, d, k in zip(
                 ("dobj", "pobj", "det", "all"), (649, 1196, 300, 5000), deltas, ("syntactic",) * 3 + ("syntactic",)
             )
         ]
-    rows.append(dict(step=10, relation="cc", n=120, delta_held_out=0.5, kind="syntactic"))  # gone by the last step
+    rows.append(
+        dict(
+            step=10,
+            relation="cc",
+            n=120,
+            delta_held_out=0.5,
+            uas_held_out=0.9,
+            offset_uas_held_out=0.4,
+            kind="syntactic",
+        )
+    )  # gone by the last step
     line = _relations_beating_offsets(pd.DataFrame(rows))
     # dobj dipped below 0.05 at the last step, `all` is not a relation, cc is absent at step 20: det only, since 10
     assert line == (
         "- Relations whose best head beats their best offset by ≥ 0.05 (held out) at step 20: **1**: "
-        "`det` (n 300, Δ +0.090, since step 10)."
+        "`det` (n 300: 0.490 vs offset 0.400, since step 10)."
     )
     none = _relations_beating_offsets(pd.DataFrame(rows).assign(delta_held_out=-1.0))
     assert none.endswith("at step 20: none.")
