@@ -185,17 +185,26 @@ def _batched(texts: Iterable[str], n: int = 1000) -> Iterator[list[str]]:
 
 
 def _ship_defaults() -> None:
-    """Ship the tokenizers of the default corpus at the presets' vocabulary sizes."""
+    """Ship the tokenizers of the presets' packaged corpora (``wiki``, ``offline``) at their vocabulary sizes."""
     from .config import PRESETS, DataConfig
     from .corpus import load_corpus
 
-    sizes = sorted({p.get("data", {}).get("vocab_size", DataConfig.vocab_size) for p in PRESETS.values()})
-    dd, fingerprint = load_corpus(DataConfig())
-    for size in sizes:
-        try:
-            print(ship(fingerprint, dd["train"]["text"], size, lowercase=True))
-        except TokenizerError as e:
-            print(f"vocab {size}: not shipped ({e})")
+    wanted = sorted(
+        {
+            (
+                p.get("data", {}).get("corpus", DataConfig.corpus),
+                p.get("data", {}).get("vocab_size", DataConfig.vocab_size),
+            )
+            for p in PRESETS.values()
+        }
+    )
+    for corpus in sorted({c for c, _ in wanted}):
+        dd, fingerprint = load_corpus(DataConfig(corpus=corpus))
+        for size in (v for c, v in wanted if c == corpus):
+            try:
+                print(ship(fingerprint, dd["train"]["text"], size, lowercase=True))
+            except TokenizerError as e:
+                print(f"{corpus}, vocab {size}: not shipped ({e})")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mlmscope.checkpoints.config import ConfigError, DataConfig, make_config
+from mlmscope.checkpoints.config import PRESETS, ConfigError, DataConfig, make_config
 from mlmscope.checkpoints.corpus import MAX_DOC_CHARS, MAX_RUN_CHARS, CorpusError, CorpusWarning, load_corpus
 from mlmscope.checkpoints.manifest import Manifest, ManifestError
 from mlmscope.checkpoints.train import TrainingError, _replaced_path, recover_replaced, train
@@ -186,7 +186,7 @@ def test_validate_lists_every_problem():
     ):
         assert part in msg
     assert "\n" not in msg
-    for preset in ("micro", "demo", "tiny", "small", "base"):
+    for preset in PRESETS:
         make_config(preset).validate()
 
 
@@ -302,7 +302,7 @@ def test_every_config_field_is_a_generated_option():
     for key, f in config_fields().items():
         assert f.help, key
         assert "--" + key.replace("_", "-") in help_text
-    assert "auto|fp32|bf16" in help_text and "80/10/10|mask" in help_text and "micro|demo|tiny|small|base" in help_text
+    assert "auto|fp32|bf16" in help_text and "80/10/10|mask" in help_text and "|".join(PRESETS) in help_text
 
 
 @pytest.mark.parametrize(

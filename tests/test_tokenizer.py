@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from mlmscope.checkpoints import tokenizer as tk
-from mlmscope.checkpoints.config import DataConfig, make_config
+from mlmscope.checkpoints.config import PRESETS, DataConfig, make_config
 from mlmscope.checkpoints.corpus import load_corpus
 from mlmscope.checkpoints.manifest import Manifest
 from mlmscope.checkpoints.train import train
@@ -27,7 +27,7 @@ def test_every_shipped_tokenizer_matches_its_recorded_hash(path):
 def test_the_default_corpus_tokenizers_are_shipped():
     """Every preset on the default corpus loads a shipped tokenizer, so no machine trains its own."""
     _, fingerprint = load_corpus(DataConfig())
-    for preset in ("micro", "demo", "tiny", "small", "base"):
+    for preset in (p for p in PRESETS if make_config(p).data.corpus == "wiki"):
         d = make_config(preset).data
         key = tk.tokenizer_key(fingerprint, d.vocab_size, d.lowercase)
         tok = tk.shipped_tokenizer(key)
@@ -65,3 +65,17 @@ def test_a_run_reuses_a_tokenizer_by_the_hash_its_manifest_records(tmp_path, sma
 def test_an_unknown_tokenizer_reference_is_one_clear_error(tmp_path):
     with pytest.raises(tk.TokenizerError, match="no tokenizer 'deadbeefdeadbeef'"):
         tk.load_tokenizer_ref("deadbeefdeadbeef", tmp_path)
+
+
+def test_the_offline_corpus_tokenizer_of_the_syntax_preset_is_shipped():
+    """The syntax preset's (offline corpus, 8,192) tokenizer is shipped under the key of the corpus's fingerprint,
+    checked where the sources are downloaded (`mlmscope corpus fetch`)."""
+    from mlmscope.checkpoints import offline
+
+    d = make_config("syntax").data
+    assert d.corpus == "offline"
+    if offline.missing():
+        pytest.skip("offline corpus sources not downloaded (mlmscope corpus fetch)")
+    _, fingerprint = load_corpus(d)
+    tok = tk.shipped_tokenizer(tk.tokenizer_key(fingerprint, d.vocab_size, d.lowercase))
+    assert tok is not None and len(tok) == d.vocab_size
