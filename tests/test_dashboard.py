@@ -370,3 +370,20 @@ def test_syntax_onsets_skip_the_unigram_phase():
     assert _onset_params(curve, 6.8).min_step == 500.0
     assert _onset_params(curve, None).min_step == 0.0
     assert _onset_params(curve, 5.0).min_step == 0.0
+
+
+def test_relation_curve_follows_the_chosen_relation(monkeypatch, analysed):
+    from mlmscope.analyses.store import load_results
+
+    at = _app(monkeypatch, analysed, page="syntax")
+    best = load_results(analysed, "sas", "best")
+    box = at.selectbox(key="syntax_relation")
+    relation = box.options[-1]  # the last in the menu: a relation other than `all` where the probes have one
+    box.set_value(relation).run()
+    assert not at.exception, [e.value for e in at.exception]
+    fig = next(f for f in _figures(at) if f["layout"]["title"]["text"].startswith(f"{relation}: best head vs"))
+    want = best[best["relation"] == relation].sort_values("step")
+    by_name = {t["name"]: t for t in fig["data"]}
+    np.testing.assert_allclose(_arr(by_name["best head (held-out)"]["y"]), want["uas_held_out"], rtol=1e-12)
+    np.testing.assert_allclose(_arr(by_name["best offset (held-out)"]["y"]), want["offset_uas_held_out"], rtol=1e-12)
+    np.testing.assert_allclose(_arr(by_name["best head (held-out)"]["x"]), want["step"], rtol=0)

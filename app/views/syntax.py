@@ -82,9 +82,11 @@ def render(view: View) -> None:
     _curve(view)
     left, right = st.columns(2)
     with left:
-        _heatmap(view, used)
+        relation = _heatmap(view, used)
     with right:
         _best_table(view, used)
+    if relation is not None:
+        _relation_curve(view, relation)
     _attention_viewer(view, used)
 
 
@@ -210,12 +212,13 @@ def _onset_shapes(view: View, o: pd.Series) -> list[dict[str, Any]]:
     return out
 
 
-def _heatmap(view: View, used: int | None) -> None:
+def _heatmap(view: View, used: int | None) -> str | None:
+    """The layer × head UAS heatmap of one relation and direction (chosen here); returns the relation."""
     heads = view.table(ANALYSIS, "heads")
     at, _ = view.at_step(heads)
     if not len(at):
         st.info("No per-head SAS table at this step.")
-        return
+        return None
     c1, c2 = st.columns(2)
     relations = sorted(at["relation"].unique(), key=lambda x: (x != "all", x))
     relation = c1.selectbox("relation", relations, key="syntax_relation")
@@ -230,6 +233,54 @@ def _heatmap(view: View, used: int | None) -> None:
         "syntax_heads",
         "Unlabelled attachment score of each head's argmax attention (word level) against the gold head, "
         "in-sample, at the selected step (sas `heads` table; layers/heads 0-based).",
+    )
+    return str(relation)
+
+
+#: Columns of the per-relation curve (sas ``best`` table) and their legend names.
+RELATION_CURVES = (
+    ("uas_held_out", "best head (held-out)"),
+    ("offset_uas_held_out", "best offset (held-out)"),
+    ("uas_nonoffset", "best head, words whose head is off that offset"),
+)
+
+
+def _relation_curve(view: View, relation: str) -> None:
+    """One relation over training (focus run): its best head's held-out UAS against its best offset's."""
+    best = view.table(ANALYSIS, "best")
+    d = best[best["relation"] == relation].sort_values("step")
+    if d.empty:
+        return
+    traces = [
+        {
+            "type": "scatter",
+            "x": view.x(d["step"]).to_numpy(float),
+            "y": d[col].to_numpy(float),
+            "name": name,
+            "mode": "lines+markers",
+            "marker": {"size": 4},
+            "line": {"dash": "dash" if col == "offset_uas_held_out" else "solid", "width": 1.5},
+        }
+        for col, name in RELATION_CURVES
+    ]
+    layout = view.step_axis()
+    layout.update(
+        {
+            "title": {"text": f"{relation}: best head vs best offset over training"},
+            "height": 360,
+            "margin": {"t": 40},
+            "yaxis": {"title": {"text": "UAS (held-out)"}},
+            "legend": {"font": {"size": 10}, "orientation": "h", "yanchor": "top", "y": -0.22, "x": 0},
+        }
+    )
+    common.show(
+        go.Figure(data=traces, layout=layout),
+        d[["step", "relation", "n", "layer", "head", "direction", *(c for c, _ in RELATION_CURVES)]],
+        "syntax_relation_curve",
+        f"The relation chosen above ({relation}), at every checkpoint of the focus run: the held-out UAS of its best "
+        "head (chosen on one probe half, scored on the other), of its best fixed offset, and of the head on the "
+        "words whose gold head is not at that offset (sas `best` table). A syntactic head rises above the dashed "
+        "offset line and its off-offset curve rises with it.",
     )
 
 
