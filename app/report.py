@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ..analyses.onset import OnsetParams, detect_onset
+from ..analyses.sas import MIN_COUNT
 from ..analyses.sources import seed_runs
 from ..analyses.store import ResultStore, StoreError
 from ..analyses.trajectory import Trajectory
@@ -379,13 +380,18 @@ def sas_section(traj: Trajectory, max_rows: int, onset: OnsetParams, trajectory:
 #: A relation "has a syntactic head" in the report's summary line when its best head's held-out UAS beats the
 #: relation's best held-out offset by at least this much (the per-row ``kind`` uses a standard-error margin instead).
 RELATION_MARGIN = 0.05
+#: ... for relations with at least this many arcs in the probe set (the SAS analysis's default ``min_count``).
+RELATION_MIN_ARCS = MIN_COUNT
 
 
 def _relations_beating_offsets(best: pd.DataFrame) -> str:
-    """One line: the relations (other than ``all``) whose held-out head beats their best offset by
-    ``RELATION_MARGIN`` at the last step, each with the first checkpoint from which it stays so."""
+    """One line: the relations (other than ``all``, with ``RELATION_MIN_ARCS`` arcs or more) whose held-out head
+    beats their best offset by ``RELATION_MARGIN`` at the last step, each with the first checkpoint from which it
+    stays so (a NaN margin counts as a miss; a checkpoint with no row for the relation is skipped)."""
     last = int(best["step"].max())
-    b = best[(best["relation"] != "all") & (best["kind"] != "absent")]
+    if "delta_held_out" not in best:  # no attention captured at any step: no per-relation scores
+        return f"- Relations whose best head beats their best offset by ≥ {RELATION_MARGIN} (held out): none."
+    b = best[(best["relation"] != "all") & (best["kind"] != "absent") & (best["n"] >= RELATION_MIN_ARCS)]
     above = b.assign(ok=b["delta_held_out"] >= RELATION_MARGIN).sort_values("step")
     found = []
     for rel, g in above.groupby("relation"):

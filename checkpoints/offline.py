@@ -338,6 +338,8 @@ def select(spec: str) -> tuple[Source, ...]:
             raise SourceError(f"corpus {spec!r}: name sources after 'offline:' ({', '.join(s.name for s in SOURCES)})")
         return SOURCES
     wanted = {n.strip() for n in names.split(",") if n.strip()}
+    if not wanted:
+        raise SourceError(f"corpus {spec!r}: name sources after 'offline:' ({', '.join(s.name for s in SOURCES)})")
     unknown = sorted(wanted - {s.name for s in SOURCES})
     if unknown:
         raise SourceError(

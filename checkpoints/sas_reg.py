@@ -141,7 +141,8 @@ def sas_attention_score(
     Args:
         attentions: L attention maps (B, H, T, T) (HF ``outputs.attentions``) or a stacked (L, B, H, T, T) tensor.
         dep_pairs: (B, T) integer tensor: for each token position, the position of its syntactic head in the same
-            sequence, or -1 for no arc (specials, root, arcs leaving the sequence, padding).
+            sequence, or -1 for no arc (specials, arcs leaving the sequence, padding, and the root unless it points
+            at [CLS] = 0).
         directions: ``"dep->head"`` (γ[i, head(i)]) and/or ``"head->dep"`` (γ[head(i), i]).
         reduction: ``"sum"`` (Chen) or ``"mean"`` over the (arc, direction) terms.
 

@@ -259,10 +259,10 @@ def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, force: bool) -
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
             if manifest_path.exists():
-                old = _normalised(Manifest.load(run_dir).run.get("config"))
-                new = json.loads(json.dumps(cfg.to_dict()))
+                old = _without_idle_regulariser(_normalised(Manifest.load(run_dir).run.get("config")))
+                new = _without_idle_regulariser(json.loads(json.dumps(cfg.to_dict())))
                 if old != new:
-                    diff = _config_diff(old or {}, new)
+                    diff = _config_diff(old or {}, new or {})
                     raise TrainingError(
                         f"run folder {run_dir} already holds a run with a different config "
                         f"({diff}); use --resume to continue it or --force to overwrite it"
@@ -331,6 +331,15 @@ def _normalised(config: dict | None) -> dict | None:
         return json.loads(json.dumps(RunConfig.from_dict(config).to_dict())) if config else config
     except (TypeError, KeyError, ValueError):
         return config
+
+
+def _without_idle_regulariser(config: dict | None) -> dict | None:
+    """``config`` without the SAS regulariser's settings when λ = 0 (they change nothing then, and their defaults
+    may differ between the versions that wrote the two configs)."""
+    reg = (config or {}).get("sas_reg")
+    if isinstance(reg, dict) and not reg.get("lam"):
+        return {**(config or {}), "sas_reg": {"lam": reg.get("lam", 0.0)}}
+    return config
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> str:

@@ -454,10 +454,15 @@ def test_a_run_saved_before_a_field_existed_differs_only_where_settings_differ(f
     m = _json.loads((run / "manifest.json").read_text())
     m["run"]["config"]["data"].pop("tokenizer", None)
     m["run"]["config"]["model"]["vocab_size"] = 1024  # a field older versions saved: a copy of data.vocab_size
+    m["run"]["config"]["sas_reg"]["root_to_cls"] = False  # the default before; with λ = 0 it changes nothing
     (run / "manifest.json").write_text(_json.dumps(m))
     with pytest.raises(TrainingError) as e:
         train(run, make_config("micro", corpus=small_corpus, max_steps=5, linear_every=2), progress=False)
     assert "train.max_steps: 4 -> 5" in str(e.value) and "tokenizer" not in str(e.value)
-    assert "vocab_size" not in str(e.value)
+    assert "vocab_size" not in str(e.value) and "root_to_cls" not in str(e.value)
     old = RunConfig.from_dict(m["run"]["config"])  # what --resume reads
-    assert old == make_config("micro", corpus=small_corpus, max_steps=4, linear_every=2)
+    assert old == make_config("micro", corpus=small_corpus, max_steps=4, linear_every=2, sas_root_to_cls=False)
+    with pytest.raises(TrainingError, match="already exists; use --resume"):  # the same settings: nothing differs
+        train(run, make_config("micro", corpus=small_corpus, max_steps=4, linear_every=2), progress=False)
+    with pytest.raises(TrainingError, match=r"sas_reg.lam: 0.0 -> 0.01"):  # with λ ≠ 0 the settings count again
+        train(run, make_config("micro", corpus=small_corpus, max_steps=4, linear_every=2, sas_lam=0.01), progress=False)

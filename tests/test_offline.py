@@ -127,6 +127,7 @@ def test_documents_are_deduplicated_and_counted(monkeypatch, tmp_path):
     [
         ("offline:wiki,nope,x", "unknown offline source(s) nope, x; choose from wiki, brown,"),
         ("offline:", "name sources after 'offline:'"),
+        ("offline: , ", "name sources after 'offline:'"),
     ],
 )
 def test_a_bad_source_selection_is_one_clear_error_before_the_disk(spec, message, tmp_path):

@@ -408,3 +408,9 @@ def test_relations_beating_their_offsets_line():
     )
     none = _relations_beating_offsets(pd.DataFrame(rows).assign(delta_held_out=-1.0))
     assert none.endswith("at step 20: none.")
+    # a NaN margin is a miss (det restarts at 20), too few arcs drop a relation, no scores at all give "none"
+    frame = pd.DataFrame(rows)
+    frame.loc[(frame.relation == "det") & (frame.step == 10), "delta_held_out"] = np.nan
+    assert "`det` (n 300: 0.490 vs offset 0.400, since step 20)" in _relations_beating_offsets(frame)
+    assert _relations_beating_offsets(frame.assign(n=99)).endswith("none.")
+    assert _relations_beating_offsets(frame.drop(columns="delta_held_out")).endswith("none.")

@@ -241,13 +241,15 @@ def _heatmap(view: View, used: int | None) -> str | None:
 RELATION_CURVES = (
     ("uas_held_out", "best head (held-out)"),
     ("offset_uas_held_out", "best offset (held-out)"),
-    ("uas_nonoffset", "best head, words whose head is off that offset"),
+    ("uas_nonoffset", "best head, words whose head is off that offset (in-sample)"),
 )
 
 
 def _relation_curve(view: View, relation: str) -> None:
     """One relation over training (focus run): its best head's held-out UAS against its best offset's."""
     best = view.table(ANALYSIS, "best")
+    if "relation" not in best:
+        return
     d = best[best["relation"] == relation].sort_values("step")
     if d.empty:
         return
@@ -269,7 +271,7 @@ def _relation_curve(view: View, relation: str) -> None:
             "title": {"text": f"{relation}: best head vs best offset over training"},
             "height": 360,
             "margin": {"t": 40},
-            "yaxis": {"title": {"text": "UAS (held-out)"}},
+            "yaxis": {"title": {"text": "UAS"}},
             "legend": {"font": {"size": 10}, "orientation": "h", "yanchor": "top", "y": -0.22, "x": 0},
         }
     )
@@ -278,9 +280,9 @@ def _relation_curve(view: View, relation: str) -> None:
         d[["step", "relation", "n", "layer", "head", "direction", *(c for c, _ in RELATION_CURVES)]],
         "syntax_relation_curve",
         f"The relation chosen above ({relation}), at every checkpoint of the focus run: the held-out UAS of its best "
-        "head (chosen on one probe half, scored on the other), of its best fixed offset, and of the head on the "
-        "words whose gold head is not at that offset (sas `best` table). A syntactic head rises above the dashed "
-        "offset line and its off-offset curve rises with it.",
+        "head (chosen on one probe half, scored on the other) and of its best fixed offset (held out), and, in-sample, "
+        "of the head on the words whose gold head is not at that offset (sas `best` table). A syntactic head rises "
+        "above the dashed offset line and its off-offset curve rises with it.",
     )
 
 
