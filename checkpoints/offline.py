@@ -332,20 +332,16 @@ def select(spec: str) -> tuple[Source, ...]:
     Raises:
         SourceError: an unknown or empty source list (the message lists the names).
     """
-    _, _, names = spec.partition(":")
-    if not names.strip():
-        if ":" in spec:
-            raise SourceError(f"corpus {spec!r}: name sources after 'offline:' ({', '.join(s.name for s in SOURCES)})")
+    _, colon, names = spec.partition(":")
+    if not colon:
         return SOURCES
+    choices = ", ".join(s.name for s in SOURCES)
     wanted = {n.strip() for n in names.split(",") if n.strip()}
     if not wanted:
-        raise SourceError(f"corpus {spec!r}: name sources after 'offline:' ({', '.join(s.name for s in SOURCES)})")
+        raise SourceError(f"corpus {spec!r}: name sources after 'offline:' ({choices})")
     unknown = sorted(wanted - {s.name for s in SOURCES})
     if unknown:
-        raise SourceError(
-            f"corpus {spec!r}: unknown offline source(s) {', '.join(unknown)}; "
-            f"choose from {', '.join(s.name for s in SOURCES)}"
-        )
+        raise SourceError(f"corpus {spec!r}: unknown offline source(s) {', '.join(unknown)}; choose from {choices}")
     return tuple(s for s in SOURCES if s.name in wanted)
 
 

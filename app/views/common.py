@@ -332,6 +332,10 @@ def rgba(hex_color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
+#: Curve legends go below the plot: run labels are folder paths, and a legend beside a half-width plot squeezes it.
+LEGEND_BELOW = {"font": {"size": 10}, "orientation": "h", "yanchor": "top", "y": -0.22, "x": 0}
+
+
 def line_figure(
     curve: pd.DataFrame,
     view: View,
@@ -400,8 +404,7 @@ def line_figure(
         "yaxis": {"title": {"text": y_title}},
         "margin": {"t": 40, "b": 40},
         "height": 360,
-        # below the plot: run labels are folder paths, and a legend beside a half-width plot would squeeze it
-        "legend": {"font": {"size": 10}, "orientation": "h", "yanchor": "top", "y": -0.22, "x": 0},
+        "legend": LEGEND_BELOW,
         **view.step_axis(),
     }
     return go.Figure(data=traces, layout=layout)

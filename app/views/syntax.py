@@ -272,7 +272,7 @@ def _relation_curve(view: View, relation: str) -> None:
             "height": 360,
             "margin": {"t": 40},
             "yaxis": {"title": {"text": "UAS"}},
-            "legend": {"font": {"size": 10}, "orientation": "h", "yanchor": "top", "y": -0.22, "x": 0},
+            "legend": common.LEGEND_BELOW,
         }
     )
     common.show(
